@@ -1,0 +1,76 @@
+"""JSON Schema generated from a stage's keyword-only Config dataclass.
+
+The dataclass is the single source of truth for a stage's parameters: the job schema embeds what this
+module derives from it, so the two can never disagree.  Field metadata may carry `help` (the
+description) and JSON Schema bounds (`minimum`, `maximum`, `exclusiveMinimum`, `minLength`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "minItems", "pattern")
+
+
+def type_schema(tp: Any) -> dict[str, Any]:
+    """The JSON Schema of one Python type annotation."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return {}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is str:
+        return {"type": "string"}
+    if tp is type(None):
+        return {"type": "null"}
+    if origin is Literal:
+        return {"enum": list(get_args(tp))}
+    if origin in (Union, types.UnionType):
+        options = [type_schema(a) for a in get_args(tp)]
+        simple = [o.get("type") for o in options]
+        if all(isinstance(t, str) for t in simple) and all(len(o) == 1 for o in options):
+            return {"type": simple}
+        return {"anyOf": options}
+    if origin in (list, tuple):
+        (item,) = get_args(tp)[:1] or (Any,)
+        return {"type": "array", "items": type_schema(item)}
+    if origin is dict:
+        _, value = get_args(tp) or (str, Any)
+        return {"type": "object", "additionalProperties": type_schema(value)}
+    if dataclasses.is_dataclass(tp):
+        return dataclass_schema(tp)
+    raise TypeError(f"no JSON Schema mapping for the annotation {tp!r}")
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    """An object schema with one property per field; fields without defaults are required."""
+    hints = typing.get_type_hints(cls)
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):
+        schema = type_schema(hints[f.name])
+        if "help" in f.metadata:
+            schema["description"] = f.metadata["help"]
+        for key in _BOUNDS:
+            if key in f.metadata:
+                schema[key] = f.metadata[key]
+        if f.default is not dataclasses.MISSING:
+            schema["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            schema["default"] = f.default_factory()
+        else:
+            required.append(f.name)
+        props[f.name] = schema
+    out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        out["required"] = required
+    if cls.__doc__:
+        out["description"] = " ".join(cls.__doc__.split())
+    return out

@@ -1,0 +1,114 @@
+"""Serve the synthetic web on 127.0.0.1, with routes for the faults a crawler meets on the real web.
+
+Routes (all GET): `/img/<i>` an image; `/missing/<i>` 404; `/error/<i>` 500; `/html/<i>` an HTML page
+instead of an image; `/optout/<i>` an image sent with `X-Robots-Tag: noai`; `/slow/<i>` holds the
+response until the server stops, `release` is set, or `slow_seconds` pass; `/redirect/<i>?to=URL` answers
+302 to URL.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+
+from pipelines.demo import web
+
+from urllib.parse import parse_qs, urlsplit
+
+KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DemoServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test and demo output clean
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        split = urlsplit(self.path)
+        with self.server.lock:
+            self.server.hits[split.path] = self.server.hits.get(split.path, 0) + 1
+        parts = split.path.strip("/").split("/")
+        if len(parts) != 2 or parts[0] not in KINDS or not parts[1].isdigit():
+            return self._send(404, b"not found", "text/plain")
+        kind, index = parts[0], int(parts[1])
+        if kind == "missing":
+            return self._send(404, b"not found", "text/plain")
+        if kind == "error":
+            return self._send(500, b"internal error", "text/plain")
+        if kind == "html":
+            return self._send(200, b"<html><body>not an image</body></html>", "text/html")
+        if kind == "redirect":
+            target = parse_qs(split.query).get("to", [f"/img/{index}"])[0]
+            return self._send(302, b"", "text/plain", {"Location": target})
+        if kind == "slow" and not self.server.release.wait(self.server.slow_seconds):
+            return None  # held past any client timeout: the client gave up long ago
+        if self.server.stopping.is_set():
+            return None
+        body, ctype = web.encoded(self.server.seed, index, self.server.size)
+        headers = {"X-Robots-Tag": "noai"} if kind == "optout" else None
+        return self._send(200, body, ctype, headers)
+
+
+class DemoServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, seed: int = 0, size: int = 96,
+                 slow_seconds: float = 30.0) -> None:
+        super().__init__((host, port), _Handler)
+        self.seed, self.size, self.slow_seconds = seed, size, slow_seconds
+        self.stopping = threading.Event()
+        self.release = threading.Event()  # set: slow routes answer at once
+        self.lock = threading.Lock()
+        self.hits: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def __enter__(self) -> DemoServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="demo-web", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+    def url(self, kind: str, index: int) -> str:
+        return f"{self.base_url}/{kind}/{index}"
+
+
+def url_list(base_url: str, n: int, seed: int = 0, faults: dict[str, float] | None = None) -> pd.DataFrame:
+    """n rows of (url, caption, expected kind); `faults` maps a route kind to the fraction of rows using it."""
+    faults = faults or {}
+    kinds = []
+    for i in range(n):
+        x = (i * 0.6180339887) % 1.0  # low-discrepancy: fractions hold exactly for small n too
+        acc, kind = 0.0, "img"
+        for k, frac in faults.items():
+            acc += frac
+            if x < acc:
+                kind = k
+                break
+        kinds.append(kind)
+    return pd.DataFrame({
+        "url": [f"{base_url}/{k}/{i}" for i, k in enumerate(kinds)],
+        "caption": [web.sample(seed, i).caption for i in range(n)],
+        "kind": kinds,
+    })

@@ -1,0 +1,82 @@
+"""A synthetic, seeded 'web' of captioned images: colored shapes on backgrounds at positions.
+
+Captions are compositional ("a red circle at the left on a black background"), so a CLIP model trained
+on them can later be evaluated zero-shot on color-shape classes (6 colors x 3 shapes = 18 classes).
+Every sample is a pure function of (seed, index): the same seed always gives the same web.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (240, 210, 40), "purple": (140, 60, 170), "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
+             "center": (0.5, 0.5)}
+TEMPLATES = (
+    "a {color} {shape} at the {position} on a {background} background",
+    "a photo of a {color} {shape} on {background}",
+    "{color} {shape}, {position}, {background} backdrop",
+    "there is a {shape} in {color} at the {position}",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    index: int
+    color: str
+    shape: str
+    background: str
+    position: str
+    scale: float
+    caption: str
+    fmt: str  # "jpg" or "png"
+
+    @property
+    def label(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+def sample(seed: int, index: int) -> Sample:
+    rng = random.Random(seed * 1_000_003 + index)
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
+    caption = rng.choice(TEMPLATES).format(color=color, shape=shape, position=position, background=background)
+    return Sample(index, color, shape, background, position, rng.uniform(0.22, 0.34), caption,
+                  "png" if index % 4 == 3 else "jpg")
+
+
+def render(s: Sample, size: int = 96) -> Image.Image:
+    im = Image.new("RGB", (size, size), BACKGROUNDS[s.background])
+    draw = ImageDraw.Draw(im)
+    cx, cy = POSITIONS[s.position]
+    cx, cy, r = cx * size, cy * size, s.scale * size / 2
+    fill = COLORS[s.color]
+    if s.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif s.shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return im
+
+
+@lru_cache(maxsize=8192)
+def encoded(seed: int, index: int, size: int = 96) -> tuple[bytes, str]:
+    """The encoded bytes and content type of one sample's image."""
+    s = sample(seed, index)
+    buf = io.BytesIO()
+    if s.fmt == "png":
+        render(s, size).save(buf, format="PNG")
+        return buf.getvalue(), "image/png"
+    render(s, size).save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), "image/jpeg"

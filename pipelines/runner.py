@@ -1,0 +1,271 @@
+"""Run a job's stages in dependency order on Ray, with fingerprints, cache hits and resume.
+
+For each stage the runner computes a fingerprint from the stage kind, its code version, its resolved
+params, the digests of its upstream manifests and (for source stages) the identity of the external
+files it reads.  Output goes to `{storage}/{job}/{stage}/{fingerprint}/`; a `_manifest.json` there
+means the stage is done and the next run is a cache hit.  A failed or killed stage leaves its completed
+shards in that directory without a manifest, so the next run with the same fingerprint resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines import __version__, manifest, storage
+from pipelines.manifest import Manifest
+from pipelines.spec import JobSpec, StageSpec
+from pipelines.stage import StageContext, StageResult
+from pipelines.tracking import Tracker, git_sha, resolve_uri
+
+log = logging.getLogger("clipline")
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; completed stages and the stage's finished shards stay for the next run."""
+
+    def __init__(self, stage: str, cause: BaseException | str) -> None:
+        self.stage, self.cause = stage, cause
+        text = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"stage {stage!r} failed: {text}")
+
+
+@dataclass
+class Selection:
+    """Which stages to run: `--from`, `--until`, `--only`, and `--force` to ignore cache hits."""
+
+    from_: str | None = None
+    until: str | None = None
+    only: list[str] = field(default_factory=list)
+    force: bool = False
+
+    def stages(self, job: JobSpec) -> list[str]:
+        names = list(job.stages)
+        for flag, value in (("--from", self.from_), ("--until", self.until), *(("--only", o) for o in self.only)):
+            if value is not None and value not in job.stages:
+                raise ValueError(f"{flag} {value}: no such stage in {job.source}; stages: {', '.join(names)}")
+        chosen = set(names)
+        if self.from_:
+            chosen &= job.downstream(self.from_)
+        if self.until:
+            chosen &= job.upstream(self.until)
+        if self.only:
+            chosen &= set(self.only)
+        return [n for n in names if n in chosen]
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    state: str  # ran, cached, not selected
+    fingerprint: str | None
+    manifest: Manifest | None
+    seconds: float = 0.0
+
+
+def stage_dir(job: JobSpec, stage: str, fingerprint: str) -> str:
+    return storage.join(job.storage, job.name, stage, fingerprint)
+
+
+def fingerprint(st: StageSpec, upstream: dict[str, Manifest], external: dict[str, Any]) -> str:
+    return storage.canonical_digest(
+        {
+            "uses": st.uses,
+            "code_version": st.stage_class.code_version(),
+            "params": st.params,
+            "inputs": {name: m.digest for name, m in sorted(upstream.items())},
+            "external": external,
+        }
+    )[:16]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _upstream(job: JobSpec, st: StageSpec, done: dict[str, Manifest | None]) -> dict[str, Manifest] | str:
+    """The manifests this stage reads, or the name of the first upstream stage without output."""
+    out = {}
+    for dep in st.needs:
+        m = done.get(dep)
+        if m is None:
+            return dep
+        out[dep] = m
+    return out
+
+
+def plan(job: JobSpec) -> list[dict[str, Any]]:
+    """Where each stage stands for the job's current spec, without running anything (`clipline status`)."""
+    done: dict[str, Manifest | None] = {}
+    rows = []
+    for name, st in job.stages.items():
+        ups = _upstream(job, st, done)
+        if isinstance(ups, str):
+            done[name] = None
+            rows.append({"stage": name, "state": f"waiting for {ups}", "rows": None, "fingerprint": None, "path": None})
+            continue
+        fp = fingerprint(st, ups, st.build().input_identity())
+        path = stage_dir(job, name, fp)
+        m = manifest.read(path)
+        done[name] = m
+        if m is not None:
+            state = "cached"
+        elif storage.exists(path):
+            state = "incomplete"
+        else:
+            state = "missing"
+        rows.append({"stage": name, "state": state, "rows": m.rows if m else None, "fingerprint": fp, "path": path,
+                     "counts": m.counts if m else {}})
+    return rows
+
+
+def init_ray(job: JobSpec) -> bool:
+    """Start or join Ray as the job says; True if this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"runtime_env": job.runtime_env or None, "log_to_driver": True,
+                              "logging_level": logging.WARNING}
+    if job.ray_address == "local":
+        # "local" explicitly: with no address Ray would join any cluster it finds in /tmp/ray
+        kwargs.update(address="local", num_cpus=job.ray_num_cpus, include_dashboard=False)
+    else:
+        kwargs["address"] = job.ray_address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RuntimeError(f"cannot start or reach Ray at ray.address={job.ray_address!r}: {exc}") from exc
+    return True
+
+
+def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True) -> list[StageOutcome]:
+    """Run the selected stages; raise StageFailed naming the stage if one fails."""
+    select = select or Selection()
+    chosen = select.stages(job)
+    tracker = Tracker(resolve_uri(job.tracking_uri, job.storage), job.experiment, job.storage)
+    parent = tracker.start_job(job.name, job.raw, {"clipline.spec": job.source})
+    ray_state = {"ready": False, "started": False}
+
+    def need_ray() -> None:  # only a stage that really runs needs Ray; a job of cache hits starts none
+        if not ray_state["ready"]:
+            ray_state["started"], ray_state["ready"] = init_ray(job), True
+
+    outcomes: list[StageOutcome] = []
+    done: dict[str, Manifest | None] = {}
+    ok = False
+    try:
+        for name, st in job.stages.items():
+            ups = _upstream(job, st, done)
+            if name not in chosen:
+                m = None
+                if not isinstance(ups, dict):
+                    done[name] = None
+                else:
+                    fp = fingerprint(st, ups, st.build().input_identity())
+                    m = done[name] = manifest.read(stage_dir(job, name, fp))
+                outcomes.append(StageOutcome(name, "not selected", None, m))
+                continue
+            if isinstance(ups, str):
+                raise StageFailed(
+                    name,
+                    f"it needs stage {ups!r}, which has no complete output for its current parameters; "
+                    f"run {ups!r} first (drop --from/--only)",
+                )
+            outcome = _run_stage(job, st, ups, tracker, select.force, progress, need_ray)
+            done[name] = outcome.manifest
+            outcomes.append(outcome)
+        ok = True
+        return outcomes
+    except StageFailed as exc:
+        tracker.client.set_tag(parent, "clipline.error", str(exc)[:5000])
+        raise
+    finally:
+        tracker.end(parent, ok)
+        if ray_state["started"]:
+            import ray
+
+            if ray.is_initialized() and job.ray_address == "local":
+                ray.shutdown()
+
+
+def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: Tracker, force: bool,
+               progress: bool, need_ray: Any) -> StageOutcome:
+    stage = st.build()
+    external = stage.input_identity()
+    fp = fingerprint(st, ups, external)
+    out = stage_dir(job, st.name, fp)
+    existing = manifest.read(out)
+    if existing is not None and not force:
+        child = tracker.start_stage(job.name, st.name, st.uses, fp, {"clipline.cache": "hit"})
+        _log_stage(tracker, child.run_id, child, st, ups, existing)
+        tracker.end(child.run_id, True)
+        log.info("%s: cache hit (%s rows, %s)", st.name, existing.rows, out)
+        return StageOutcome(st.name, "cached", fp, existing)
+    if existing is not None:
+        log.info("%s: --force: removing %s", st.name, out)
+        storage.remove_tree(out)
+    need_ray()
+    resuming = storage.exists(out)
+    child = tracker.start_stage(job.name, st.name, st.uses, fp,
+                                {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
+    child.log_params(st.params)
+    log.info("%s: running (%s)%s", st.name, out, " - resuming from completed shards" if resuming else "")
+    ctx = StageContext(job=job.name, stage=st.name, output=out, tracker=child, log=log.getChild(st.name),
+                       resources=st.resources, progress=progress)
+    started, t0 = _now(), time.perf_counter()
+    result: StageResult | None = None
+    for attempt in range(st.retries + 1):
+        try:
+            result = stage.run(ctx, ups)
+            break
+        except Exception as exc:
+            if attempt < st.retries:
+                log.warning("%s: attempt %d/%d failed (%s: %s); retrying, completed shards are kept",
+                            st.name, attempt + 1, st.retries + 1, type(exc).__name__, exc)
+                continue
+            tracker.client.set_tag(child.run_id, "clipline.error", f"{type(exc).__name__}: {exc}"[:5000])
+            tracker.end(child.run_id, False)
+            raise StageFailed(st.name, exc) from exc
+        except BaseException:
+            tracker.client.set_terminated(child.run_id, status="KILLED")
+            raise
+    assert result is not None
+    seconds = time.perf_counter() - t0
+    m = Manifest(
+        job=job.name, stage=st.name, uses=st.uses, fingerprint=fp, code_version=st.stage_class.code_version(),
+        params=st.params,
+        inputs={**{n: {"fingerprint": u.fingerprint, "digest": u.digest, "path": u.location} for n, u in ups.items()},
+                **({"external": external} if external else {})},
+        shards=result.shards, counts=result.counts, metrics={**result.metrics, "seconds": round(seconds, 3)},
+        started_at=started, finished_at=_now(), clipline_version=__version__, git_sha=git_sha(),
+        mlflow_run_id=child.run_id, extra=result.extra,
+    )
+    _clean_temp(out)
+    manifest.write(out, m)
+    _log_stage(tracker, child.run_id, child, st, ups, m, params=False)
+    tracker.end(child.run_id, True)
+    log.info("%s: done in %.1fs: %d rows in %d shards", st.name, seconds, m.rows, len(m.shards))
+    return StageOutcome(st.name, "ran", fp, m, seconds)
+
+
+def _clean_temp(out: str) -> None:
+    """Remove temp files that killed writers left behind; they were never visible under a final name."""
+    fs, path = storage.filesystem(out)
+    for p in fs.find(path):
+        if p.rsplit("/", 1)[-1].startswith(storage.TMP_MARK):
+            fs.rm(p)
+
+
+def _log_stage(tracker: Tracker, run_id: str, child: Any, st: StageSpec, ups: dict[str, Manifest], m: Manifest,
+               params: bool = True) -> None:
+    if params:
+        child.log_params(st.params)
+    child.log_metrics({"rows": m.rows, **m.counts, **m.metrics})
+    for name, u in ups.items():
+        child.log_input(f"{u.job}/{name}", u.digest, u.location, "input", {"rows": u.rows, "shards": len(u.shards)})
+    child.log_input(f"{m.job}/{m.stage}", m.digest, m.location, "output", {"rows": m.rows, "shards": len(m.shards)})
+    tracker.log_file_artifact(run_id, storage.join(m.location, manifest.MANIFEST), "manifest")

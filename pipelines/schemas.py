@@ -1,0 +1,51 @@
+"""The JSON documents in `schemas/`, generated from the code that defines each contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+
+def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
+    return {
+        "title": title,
+        "format": "arrow",
+        "fields": [
+            {"name": f.name, "type": str(f.type), "nullable": f.nullable,
+             **({"doc": f.metadata[b"doc"].decode()} if f.metadata and b"doc" in f.metadata else {})}
+            for f in schema
+        ],
+        "passthrough": "input columns named in the stage's passthrough list follow these fields",
+    }
+
+
+def documents() -> dict[str, Any]:
+    from pipelines.manifest import MANIFEST_SCHEMA
+    from pipelines.spec import job_schema
+    from pipelines.stage import builtin_kinds
+    from pipelines.stages.crawl.schema import CRAWLED
+
+    return {
+        "job.schema.json": job_schema(builtin_kinds()),
+        "manifest.schema.json": MANIFEST_SCHEMA,
+        "crawled.schema.json": arrow_schema_json(CRAWLED, "crawled shards (stage `crawl`)"),
+    }
+
+
+def _text(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def write(directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, doc in documents().items():
+        (directory / name).write_text(_text(doc))
+    return list(documents())
+
+
+def check(directory: Path) -> list[str]:
+    """Names of the files that are missing or differ from what the code generates."""
+    return [n for n, d in documents().items() if not (directory / n).exists() or (directory / n).read_text() != _text(d)]

@@ -1,0 +1,371 @@
+"""Job specs: load a YAML file, apply `--set` overrides, validate against the job schema, resolve.
+
+The job schema is generated: its fixed top level is written here, and the `with:` block of each stage
+is the JSON Schema of that stage's Config dataclass (see `pipelines.configschema`).  The copy in
+`schemas/job.schema.json` is the same document, written by `clipline schemas --write` and checked by
+the tests.  Every error names the file, the dotted path of the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import graphlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from pipelines import storage
+from pipelines.configschema import dataclass_schema
+from pipelines.stage import Stage, registry
+
+SCHEMA_ID = "https://clipline.dev/schemas/job.schema.json"
+_NAME = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the file and the field."""
+
+
+def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a job spec, with one `with:` schema per registered stage kind."""
+    stages = registry()
+    kinds = sorted(stages) if kinds is None else sorted(kinds)
+    stage_schema: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["uses"],
+        "properties": {
+            "uses": {"enum": kinds, "description": "the registered stage kind that runs this stage"},
+            "needs": {
+                "type": "array",
+                "items": {"type": "string", "pattern": _NAME},
+                "default": [],
+                "description": "stages whose outputs this stage reads",
+            },
+            "with": {"type": "object", "default": {}, "description": "the stage's parameters (its Config)"},
+            "resources": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "num_cpus": {"type": "number", "minimum": 0},
+                    "num_gpus": {"type": "number", "minimum": 0},
+                    "memory": {"type": "number", "minimum": 0, "description": "bytes"},
+                },
+                "default": {},
+                "description": "Ray resources per worker task of the stage",
+            },
+            "retries": {
+                "type": "integer",
+                "minimum": 0,
+                "default": 0,
+                "description": "times the runner reruns a failed stage, reusing its completed shards",
+            },
+        },
+        "allOf": [
+            {
+                "if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]},
+                "then": {"properties": {"with": {"$ref": f"#/$defs/{kind}"}}},
+            }
+            for kind in kinds
+        ],
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "clipline job",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "stages"],
+        "properties": {
+            "name": {"type": "string", "pattern": _NAME, "description": "job name; part of every output path"},
+            "storage": {
+                "type": "string",
+                "default": "./clipline-data",
+                "description": "fsspec URL under which outputs are written; relative paths are against the cwd",
+            },
+            "tracking": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "uri": {
+                        "type": ["string", "null"],
+                        "default": None,
+                        "description": "MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite under storage",
+                    },
+                    "experiment": {"type": ["string", "null"], "default": None, "description": "defaults to the job name"},
+                },
+                "default": {},
+            },
+            "ray": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "address": {
+                        "type": "string",
+                        "default": "local",
+                        "description": "'local' starts Ray here, 'auto' joins a running cluster, or ray://HOST:PORT",
+                    },
+                    "runtime_env": {"type": "object", "default": {}},
+                    "num_cpus": {
+                        "type": ["integer", "null"],
+                        "minimum": 1,
+                        "default": None,
+                        "description": "CPUs of a local Ray instance (default: all)",
+                    },
+                },
+                "default": {},
+            },
+            "stages": {
+                "type": "object",
+                "minProperties": 1,
+                "propertyNames": {"pattern": _NAME},
+                "additionalProperties": {"$ref": "#/$defs/stage"},
+            },
+        },
+        "$defs": {"stage": stage_schema, **{k: dataclass_schema(stages[k].Config) for k in kinds}},
+    }
+
+
+@dataclass
+class StageSpec:
+    name: str
+    uses: str
+    needs: list[str]
+    config: Any  # the stage's Config instance
+    params: dict[str, Any]  # the resolved `with:` block, defaults filled in
+    resources: dict[str, float] = field(default_factory=dict)
+    retries: int = 0
+
+    @property
+    def stage_class(self) -> type[Stage]:
+        return registry()[self.uses]
+
+    def build(self) -> Stage:
+        return self.stage_class(self.config)
+
+
+@dataclass
+class JobSpec:
+    name: str
+    storage: str
+    tracking_uri: str | None
+    experiment: str
+    ray_address: str
+    runtime_env: dict[str, Any]
+    ray_num_cpus: int | None
+    stages: dict[str, StageSpec]  # in dependency order
+    source: str
+    raw: dict[str, Any]
+
+    def downstream(self, name: str) -> set[str]:
+        out, frontier = {name}, [name]
+        while frontier:
+            cur = frontier.pop()
+            for s in self.stages.values():
+                if cur in s.needs and s.name not in out:
+                    out.add(s.name)
+                    frontier.append(s.name)
+        return out
+
+    def upstream(self, name: str) -> set[str]:
+        out, frontier = {name}, [name]
+        while frontier:
+            for dep in self.stages[frontier.pop()].needs:
+                if dep not in out:
+                    out.add(dep)
+                    frontier.append(dep)
+        return out
+
+
+def dotted(path: Any) -> str:
+    """`stages.crawl.with.image_size`, with list indices as `[i]`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    v, inst = err.validator, err.instance
+    if v == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(inst) - set(allowed)) if isinstance(inst, dict) else []
+        return f"unknown key(s) {', '.join(map(repr, extra))}; expected one of: {', '.join(allowed)}"
+    if v == "required":
+        return err.message.replace("is a required property", "is required but missing")
+    if v == "type":
+        want = err.validator_value if isinstance(err.validator_value, str) else " or ".join(err.validator_value)
+        return f"expected {want}, got {type(inst).__name__} {inst!r}"
+    if v == "enum":
+        return f"expected one of {', '.join(map(repr, err.validator_value))}, got {inst!r}"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        words = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return f"expected a number {words[v]} {err.validator_value}, got {inst!r}"
+    if v == "pattern":
+        return f"expected a string matching {err.validator_value}, got {inst!r}"
+    if v == "minProperties":
+        return "expected at least one entry"
+    return err.message
+
+
+def validate(raw: Any, source: str, schema: dict[str, Any] | None = None) -> None:
+    """Raise SpecError listing every schema violation as `file: field.path: what was expected`."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    schema = schema or job_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    # if/then branches report the same problem twice (once per branch); keep the most specific ones
+    leaves = [e for e in errors if e.validator not in ("allOf", "if", "then")]
+    lines = sorted({f"{source}: {dotted(e.absolute_path)}: {_describe(e)}" for e in leaves or errors})
+    if lines:
+        raise SpecError("invalid job spec:\n  " + "\n  ".join(lines))
+
+
+def _schema_at(schema: dict[str, Any], raw: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
+    """The schema of the field at path, following stages.<name>.with into that stage's Config."""
+    defs = schema["$defs"]
+    node: dict[str, Any] | None
+    if path[0] == "stages" and len(path) >= 2:
+        node, rest = defs["stage"], path[2:]
+        if rest and rest[0] == "with":
+            uses = raw.get("stages", {}).get(path[1], {}).get("uses")
+            node = defs.get(uses) if isinstance(uses, str) else None
+            rest = rest[1:]
+    else:
+        node, rest = schema, path
+    for key in rest:
+        if node is None:
+            return None
+        node = node.get("properties", {}).get(key)
+    return node
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """`stages.crawl.with.image_size=32` style overrides, each value typed by the schema at its path."""
+    raw = copy.deepcopy(raw)
+    schema = job_schema()
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.crawl.with.image_size=32")
+        key, text = item.split("=", 1)
+        path = key.strip().split(".")
+        if not all(path):
+            raise SpecError(f"--set {item!r}: empty part in the key {key!r}")
+        target = _schema_at(schema, raw, path)
+        types_ = target.get("type") if target else None
+        types_ = [types_] if isinstance(types_, str) else (types_ or [])
+        if types_ == ["string"] or (target and "enum" in target and all(isinstance(x, str) for x in target["enum"])):
+            value: Any = text
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise SpecError(f"--set {key}: cannot parse {text!r}: {exc}") from None
+            if "string" in types_ and not isinstance(value, (str, type(None))) and "integer" not in types_:
+                value = text
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise SpecError(f"--set {key}: {part!r} is not a mapping in {source}")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return raw
+
+
+def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables) for k, v in value.items()}
+    return value
+
+
+def _fill_defaults(schema: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+    out = dict(value)
+    for key, prop in schema.get("properties", {}).items():
+        if key not in out and "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+    return out
+
+
+def resolve(raw: dict[str, Any], source: str, storage_override: str | None = None) -> JobSpec:
+    """Validate a raw spec and turn it into typed stage configs in dependency order."""
+    validate(raw, source)
+    schema = job_schema()
+    top = _fill_defaults(schema, raw)
+    tracking = _fill_defaults(schema["properties"]["tracking"], top["tracking"])
+    ray_cfg = _fill_defaults(schema["properties"]["ray"], top["ray"])
+    store = storage.resolve(storage_override or top["storage"])
+    variables = {"storage": store, "job": top["name"]}
+
+    stages_raw = top["stages"]
+    for name, st in stages_raw.items():
+        for dep in st.get("needs", []):
+            if dep not in stages_raw:
+                raise SpecError(
+                    f"{source}: stages.{name}.needs: unknown stage {dep!r}; expected one of {', '.join(stages_raw)}"
+                )
+            if dep == name:
+                raise SpecError(f"{source}: stages.{name}.needs: a stage cannot need itself")
+    try:
+        order = list(graphlib.TopologicalSorter({n: s.get("needs", []) for n, s in stages_raw.items()}).static_order())
+    except graphlib.CycleError as exc:
+        raise SpecError(f"{source}: stages: the needs form a cycle: {' -> '.join(exc.args[1])}") from None
+
+    kinds = registry()
+    stages: dict[str, StageSpec] = {}
+    for name in order:
+        st = _fill_defaults(schema["$defs"]["stage"], stages_raw[name])
+        cls = kinds[st["uses"]]
+        params = _fill_defaults(schema["$defs"][st["uses"]], _interpolate(st["with"], variables))
+        try:
+            config = cls.Config(**params)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{source}: stages.{name}.with: {exc}") from None
+        stages[name] = StageSpec(
+            name=name,
+            uses=st["uses"],
+            needs=list(st["needs"]),
+            config=config,
+            params=dataclasses.asdict(config),
+            resources=dict(st["resources"]),
+            retries=st["retries"],
+        )
+    return JobSpec(
+        name=top["name"],
+        storage=store,
+        tracking_uri=tracking["uri"],
+        experiment=tracking["experiment"] or top["name"],
+        ray_address=ray_cfg["address"],
+        runtime_env=ray_cfg["runtime_env"],
+        ray_num_cpus=ray_cfg["num_cpus"],
+        stages=stages,
+        source=source,
+        raw=raw,
+    )
+
+
+def load(path: str | Path, overrides: list[str] | None = None, storage_override: str | None = None) -> JobSpec:
+    """Read, override, validate and resolve a job spec file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"{source}: cannot read the job spec: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if overrides:
+        raw = apply_overrides(raw, overrides, source)
+    return resolve(raw, source, storage_override)

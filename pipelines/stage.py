@@ -1,0 +1,99 @@
+"""The stage interface and the registry that maps a job's `uses:` to a stage class.
+
+A stage is a class with a nested keyword-only `Config` dataclass and one method, `run(ctx, inputs)`.
+It reads its upstream stages' manifests, writes shards under `ctx.output` through `pipelines.storage`,
+and returns a `StageResult`.  It never decides where it is scheduled or whether it is cached: the
+runner owns ordering, fingerprints, retries and manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pipelines.manifest import Manifest
+    from pipelines.tracking import StageTracker
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage: where to write, what it may use, where to report."""
+
+    job: str
+    stage: str
+    output: str  # fsspec URL of this stage's fingerprinted output directory
+    tracker: StageTracker
+    log: logging.Logger
+    resources: dict[str, float] = field(default_factory=dict)
+    progress: bool = True  # show progress bars
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: its shard files (relative to ctx.output), counts and final metrics."""
+
+    shards: list[dict[str, Any]]
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class: subclasses set `kind`, define a nested `Config` dataclass and implement `run`."""
+
+    kind: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def input_identity(self) -> dict[str, Any]:
+        """Identity of data the stage reads from outside the job (source stages); part of the fingerprint."""
+        return {}
+
+    def run(self, ctx: StageContext, inputs: dict[str, Manifest]) -> StageResult:
+        raise NotImplementedError
+
+    @classmethod
+    def code_version(cls) -> str:
+        """Digest of the source files of the stage's package: editing the stage's code invalidates its cache."""
+        h = hashlib.sha256()
+        for f in sorted(Path(inspect.getfile(cls)).parent.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage usable as `uses: <kind>` in job specs."""
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"stage {cls.__name__} needs a nested Config dataclass")
+    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
+        raise ValueError(f"a stage named {cls.kind!r} is already registered ({_REGISTRY[cls.kind].__name__})")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def unregister(kind: str) -> None:
+    _REGISTRY.pop(kind, None)
+
+
+def registry() -> dict[str, type[Stage]]:
+    """Registered stages, the built-in ones loaded first."""
+    import pipelines.stages  # noqa: F401  (registers the built-in stages)
+
+    return dict(_REGISTRY)
+
+
+def builtin_kinds() -> list[str]:
+    import pipelines.stages
+
+    return list(pipelines.stages.BUILTIN)

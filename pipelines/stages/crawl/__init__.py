@@ -1,0 +1,5 @@
+"""`uses: crawl`: URL lists in, Parquet shards of fetched and resized images out, every row accounted for."""
+
+from pipelines.stages.crawl.stage import CrawlStage
+
+__all__ = ["CrawlStage"]

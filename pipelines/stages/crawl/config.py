@@ -1,0 +1,60 @@
+"""The crawl stage's parameters: what a job writes under `stages.<name>.with` for `uses: crawl`."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _f(default, help, **bounds):  # noqa: A002 - short helper for field metadata
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(kw_only=True)
+class CrawlConfig:
+    """Download, resize and store the images of a URL list."""
+
+    input: str | list[str] = field(metadata={"help": "fsspec path(s) or glob(s) of URL lists (parquet, csv, tsv, jsonl)"})
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = _f("auto", "input format; auto: by file extension")
+    url_col: str | None = _f(None, "URL column; default: the first of url, URL")
+    caption_col: str | None = _f(None, "caption column; default: the first of caption, TEXT, text")
+    passthrough: list[str] = _f([], "input columns copied into the output")
+    image_size: int = _f(256, "target side in pixels", minimum=8)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = _f(
+        "border", "img2dataset resize mode"
+    )
+    resize_only_if_bigger: bool = _f(False, "never upscale")
+    encode_format: Literal["jpg", "png", "webp"] = _f("jpg", "output image encoding")
+    encode_quality: int = _f(95, "jpg/webp quality 0-100, png compression 0-9", minimum=0, maximum=100)
+    samples_per_shard: int = _f(1000, "rows per output shard (one Ray task each)", minimum=1)
+    threads: int = _f(16, "download threads per shard task", minimum=1)
+    timeout: float = _f(10.0, "connect and read timeout per request, seconds", exclusiveMinimum=0)
+    max_bytes: int = _f(20 * 2**20, "largest response body read; larger ones are cut off", minimum=1)
+    max_pixels: int = _f(89_478_485, "largest width*height, checked from the header before decoding", minimum=1)
+    max_redirects: int = _f(5, "redirect hops followed", minimum=0)
+    user_agent_token: str = _f("clipline", "crawler name sent in the User-Agent and matched in X-Robots-Tag")
+    contact: str | None = _f(None, "contact URL or e-mail added to the User-Agent")
+    disallowed_header_directives: list[str] = _f(
+        ["noai", "noimageai", "noindex", "noimageindex"], "X-Robots-Tag directives that opt an image out"
+    )
+    allow_networks: list[str] = _f([], "CIDRs allowed although non-public (e.g. 127.0.0.0/8 for a loopback demo)")
+    deny_networks: list[str] = _f([], "CIDRs refused in addition to all non-public addresses")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        if not self.input:
+            raise ValueError("input: expected at least one path or glob")
+        for key in ("allow_networks", "deny_networks"):
+            for cidr in getattr(self, key):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ValueError(f"{key}: {cidr!r} is not a CIDR network such as 127.0.0.0/8") from None
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError(
+                f"encode_quality: {self.encode_quality} is out of range for png, whose compression level is 0-9"
+            )

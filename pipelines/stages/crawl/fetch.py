@@ -1,0 +1,190 @@
+"""One HTTP(S) fetch, safe by default: scheme check, address policy on every connection, byte cap.
+
+Every connection urllib opens - the first request and each redirect hop - resolves the host itself,
+refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
+connects to the address it checked, so DNS cannot answer differently between check and connect.
+Proxies from the environment are ignored: through a proxy the check would see the proxy, not the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import ipaddress
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
+
+from pipelines import __version__
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class BlockedAddress(OSError):
+    """The host resolves to an address the policy refuses."""
+
+
+class TooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_cidrs(cls, allow: list[str], deny: list[str]) -> AddressPolicy:
+        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in allow),
+                   tuple(ipaddress.ip_network(c, strict=False) for c in deny))
+
+    def refuses(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.deny):
+            return True
+        if any(ip in net for net in self.allow):
+            return False
+        # not global: loopback, private, link-local (cloud metadata), shared, reserved, unspecified
+        return not ip.is_global or ip.is_multicast
+
+
+def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        if policy.refuses(sockaddr[0]):
+            raise BlockedAddress(f"{host} resolves to {sockaddr[0]}, which is not a public address "
+                                 "(add its network to allow_networks to crawl it)")
+    last: OSError | None = None
+    for family, socktype, proto, _, sockaddr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last or OSError(f"no address for {host}")
+
+
+class _GuardedHTTP(http.client.HTTPConnection):
+    def __init__(self, *args, policy: AddressPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_guarded_connect, policy)
+
+
+class _GuardedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args, policy: AddressPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_guarded_connect, policy)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: AddressPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTP, policy=self.policy), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: AddressPolicy):
+        super().__init__(context=ssl.create_default_context())
+        self.policy = policy
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_GuardedHTTPS, policy=self.policy), req,
+                            context=self._context)
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, limit: int):
+        super().__init__()
+        self.max_redirections = limit
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(newurl).scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@dataclass
+class Fetched:
+    data: bytes | None = None
+    status: str = "success"  # success | failed_to_download | opted_out | blocked | invalid
+    error_class: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+
+
+class Fetcher:
+    """Thread-safe: one opener shared by a shard's download threads."""
+
+    def __init__(self, *, timeout: float, max_bytes: int, max_redirects: int, policy: AddressPolicy,
+                 user_agent_token: str, contact: str | None, disallowed: list[str]) -> None:
+        self.timeout, self.max_bytes = timeout, max_bytes
+        self.token, self.disallowed = user_agent_token, [d.lower() for d in disallowed]
+        extra = f"; +{contact}" if contact else ""
+        self.user_agent = f"Mozilla/5.0 (compatible; {user_agent_token}/{__version__}{extra})"
+        self.opener = urllib.request.OpenerDirector()
+        for h in (urllib.request.ProxyHandler({}), urllib.request.UnknownHandler(), _HTTPHandler(policy),
+                  _HTTPSHandler(policy), urllib.request.HTTPDefaultErrorHandler(), _Redirects(max_redirects),
+                  urllib.request.HTTPErrorProcessor()):
+            self.opener.add_handler(h)
+
+    def fetch(self, url: str | None) -> Fetched:
+        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            return Fetched(status="invalid", error_class="invalid_url",
+                           error_message=f"expected an http(s) URL, got {url!r}"[:500])
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
+            with self.opener.open(req, timeout=self.timeout) as resp:
+                if self.disallowed and is_disallowed(resp.headers, self.token, self.disallowed):
+                    return Fetched(status="opted_out", error_class="opted_out", http_status=resp.status,
+                                   error_message=f"X-Robots-Tag: {', '.join(resp.headers.get_all('X-Robots-Tag'))}")
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > self.max_bytes:
+                    raise TooLarge(f"Content-Length {length} exceeds max_bytes {self.max_bytes}")
+                data = resp.read(self.max_bytes + 1)
+                if len(data) > self.max_bytes:
+                    raise TooLarge(f"body exceeds max_bytes {self.max_bytes}; cut off")
+                return Fetched(data=data, http_status=resp.status)
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            cls = ("redirect" if 300 <= code < 400 else "http_429" if code == 429 else
+                   "http_4xx" if 400 <= code < 500 else "http_5xx" if 500 <= code < 600 else "http_other")
+            return Fetched(status="failed_to_download", error_class=cls, http_status=code,
+                           error_message=f"HTTP {code}: {exc.reason}"[:500])
+        except TooLarge as exc:
+            return Fetched(status="failed_to_download", error_class="too_large", error_message=str(exc))
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            cls = classify(reason)
+            return Fetched(status="blocked" if cls == "ssrf" else "failed_to_download", error_class=cls,
+                           error_message=f"{type(reason).__name__}: {reason}"[:500])
+
+
+def classify(exc: object) -> str:
+    if isinstance(exc, BlockedAddress):
+        return "ssrf"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, http.client.HTTPException):
+        return "protocol"
+    if isinstance(exc, ValueError):
+        return "invalid_url"
+    return "connection"

@@ -1,0 +1,93 @@
+"""fsspec paths, atomic writes and JSON helpers.
+
+Every file a stage produces goes through here so that a killed worker never leaves a half-written file
+under its final name: bytes go to a temporary name in the same directory first, then are moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+
+def resolve(url: str) -> str:
+    """An absolute form of a storage URL; local paths are made absolute against the working directory."""
+    if "://" in url:
+        return url.rstrip("/")
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path within it for a URL."""
+    return url_to_fs(url)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def atomic_write(url: str, data: bytes) -> None:
+    """Write bytes so that the final name appears only once the whole content is there."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/{TMP_MARK}{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)  # atomic on POSIX, even over an existing file
+    else:
+        # object stores: the copy is one PUT, readers only trust names listed in a manifest
+        fs.mv(tmp, path)
+
+
+def write_json(url: str, obj: Any) -> None:
+    atomic_write(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def remove_tree(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(url: str, chunk: int = 1 << 20) -> str:
+    fs, path = filesystem(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_digest(obj: Any) -> str:
+    """sha256 of the canonical JSON form of obj: the same content always gives the same digest."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()

@@ -1,0 +1,49 @@
+"""Shared fixtures: the synthetic web on loopback, a local Ray instance, job files on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+
+from pipelines.demo.server import DemoServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def web() -> Iterator[DemoServer]:
+    """The synthetic web on 127.0.0.1; slow routes hold for 30 s unless released."""
+    with DemoServer(port=0, seed=0, slow_seconds=30) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def crawl_stage(input_path: str | list[str], **with_: Any) -> dict[str, Any]:
+    return {"uses": "crawl", "with": {"input": input_path, "allow_networks": ["127.0.0.0/8"], "image_size": 32,
+                                      "samples_per_shard": 50, "threads": 8, "timeout": 2, **with_}}
+
+
+def write_job(tmp_path: Path, stages: dict[str, Any], name: str = "t", **top: Any) -> Path:
+    spec = {"name": name, "storage": str(tmp_path / "store"), "stages": stages, **top}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_output(manifest) -> pd.DataFrame:
+    return pd.concat([pq.read_table(u).to_pandas() for u in manifest.shard_urls()], ignore_index=True)

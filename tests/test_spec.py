@@ -1,0 +1,137 @@
+"""Job specs: schema errors name the file and field path; --set overrides are typed; schemas match code."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from pipelines import spec
+from pipelines.schemas import check
+from pipelines.spec import SpecError
+from pipelines.stages.crawl.config import CrawlConfig
+from tests.conftest import REPO
+
+GOOD = {"name": "j", "stages": {"crawl": {"uses": "crawl", "with": {"input": "/data/urls.parquet"}}}}
+
+
+def load_raw(tmp_path, raw, overrides=()):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return spec.load(path, list(overrides))
+
+
+def error_of(tmp_path, raw, overrides=()) -> str:
+    with pytest.raises(SpecError) as info:
+        load_raw(tmp_path, raw, overrides)
+    return str(info.value)
+
+
+def with_crawl(**with_):
+    return {"name": "j", "stages": {"crawl": {"uses": "crawl", "with": {"input": "/x.parquet", **with_}}}}
+
+
+def test_demo_job_is_valid():
+    job = spec.load(REPO / "jobs" / "demo.yaml")
+    assert list(job.stages) == ["crawl"]
+    assert job.stages["crawl"].config.allow_networks == ["127.0.0.0/8"]
+    assert job.stages["crawl"].config.input[0].endswith("/demo-web/urls.parquet")  # ${storage} interpolated
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({**GOOD, "colour": "red"}, "job.yaml: (top level): unknown key(s) 'colour'"),
+        (with_crawl(image_sise=3), "job.yaml: stages.crawl.with: unknown key(s) 'image_sise'; expected one of"),
+        (with_crawl(image_size="big"), "job.yaml: stages.crawl.with.image_size: expected integer, got str 'big'"),
+        (with_crawl(image_size=4), "job.yaml: stages.crawl.with.image_size: expected a number >= 8, got 4"),
+        (with_crawl(resize_mode="stretch"), "job.yaml: stages.crawl.with.resize_mode: expected one of 'no',"),
+        (with_crawl(allow_networks="127.0.0.0/8"), "stages.crawl.with.allow_networks: expected array"),
+        ({"name": "j", "stages": {"crawl": {"uses": "crawl", "with": {}}}},
+         "job.yaml: stages.crawl.with: 'input' is required but missing"),
+        ({"name": "j", "stages": {"c": {"uses": "crowl"}}}, "job.yaml: stages.c.uses: expected one of 'crawl'"),
+        ({"stages": GOOD["stages"]}, "job.yaml: (top level): 'name' is required but missing"),
+        ({**GOOD, "ray": {"adress": "auto"}}, "job.yaml: ray: unknown key(s) 'adress'; expected one of: address, num_cpus"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "retries": -1}}},
+         "job.yaml: stages.crawl.retries: expected a number >= 0, got -1"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "needs": ["nope"]}}},
+         "job.yaml: stages.crawl.needs: unknown stage 'nope'"),
+        (with_crawl(allow_networks=["10.0.0.0/99"]),
+         "job.yaml: stages.crawl.with: allow_networks: '10.0.0.0/99' is not a CIDR network"),
+        (with_crawl(encode_format="png", encode_quality=50), "stages.crawl.with: encode_quality: 50 is out of range"),
+    ],
+)
+def test_schema_errors_name_file_and_field(tmp_path, raw, expected):
+    assert expected in error_of(tmp_path, raw)
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    message = error_of(tmp_path, with_crawl(image_size="big", threads=0, resize_mode="x"))
+    for path in ("stages.crawl.with.image_size", "stages.crawl.with.threads", "stages.crawl.with.resize_mode"):
+        assert path in message
+
+
+def test_cycle_is_named(tmp_path):
+    raw = {"name": "j", "stages": {
+        "a": {"uses": "crawl", "needs": ["b"], "with": {"input": "/x"}},
+        "b": {"uses": "crawl", "needs": ["a"], "with": {"input": "/x"}},
+    }}
+    assert "the needs form a cycle" in error_of(tmp_path, raw)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="job.yaml: expected a mapping at the top level, got list"):
+        spec.load(path)
+    with pytest.raises(SpecError, match="nope.yaml: cannot read the job spec"):
+        spec.load(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_typed_by_the_schema(tmp_path):
+    job = load_raw(tmp_path, GOOD, [
+        "stages.crawl.with.image_size=32",
+        "stages.crawl.with.timeout=2.5",
+        "stages.crawl.with.resize_only_if_bigger=true",
+        "stages.crawl.with.user_agent_token=12345",  # a string field keeps digits as text
+        "stages.crawl.with.allow_networks=[127.0.0.0/8, 10.1.0.0/16]",
+        "stages.crawl.retries=2",
+        "tracking.experiment=2026",
+        "storage=/elsewhere",
+    ])
+    cfg = job.stages["crawl"].config
+    assert cfg.image_size == 32 and isinstance(cfg.image_size, int)
+    assert cfg.timeout == 2.5
+    assert cfg.resize_only_if_bigger is True
+    assert cfg.user_agent_token == "12345"
+    assert cfg.allow_networks == ["127.0.0.0/8", "10.1.0.0/16"]
+    assert job.stages["crawl"].retries == 2
+    assert job.experiment == "2026"
+    assert job.storage == "/elsewhere"
+
+
+def test_set_errors_name_the_field(tmp_path):
+    assert "stages.crawl.with.image_size: expected integer, got str 'huge'" in error_of(
+        tmp_path, GOOD, ["stages.crawl.with.image_size=huge"])
+    assert "stages.crawl.with: unknown key(s) 'imagesize'" in error_of(tmp_path, GOOD, ["stages.crawl.with.imagesize=3"])
+    assert "expected KEY=VALUE" in error_of(tmp_path, GOOD, ["stages.crawl.with.image_size"])
+
+
+def test_defaults_are_filled_from_the_config(tmp_path):
+    job = load_raw(tmp_path, GOOD)
+    assert job.stages["crawl"].params == dataclasses.asdict(CrawlConfig(input="/data/urls.parquet"))
+    assert job.experiment == "j" and job.ray_address == "local"
+
+
+def test_schema_files_match_the_code():
+    assert check(REPO / "schemas") == [], "run `clipline schemas` to regenerate schemas/"
+
+
+def test_job_schema_with_block_is_the_config_dataclass():
+    schema = spec.job_schema(["crawl"])
+    props = schema["$defs"]["crawl"]["properties"]
+    assert set(props) == {f.name for f in dataclasses.fields(CrawlConfig)}
+    assert schema["$defs"]["crawl"]["required"] == ["input"]
+    assert props["image_size"] == {"type": "integer", "description": "target side in pixels", "minimum": 8,
+                                   "default": 256}
