@@ -107,10 +107,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipelines import spec
-    from pipelines.runner import plan
+    from pipelines.runner import StageFailed, plan
 
     job = spec.load(args.job, args.overrides, args.storage)
-    for row in plan(job):
+    try:
+        rows = plan(job)
+    except StageFailed as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    for row in rows:
         counts = ", ".join(f"{k}={v}" for k, v in row.get("counts", {}).items() if v and not k.startswith("error_"))
         rows = f"{row['rows']} rows" if row["rows"] is not None else "-"
         print(f"{row['stage']:<16} {row['state']:<13} {rows:<12} {counts}")

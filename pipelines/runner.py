@@ -86,6 +86,14 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _external(st: StageSpec) -> dict[str, Any]:
+    """The identity of a source stage's external inputs; a missing or unreadable input fails the stage."""
+    try:
+        return st.build().input_identity()
+    except Exception as exc:  # noqa: BLE001 - reported with the stage's name
+        raise StageFailed(st.name, exc) from exc
+
+
 def _upstream(job: JobSpec, st: StageSpec, done: dict[str, Manifest | None]) -> dict[str, Manifest] | str:
     """The manifests this stage reads, or the name of the first upstream stage without output."""
     out = {}
@@ -107,7 +115,7 @@ def plan(job: JobSpec) -> list[dict[str, Any]]:
             done[name] = None
             rows.append({"stage": name, "state": f"waiting for {ups}", "rows": None, "fingerprint": None, "path": None})
             continue
-        fp = fingerprint(st, ups, st.build().input_identity())
+        fp = fingerprint(st, ups, _external(st))
         path = stage_dir(job, name, fp)
         m = manifest.read(path)
         done[name] = m
@@ -165,7 +173,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
                 if not isinstance(ups, dict):
                     done[name] = None
                 else:
-                    fp = fingerprint(st, ups, st.build().input_identity())
+                    fp = fingerprint(st, ups, _external(st))
                     m = done[name] = manifest.read(stage_dir(job, name, fp))
                 outcomes.append(StageOutcome(name, "not selected", None, m))
                 continue
@@ -195,7 +203,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
 def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: Tracker, force: bool,
                progress: bool, need_ray: Any) -> StageOutcome:
     stage = st.build()
-    external = stage.input_identity()
+    external = _external(st)
     fp = fingerprint(st, ups, external)
     out = stage_dir(job, st.name, fp)
     existing = manifest.read(out)

@@ -47,3 +47,11 @@ def write_job(tmp_path: Path, stages: dict[str, Any], name: str = "t", **top: An
 
 def read_output(manifest) -> pd.DataFrame:
     return pd.concat([pq.read_table(u).to_pandas() for u in manifest.shard_urls()], ignore_index=True)
+
+
+def mlflow_runs(store: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])

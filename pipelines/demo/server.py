@@ -3,7 +3,7 @@
 Routes (all GET): `/img/<i>` an image; `/missing/<i>` 404; `/error/<i>` 500; `/html/<i>` an HTML page
 instead of an image; `/optout/<i>` an image sent with `X-Robots-Tag: noai`; `/slow/<i>` holds the
 response until the server stops, `release` is set, or `slow_seconds` pass; `/redirect/<i>?to=URL` answers
-302 to URL.
+302 to URL, and without `to` starts a chain of i redirects that ends at an image.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "html":
             return self._send(200, b"<html><body>not an image</body></html>", "text/html")
         if kind == "redirect":
-            target = parse_qs(split.query).get("to", [f"/img/{index}"])[0]
+            chain = f"/redirect/{index - 1}" if index > 1 else "/img/0"  # n hops before the image
+            target = parse_qs(split.query).get("to", [chain])[0]
             return self._send(302, b"", "text/plain", {"Location": target})
         if kind == "slow" and not self.server.release.wait(self.server.slow_seconds):
             return None  # held past any client timeout: the client gave up long ago
@@ -64,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops SYNs under a crawler's concurrency; Linux retries after 1 s
+    request_queue_size = 1024
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, seed: int = 0, size: int = 96,
                  slow_seconds: float = 30.0) -> None:

@@ -78,7 +78,7 @@ def _chunks(path: str, fmt: str) -> Iterator[pd.DataFrame]:
             yield from pd.read_csv(text, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
                                    na_values=[], chunksize=_CHUNK)
         else:
-            yield from pd.read_json(f, lines=True, dtype=False, chunksize=_CHUNK)
+            yield from pd.read_json(f, lines=True, dtype=False, precise_float=True, chunksize=_CHUNK)
 
 
 def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: str) -> str:

@@ -1,0 +1,91 @@
+"""The crawl's fetcher against the loopback web: statuses, error classes, address policy, byte cap."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.demo.server import DemoServer
+from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
+
+LOOPBACK = AddressPolicy.from_cidrs(["127.0.0.0/8"], [])
+
+
+def fetcher(policy=LOOPBACK, **kw) -> Fetcher:
+    args = {"timeout": 2.0, "max_bytes": 1 << 20, "max_redirects": 3, "policy": policy,
+            "user_agent_token": "clipline", "contact": None, "disallowed": ["noai", "noimageai"]} | kw
+    return Fetcher(**args)
+
+
+def test_image_is_fetched(web):
+    got = fetcher().fetch(web.url("img", 1))
+    assert got.status == "success" and got.http_status == 200
+    assert got.data[:2] in (b"\xff\xd8", b"\x89P")  # JPEG or PNG magic
+
+
+@pytest.mark.parametrize(("kind", "status", "error_class", "http_status"), [
+    ("missing", "failed_to_download", "http_4xx", 404),
+    ("error", "failed_to_download", "http_5xx", 500),
+    ("optout", "opted_out", "opted_out", 200),
+])
+def test_http_failures_are_classified(web, kind, status, error_class, http_status):
+    got = fetcher().fetch(web.url(kind, 7))
+    assert (got.status, got.error_class, got.http_status) == (status, error_class, http_status)
+    assert got.data is None
+
+
+def test_timeout_is_bounded(web):
+    got = fetcher(timeout=0.3).fetch(web.url("slow", 3))
+    assert (got.status, got.error_class) == ("failed_to_download", "timeout")
+
+
+@pytest.mark.parametrize("url", [None, "", "ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "http://", "not a url"])
+def test_non_http_urls_are_invalid(url):
+    got = fetcher().fetch(url)
+    assert (got.status, got.error_class) == ("invalid", "invalid_url")
+
+
+def test_loopback_is_refused_by_default_without_a_request(web):
+    path = "/img/424242"
+    got = fetcher(policy=AddressPolicy()).fetch(web.base_url + path)
+    assert (got.status, got.error_class) == ("blocked", "ssrf")
+    assert "127.0.0.1" in got.error_message
+    assert web.hits.get(path, 0) == 0
+
+
+def test_deny_list_wins_over_allow_list(web):
+    policy = AddressPolicy.from_cidrs(["127.0.0.0/8"], ["127.0.0.1/32"])
+    assert fetcher(policy=policy).fetch(web.url("img", 5)).status == "blocked"
+
+
+def test_redirect_into_a_denied_address_never_reaches_it(web):
+    with DemoServer(host="127.0.0.2", port=0) as inner:
+        target = inner.url("img", 9)
+        policy = AddressPolicy.from_cidrs(["127.0.0.0/8"], ["127.0.0.2/32"])
+        got = fetcher(policy=policy).fetch(f"{web.url('redirect', 1)}?to={target}")
+        assert (got.status, got.error_class) == ("blocked", "ssrf")
+        assert inner.hits == {}
+        # the same redirect with the inner host allowed is followed
+        assert fetcher().fetch(f"{web.url('redirect', 1)}?to={target}").status == "success"
+        assert inner.hits == {"/img/9": 1}
+
+
+def test_redirect_to_another_scheme_is_refused(web):
+    got = fetcher().fetch(f"{web.url('redirect', 2)}?to=file:///etc/passwd")
+    assert got.status == "failed_to_download" and got.error_class == "redirect"
+
+
+def test_redirect_chain_is_cut_at_the_limit(web):
+    assert fetcher(max_redirects=3).fetch(web.url("redirect", 3)).status == "success"
+    got = fetcher(max_redirects=3).fetch(web.url("redirect", 4))
+    assert (got.status, got.error_class, got.http_status) == ("failed_to_download", "redirect", 302)
+
+
+def test_body_over_the_byte_cap_is_cut_off(web):
+    got = fetcher(max_bytes=100).fetch(web.url("img", 1))
+    assert (got.status, got.error_class) == ("failed_to_download", "too_large")
+    assert got.data is None
+
+
+def test_user_agent_names_the_crawler_and_contact():
+    f = fetcher(contact="mailto:crawl@example.org")
+    assert "clipline/" in f.user_agent and "mailto:crawl@example.org" in f.user_agent
