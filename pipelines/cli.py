@@ -21,6 +21,18 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="override a field, typed by the schema: --set stages.crawl.with.image_size=32")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be replaced after start-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clipline {__version__}")
@@ -62,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("clipline: %(message)s"))
     logger = logging.getLogger("clipline")
-    logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("clipline: %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from pipelines.spec import SpecError
 

@@ -1,0 +1,63 @@
+"""`clipline demo` end to end, and the synthetic web it serves."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.demo import web
+from pipelines.demo.run import DEMO_FAULTS, DEMO_SEED
+from pipelines.demo.server import url_list
+from tests.conftest import REPO, mlflow_runs
+
+
+def test_generator_is_deterministic_and_covers_the_classes():
+    assert web.encoded(3, 10) == web.encoded(3, 10)
+    assert web.sample(3, 10) != web.sample(4, 10)
+    labels = {web.sample(0, i).label for i in range(500)}
+    assert len(labels) == len(web.COLORS) * len(web.SHAPES) == 18
+    s = web.sample(0, 7)
+    assert s.color in s.caption and s.shape in s.caption
+    assert web.render(s).getpixel((0, 0)) == web.BACKGROUNDS[s.background]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_then_is_a_cache_hit(tmp_path):
+    store = tmp_path / "data"
+    cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--storage", str(store), "--images", "300",
+           "--port", str(_free_port()), "--no-progress"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "crawl      ran      300 rows" in first.stdout
+    files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
+
+    # the port is part of every URL: the same port gives the same list and so the same cache key
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "crawl      cached   300 rows" in second.stdout
+    assert "URL list unchanged" in second.stderr
+    assert {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")} == files
+
+    runs = mlflow_runs(store)
+    assert [(r.info.run_name, r.data.tags.get("clipline.cache")) for r in runs] == [
+        ("demo", None), ("crawl", "miss"), ("demo", None), ("crawl", "hit")]
+    crawl = runs[1]
+    assert crawl.data.metrics["crawl/input_rows"] == 300
+    kinds = url_list("http://x", 300, DEMO_SEED, DEMO_FAULTS)["kind"].value_counts()
+    assert crawl.data.metrics["crawl/failed_to_download"] == kinds["missing"] > 0
+    assert crawl.data.metrics["crawl/opted_out"] == kinds["optout"] > 0
+    assert crawl.data.metrics["crawl/failed_to_resize"] == kinds["html"] > 0
+    assert crawl.data.metrics["crawl/success"] == kinds["img"]
+    assert crawl.data.params["resize_mode"] == "border"
+    artifacts = {a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{store}/mlflow.db")
+                 .list_artifacts(crawl.info.run_id)}
+    assert {"crawl_status.png", "manifest"} <= artifacts

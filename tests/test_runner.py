@@ -1,0 +1,142 @@
+"""The runner: stage selection, failure and resume, retries, a killed crawl, and the CLI around it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tests.probe  # noqa: F401  (registers the test-only `probe` stage)
+from pipelines import cli, manifest, spec, storage
+from pipelines.demo.server import DemoServer, url_list
+from pipelines.runner import Selection, StageFailed, plan, run_job
+from tests.conftest import REPO, crawl_stage, mlflow_runs, read_output, write_job
+
+pytestmark = pytest.mark.slow
+
+
+def two_stage_job(tmp_path, web, **probe_with):
+    url_list(web.base_url, 20).to_parquet(tmp_path / "urls.parquet")
+    return write_job(tmp_path, {
+        "crawl": crawl_stage(str(tmp_path / "urls.parquet")),
+        "probe": {"uses": "probe", "needs": ["crawl"], "with": probe_with},
+    })
+
+
+def test_selection_flags(tmp_path):
+    job = spec.resolve({"name": "j", "stages": {
+        "a": {"uses": "crawl", "with": {"input": "/x"}},
+        "b": {"uses": "probe", "needs": ["a"]},
+        "c": {"uses": "probe", "needs": ["b"]},
+        "d": {"uses": "probe", "needs": ["a"]},
+    }}, "j.yaml")
+    assert Selection().stages(job) == list(job.stages)
+    assert list(job.stages).index("a") < list(job.stages).index("b") < list(job.stages).index("c")
+    assert Selection(from_="b").stages(job) == ["b", "c"]
+    assert Selection(until="c").stages(job) == [n for n in job.stages if n in {"a", "b", "c"}]
+    assert Selection(only=["d"]).stages(job) == ["d"]
+    with pytest.raises(ValueError, match="--from zz: no such stage in j.yaml; stages: "):
+        Selection(from_="zz").stages(job)
+
+
+def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ray_local, capsys):
+    marker = tmp_path / "fail"
+    marker.write_text("")
+    path = two_stage_job(tmp_path, web, fail_marker=str(marker))
+
+    assert cli.main(["run", str(path), "--no-progress"]) == cli.EXIT_STAGE_FAILED
+    err = capsys.readouterr().err
+    assert f"stage 'probe' failed: RuntimeError: probe told to fail by {marker}" in err
+    assert "run the same command again to resume" in err
+    states = {r["stage"]: r["state"] for r in plan(spec.load(path))}
+    assert states == {"crawl": "cached", "probe": "missing"}
+
+    runs = mlflow_runs(tmp_path / "store")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("t", "FAILED"), ("crawl", "FINISHED"),
+                                                               ("probe", "FAILED")]
+    assert "probe told to fail" in runs[2].data.tags["clipline.error"]
+
+    marker.unlink()
+    outcomes = run_job(spec.load(path), progress=False)
+    assert [(o.stage, o.state) for o in outcomes] == [("crawl", "cached"), ("probe", "ran")]
+    assert outcomes[1].manifest.counts["rows_seen"] == 20
+    assert outcomes[1].manifest.inputs["crawl"]["digest"] == outcomes[0].manifest.digest
+
+
+def test_stage_retries_then_succeeds(tmp_path, web, ray_local):
+    counter = tmp_path / "failures-left"
+    counter.write_text("2")
+    path = two_stage_job(tmp_path, web, fail_times_file=str(counter))
+    with pytest.raises(StageFailed, match="transient probe failure, 1 left"):
+        run_job(spec.load(path), progress=False)  # retries: 0
+    counter.write_text("1")
+    outcomes = run_job(spec.load(path, ["stages.probe.retries=1"]), progress=False)
+    assert outcomes[-1].state == "ran" and counter.read_text() == "0"
+
+
+def test_only_a_downstream_stage_needs_its_upstream_output(tmp_path, web, ray_local):
+    path = two_stage_job(tmp_path, web)
+    with pytest.raises(StageFailed, match="it needs stage 'crawl', which has no complete output"):
+        run_job(spec.load(path), Selection(only=["probe"]), progress=False)
+    outcomes = run_job(spec.load(path), Selection(until="crawl"), progress=False)
+    assert [(o.stage, o.state) for o in outcomes] == [("crawl", "ran"), ("probe", "not selected")]
+    outcomes = run_job(spec.load(path), Selection(from_="probe"), progress=False)
+    assert [(o.stage, o.state) for o in outcomes] == [("crawl", "not selected"), ("probe", "ran")]
+
+
+def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local):
+    """SIGKILL the whole `clipline run` process group once one shard is written; then finish the job."""
+    with DemoServer(port=0, slow_seconds=120) as web:
+        rows = url_list(web.base_url, 40)
+        rows.loc[20:, "url"] = [web.url("slow", i) for i in range(20, 40)]  # shard 1 hangs until released
+        rows.to_parquet(tmp_path / "urls.parquet")
+        path = write_job(tmp_path, {"crawl": crawl_stage(str(tmp_path / "urls.parquet"), samples_per_shard=20,
+                                                         timeout=60)}, ray={"num_cpus": 2})
+        (row,) = plan(spec.load(path))
+        out = row["path"]
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
+                                cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not storage.exists(f"{out}/part-00000.parquet"):
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "no shard was written in 120 s"
+                time.sleep(0.2)  # polling the file system for a condition, with a deadline
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        first_shard = storage.sha256_file(f"{out}/part-00000.parquet")
+
+        assert manifest.read(out) is None
+        assert plan(spec.load(path))[0]["state"] == "incomplete"
+        assert subprocess.run([sys.executable, "-m", "pipelines.cli", "status", str(path)], cwd=REPO,
+                              capture_output=True, text=True).stdout.split()[:2] == ["crawl", "incomplete"]
+
+        web.release.set()  # the web recovers; the rerun finishes the interrupted shard only
+        (outcome,) = run_job(spec.load(path), progress=False)
+    m = outcome.manifest
+    assert outcome.state == "ran" and m.location == out
+    # >= 1: a worker of the killed driver may still finish shard 1 (atomically) before Ray reaps it
+    assert m.metrics["shards_resumed"] >= 1
+    assert m.shards[0]["sha256"] == first_shard
+    data = read_output(m)
+    assert sorted(data["source_row"]) == list(range(40))
+    assert (data["status"] == "success").all()
+    assert not [p for p in os.listdir(out) if p.startswith(storage.TMP_MARK)]
+
+
+def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
+    assert cli.main(["validate", str(REPO / "jobs" / "demo.yaml")]) == 0
+    assert "valid job 'demo': crawl (crawl)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  crawl:\n    uses: crawl\n    with: {input: /x, threads: many}\n")
+    assert cli.main(["validate", str(bad)]) == cli.EXIT_BAD_SPEC
+    assert f"{bad}: stages.crawl.with.threads: expected integer, got str 'many'" in capsys.readouterr().err
+    assert cli.main(["run", str(bad), "--set", "stages.crawl.with.threads=4", "--until", "nope"]) == cli.EXIT_BAD_SPEC
+    assert "--until nope: no such stage" in capsys.readouterr().err
