@@ -21,7 +21,8 @@ from pipelines import __version__, storage
 
 log = logging.getLogger("clipline.tracking")
 
-_SECRET = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth|private[_-]?key)", re.I)
+_SECRET = re.compile(r"(pass(word)?|secret|token|access[_-]?key|api[_-]?key|credential|auth|private[_-]?key)", re.I)
+_SECRET_PARENTS = ("env_vars",)  # runtime_env.env_vars: values are credentials more often than not
 REDACTED = "***"
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
@@ -49,7 +50,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
             out[prefix] = "{}"
         for k, v in obj.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            if _SECRET.search(str(k)) and not isinstance(v, dict):
+            secret_parent = prefix.rsplit(".", 1)[-1] in _SECRET_PARENTS
+            if (_SECRET.search(str(k)) or secret_parent) and not isinstance(v, dict):
                 out[key] = REDACTED
             else:
                 out.update(flatten(v, key))

@@ -34,25 +34,26 @@ def list_files(cfg: CrawlConfig) -> list[str]:
     """Every input file, globs expanded, in a stable order; an error names a pattern that matched nothing."""
     out: list[str] = []
     for pattern in cfg.input:
-        fs, _ = storage.filesystem(pattern)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        matches = sorted(fs.glob(storage.filesystem(pattern)[1])) if any(c in pattern for c in "*?[") else None
-        if matches is None:
-            path = storage.filesystem(pattern)[1]
-            if not fs.exists(path):
-                raise InputError(f"crawl input {pattern!r}: no such file")
+        fs, path = storage.filesystem(pattern)
+        if any(c in pattern for c in "*?["):
+            matches = [m for m in sorted(fs.glob(path)) if not fs.isdir(m)]
+            if not matches:
+                raise InputError(f"crawl input {pattern!r}: the glob matches no file")
+        elif fs.exists(path):
             matches = [path]
-        if not matches:
-            raise InputError(f"crawl input {pattern!r}: the glob matches no file")
-        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-        out.extend(prefix + m for m in matches if not fs.isdir(m))
+        else:
+            raise InputError(f"crawl input {pattern!r}: no such file")
+        out.extend(m if storage.is_local(pattern) else fs.unstrip_protocol(m) for m in matches)
     return out
 
 
 def identity(cfg: CrawlConfig) -> dict[str, Any]:
     """What changes when an input changes: each file's fsspec key (size and modification time or ETag)."""
-    files = list_files(cfg)
-    return {"files": {f: storage.filesystem(f)[0].ukey(storage.filesystem(f)[1]) for f in files}}
+    keys = {}
+    for f in list_files(cfg):
+        fs, path = storage.filesystem(f)
+        keys[f] = fs.ukey(path)
+    return {"files": keys}
 
 
 def file_format(path: str, cfg: CrawlConfig) -> str:

@@ -1,0 +1,73 @@
+"""Tracking helpers: params flattening and secret redaction, the tracking URI, and `clipline ui`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from pipelines.tracking import REDACTED, flatten, resolve_uri
+from tests.conftest import REPO
+
+
+def test_params_are_flattened_and_secrets_redacted():
+    params = flatten({
+        "stages": {"crawl": {"with": {"image_size": 32, "input": ["a", "b"], "api_key": "k-123"}}},
+        "tracking": {"uri": "http://mlflow:5000", "password": "hunter2"},
+        "ray": {"runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "AKIA", "REGION": "eu-west-1"}}},
+        "storage": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+    })
+    assert params["stages.crawl.with.image_size"] == "32"
+    assert params["stages.crawl.with.input"] == '["a", "b"]'
+    assert params["tracking.uri"] == "http://mlflow:5000"
+    for key in ("stages.crawl.with.api_key", "tracking.password", "ray.runtime_env.env_vars.AWS_ACCESS_KEY_ID",
+                "ray.runtime_env.env_vars.REGION", "storage.AWS_SECRET_ACCESS_KEY"):
+        assert params[key] == REDACTED, key
+    assert not {"k-123", "hunter2", "AKIA", "s3cr3t"} & set(params.values())
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri("http://job:5000", str(tmp_path)) == "http://job:5000"
+    assert resolve_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_uri(None, str(tmp_path)) == "http://env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="storage 's3://b/x' is not local.*set tracking.uri"):
+        resolve_uri(None, "s3://b/x")
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_on_loopback(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--storage", str(tmp_path), "--port",
+                             str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # MLflow's UI spawns job consumers: stop the whole group
+    try:
+        deadline, body = time.monotonic() + 90, None
+        while body is None:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "MLflow UI did not answer in 90 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                                            timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                time.sleep(0.5)  # polling for the server to accept, with a deadline
+        assert '"experiments"' in body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # consumers that ignored SIGTERM
+        except ProcessLookupError:
+            pass
+    assert (tmp_path / "mlflow.db").exists()
