@@ -89,3 +89,17 @@ def test_body_over_the_byte_cap_is_cut_off(web):
 def test_user_agent_names_the_crawler_and_contact():
     f = fetcher(contact="mailto:crawl@example.org")
     assert "clipline/" in f.user_agent and "mailto:crawl@example.org" in f.user_agent
+
+
+def test_pixel_cap_is_checked_from_the_header_before_decoding(web):
+    from pipelines.stages.crawl.config import CrawlConfig
+    from pipelines.stages.crawl.shard import ShardCrawler
+
+    crawler = ShardCrawler(CrawlConfig(input="-", allow_networks=["127.0.0.0/8"], image_size=32))
+    row = crawler.one(web.url("bomb", 1), "a bomb")
+    # too_many_pixels comes from the header check; a decode attempt would report "decode" instead
+    assert (row["status"], row["error_class"]) == ("failed_to_resize", "too_many_pixels")
+    assert "20000x20000 exceeds max_pixels 89478485" in row["error_message"]
+    assert row.get("image") is None
+    ok = crawler.one(web.url("img", 1), "fine")
+    assert ok["status"] == "success" and (ok["width"], ok["height"]) == (32, 32)

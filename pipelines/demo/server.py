@@ -3,12 +3,15 @@
 Routes (all GET): `/img/<i>` an image; `/missing/<i>` 404; `/error/<i>` 500; `/html/<i>` an HTML page
 instead of an image; `/optout/<i>` an image sent with `X-Robots-Tag: noai`; `/slow/<i>` holds the
 response until the server stops, `release` is set, or `slow_seconds` pass; `/redirect/<i>?to=URL` answers
-302 to URL, and without `to` starts a chain of i redirects that ends at an image.
+302 to URL (without `to` starts a chain of i redirects that ends at an image); `/bomb/<i>` a PNG whose
+header claims 20,000 x 20,000 pixels.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
@@ -17,7 +20,17 @@ from pipelines.demo import web
 
 from urllib.parse import parse_qs, urlsplit
 
-KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect")
+KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb")
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A few hundred bytes whose PNG header claims width x height pixels: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4)  # a few rows; the rest would be inflated on decode
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -54,6 +67,8 @@ class _Handler(BaseHTTPRequestHandler):
             chain = f"/redirect/{index - 1}" if index > 1 else "/img/0"  # n hops before the image
             target = parse_qs(split.query).get("to", [chain])[0]
             return self._send(302, b"", "text/plain", {"Location": target})
+        if kind == "bomb":
+            return self._send(200, bomb_png(), "image/png")
         if kind == "slow" and not self.server.release.wait(self.server.slow_seconds):
             return None  # held past any client timeout: the client gave up long ago
         if self.server.stopping.is_set():
