@@ -216,7 +216,10 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     if existing is not None:
         log.info("%s: --force: removing %s", st.name, out)
         storage.remove_tree(out)
-    need_ray()
+    try:
+        need_ray()
+    except RuntimeError as exc:  # Ray unreachable: an infrastructure error naming ray.address
+        raise StageFailed(st.name, exc) from exc
     resuming = storage.exists(out)
     child = tracker.start_stage(job.name, st.name, st.uses, fp,
                                 {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})

@@ -140,3 +140,4 @@ def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
     assert f"{bad}: stages.crawl.with.threads: expected integer, got str 'many'" in capsys.readouterr().err
     assert cli.main(["run", str(bad), "--set", "stages.crawl.with.threads=4", "--until", "nope"]) == cli.EXIT_BAD_SPEC
     assert "--until nope: no such stage" in capsys.readouterr().err
+
