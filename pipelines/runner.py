@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +131,20 @@ def plan(job: JobSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a cluster address that does not answer: ray.init itself retries for many minutes."""
+    if address == "auto":
+        return  # Ray finds the address itself and fails at once when there is none
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"ray.address {address!r}: expected local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RuntimeError(f"ray.address {address!r} does not answer: {exc}") from None
+
+
 def init_ray(job: JobSpec) -> bool:
     """Start or join Ray as the job says; True if this call started it (and should shut it down)."""
     import ray
@@ -143,6 +158,7 @@ def init_ray(job: JobSpec) -> bool:
         kwargs.update(address="local", num_cpus=job.ray_num_cpus, include_dashboard=False)
     else:
         kwargs["address"] = job.ray_address
+        _probe(job.ray_address)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,3 +142,18 @@ def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
     assert cli.main(["run", str(bad), "--set", "stages.crawl.with.threads=4", "--until", "nope"]) == cli.EXIT_BAD_SPEC
     assert "--until nope: no such stage" in capsys.readouterr().err
 
+
+
+
+def test_unreachable_ray_address_fails_fast_and_names_it(tmp_path, web):
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url_list(web.base_url, 5).to_parquet(tmp_path / "urls.parquet")
+    path = write_job(tmp_path, {"crawl": crawl_stage(str(tmp_path / "urls.parquet"))})
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path), "--set",
+                           f"ray.address=ray://127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == cli.EXIT_STAGE_FAILED
+    assert (f"stage 'crawl' failed: RuntimeError: ray.address 'ray://127.0.0.1:{port}' does not answer: "
+            "[Errno 111] Connection refused") in done.stderr
