@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class Stage:
 
     kind: ClassVar[str]
     Config: ClassVar[type]
+    # distributions whose version changes the stage's output (decoders, resizers): part of code_version
+    dependencies: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -64,8 +67,10 @@ class Stage:
 
     @classmethod
     def code_version(cls) -> str:
-        """Digest of the source files of the stage's package: editing the stage's code invalidates its cache."""
+        """Digest of the stage package's source and its dependencies' versions: either changing invalidates the cache."""
         h = hashlib.sha256()
+        for dist in cls.dependencies:
+            h.update(f"{dist}=={importlib.metadata.version(dist)}".encode())
         for f in sorted(Path(inspect.getfile(cls)).parent.glob("*.py")):
             h.update(f.name.encode())
             h.update(f.read_bytes())

@@ -38,7 +38,8 @@ def test_timeout_is_bounded(web):
     assert (got.status, got.error_class) == ("failed_to_download", "timeout")
 
 
-@pytest.mark.parametrize("url", [None, "", "ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "http://", "not a url"])
+@pytest.mark.parametrize("url", [None, "", "ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "http://", "not a url",
+                                 "http://[::1", "http://[abc]/x.jpg"])
 def test_non_http_urls_are_invalid(url):
     got = fetcher().fetch(url)
     assert (got.status, got.error_class) == ("invalid", "invalid_url")
@@ -70,7 +71,7 @@ def test_redirect_into_a_denied_address_never_reaches_it(web):
 
 
 def test_redirect_to_another_scheme_is_refused(web):
-    got = fetcher().fetch(f"{web.url('redirect', 2)}?to=file:///etc/passwd")
+    got = fetcher().fetch(f"{web.url('redirect', 2)}?to=ftp://127.0.0.1/x.jpg")  # urllib itself would follow ftp
     assert got.status == "failed_to_download" and got.error_class == "redirect"
 
 
@@ -80,10 +81,37 @@ def test_redirect_chain_is_cut_at_the_limit(web):
     assert (got.status, got.error_class, got.http_status) == ("failed_to_download", "redirect", 302)
 
 
-def test_body_over_the_byte_cap_is_cut_off(web):
-    got = fetcher(max_bytes=100).fetch(web.url("img", 1))
+@pytest.mark.parametrize("kind", ["img", "nolength"])  # refused from Content-Length; cut off while reading
+def test_body_over_the_byte_cap_is_cut_off(web, kind):
+    got = fetcher(max_bytes=100).fetch(web.url(kind, 1))
     assert (got.status, got.error_class) == ("failed_to_download", "too_large")
     assert got.data is None
+    assert fetcher().fetch(web.url(kind, 1)).status == "success"
+
+
+def test_zero_redirects_means_none_followed(web):
+    got = fetcher(max_redirects=0).fetch(web.url("redirect", 1))
+    assert (got.error_class, got.http_status) == ("redirect", 302)
+    assert fetcher(max_redirects=1).fetch(web.url("redirect", 1)).status == "success"
+
+
+def test_spaces_in_urls_are_encoded_not_protocol_errors(web):
+    got = fetcher().fetch(web.base_url + "/img/1 2")  # the server sees /img/1%202: not an image route
+    assert (got.error_class, got.http_status) == ("http_4xx", 404)
+
+
+@pytest.mark.parametrize(("address", "refused"), [
+    ("8.8.8.8", False), ("2606:4700:4700::1111", False),
+    ("10.0.0.1", True), ("169.254.169.254", True), ("100.64.0.1", True), ("224.0.0.1", True), ("0.0.0.0", True),
+    ("::1", True), ("fe80::1%eth0", True), ("fc00::1", True), ("fec0::1", True),
+    ("::ffff:127.0.0.1", True),  # IPv4-mapped
+    ("64:ff9b::a00:1", True),  # NAT64 to 10.0.0.1
+    ("2002:a00:1::", True),  # 6to4 of 10.0.0.1
+    ("::10.0.0.1", True),  # IPv4-compatible
+    ("64:ff9b::808:808", False),  # NAT64 to 8.8.8.8
+])
+def test_address_policy_sees_through_ipv6_forms(address, refused):
+    assert AddressPolicy().refuses(address) is refused
 
 
 def test_user_agent_names_the_crawler_and_contact():

@@ -4,7 +4,7 @@ Routes (all GET): `/img/<i>` an image; `/missing/<i>` 404; `/error/<i>` 500; `/h
 instead of an image; `/optout/<i>` an image sent with `X-Robots-Tag: noai`; `/slow/<i>` holds the
 response until the server stops, `release` is set, or `slow_seconds` pass; `/redirect/<i>?to=URL` answers
 302 to URL (without `to` starts a chain of i redirects that ends at an image); `/bomb/<i>` a PNG whose
-header claims 20,000 x 20,000 pixels.
+header claims 20,000 x 20,000 pixels; `/nolength/<i>` an image without Content-Length.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipelines.demo import web
 
 from urllib.parse import parse_qs, urlsplit
 
-KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb")
+KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb", "nolength")
 
 
 def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -67,6 +67,15 @@ class _Handler(BaseHTTPRequestHandler):
             chain = f"/redirect/{index - 1}" if index > 1 else "/img/0"  # n hops before the image
             target = parse_qs(split.query).get("to", [chain])[0]
             return self._send(302, b"", "text/plain", {"Location": target})
+        if kind == "nolength":  # body delimited by closing the connection, as HTTP/1.0 servers do
+            body, ctype = web.encoded(self.server.seed, index, self.server.size)
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return None
         if kind == "bomb":
             return self._send(200, bomb_png(), "image/png")
         if kind == "slow" and not self.server.release.wait(self.server.slow_seconds):

@@ -48,6 +48,12 @@ class CrawlConfig:
             self.input = [self.input]
         if not self.input:
             raise ValueError("input: expected at least one path or glob")
+        from pipelines.stages.crawl.schema import CRAWLED
+
+        clash = [c for c in self.passthrough if c in CRAWLED.names]
+        if clash:
+            raise ValueError(f"passthrough: {', '.join(clash)} would overwrite the crawl's own output column(s) "
+                             f"of that name; rename them in the input or leave them out")
         for key in ("allow_networks", "deny_networks"):
             for cidr in getattr(self, key):
                 try:

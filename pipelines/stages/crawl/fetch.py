@@ -13,10 +13,12 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import string
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
 
@@ -45,14 +47,31 @@ class AddressPolicy:
 
     def refuses(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        # an IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64, compatible) is judged by both
+        return any(self._refuses(a) for a in (ip, *_embedded_ipv4(ip)))
+
+    def _refuses(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if any(ip in net for net in self.deny):
             return True
         if any(ip in net for net in self.allow):
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip not in _GLOBAL_UNICAST_V6 and ip not in _NAT64:
+            return True  # site-local fec0::/10, IPv4-compatible ::a.b.c.d and other legacy space
         # not global: loopback, private, link-local (cloud metadata), shared, reserved, unspecified
         return not ip.is_global or ip.is_multicast
+
+
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    out = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip in _NAT64:
+        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return out
 
 
 def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
@@ -113,6 +132,9 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         self.max_redirections = limit
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if self.max_redirections == 0:  # urllib checks its limit only from the second hop on
+            raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed (max_redirects: 0)",
+                                         headers, fp)
         if urlsplit(newurl).scheme not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r}", headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -133,7 +155,8 @@ class Fetcher:
     def __init__(self, *, timeout: float, max_bytes: int, max_redirects: int, policy: AddressPolicy,
                  user_agent_token: str, contact: str | None, disallowed: list[str]) -> None:
         self.timeout, self.max_bytes = timeout, max_bytes
-        self.token, self.disallowed = user_agent_token, [d.lower() for d in disallowed]
+        # img2dataset's parser lowercases the header's token before comparing it with ours
+        self.token, self.disallowed = user_agent_token.lower(), [d.lower() for d in disallowed]
         extra = f"; +{contact}" if contact else ""
         self.user_agent = f"Mozilla/5.0 (compatible; {user_agent_token}/{__version__}{extra})"
         self.opener = urllib.request.OpenerDirector()
@@ -143,9 +166,16 @@ class Fetcher:
             self.opener.add_handler(h)
 
     def fetch(self, url: str | None) -> Fetched:
-        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        try:
+            parts = urlsplit(url or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("not an http(s) URL with a host")
+            # spaces and non-ASCII characters are common in web-scale lists: encode them as browsers do
+            url = quote(url, safe=string.punctuation).encode("ascii").decode()
+        except (ValueError, UnicodeError) as exc:
             return Fetched(status="invalid", error_class="invalid_url",
-                           error_message=f"expected an http(s) URL, got {url!r}"[:500])
+                           error_message=f"expected an http(s) URL, got {url!r}: {exc}"[:500])
+        deadline = time.monotonic() + 3 * self.timeout  # the whole request, not each socket operation
         try:
             req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
             with self.opener.open(req, timeout=self.timeout) as resp:
@@ -155,9 +185,7 @@ class Fetcher:
                 length = resp.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > self.max_bytes:
                     raise TooLarge(f"Content-Length {length} exceeds max_bytes {self.max_bytes}")
-                data = resp.read(self.max_bytes + 1)
-                if len(data) > self.max_bytes:
-                    raise TooLarge(f"body exceeds max_bytes {self.max_bytes}; cut off")
+                data = self._read(resp, deadline)
                 return Fetched(data=data, http_status=resp.status)
         except urllib.error.HTTPError as exc:
             code = exc.code
@@ -170,8 +198,22 @@ class Fetcher:
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             cls = classify(reason)
-            return Fetched(status="blocked" if cls == "ssrf" else "failed_to_download", error_class=cls,
+            status = {"ssrf": "blocked", "invalid_url": "invalid"}.get(cls, "failed_to_download")
+            return Fetched(status=status, error_class=cls,
                            error_message=f"{type(reason).__name__}: {reason}"[:500])
+
+
+    def _read(self, resp, deadline: float) -> bytes:
+        """The body, cut off past max_bytes, and abandoned past the deadline (a slow-drip server)."""
+        chunks, size = [], 0
+        while block := resp.read(min(1 << 16, self.max_bytes + 1 - size)):
+            chunks.append(block)
+            size += len(block)
+            if size > self.max_bytes:
+                raise TooLarge(f"body exceeds max_bytes {self.max_bytes}; cut off")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"body not complete after {3 * self.timeout:g} s")
+        return b"".join(chunks)
 
 
 def classify(exc: object) -> str:

@@ -61,7 +61,12 @@ class ShardCrawler:
         if got.data is None:
             return row
         size = _header_size(got.data)
-        if size and size[0] * size[1] > self.cfg.max_pixels:
+        if size is None:
+            # no header Pillow can read: decoding it blind could allocate without bound (e.g. a tiny HDR file)
+            row.update(status="failed_to_resize", error_class="decode",
+                       error_message="not an image format whose dimensions can be read before decoding")
+            return row
+        if size[0] * size[1] > self.cfg.max_pixels:
             row.update(status="failed_to_resize", error_class="too_many_pixels",
                        error_message=f"{size[0]}x{size[1]} exceeds max_pixels {self.cfg.max_pixels}")
             return row

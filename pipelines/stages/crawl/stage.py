@@ -19,6 +19,7 @@ from pipelines.stages.crawl.schema import STATUSES
 class CrawlStage(Stage):
     kind = "crawl"
     Config = CrawlConfig
+    dependencies = ("img2dataset", "opencv-python-headless", "albumentations", "pillow", "pyarrow")
 
     def input_identity(self) -> dict[str, Any]:
         return inputs.identity(self.config)
@@ -61,28 +62,19 @@ class CrawlStage(Stage):
         bar = tqdm(total=total, initial=sum(r["rows"] for r in records.values()), unit="img", desc=ctx.stage,
                    disable=not ctx.progress, smoothing=0.1)
         crawl_t0 = time.perf_counter()
-        crawled_rows = new_ok = 0
         pending: dict[Any, int] = {}
         queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                s, out_url = queue.pop(0)
-                pending[remote.remote(cfg, s["url"], out_url)] = s["id"]
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            shard_id = pending.pop(ready[0])
-            rec = ray.get(ready[0])
-            records[shard_id] = rec
-            status.update(rec["status"])
-            errors.update(rec["errors"])
-            crawled_rows += rec["rows"]
-            new_ok += rec["status"].get("success", 0)
-            bar.update(rec["rows"])
-            bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
-            elapsed = time.perf_counter() - crawl_t0
-            ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
-                                     "rows_per_sec": crawled_rows / max(elapsed, 1e-9)}, step=len(records))
+        try:
+            self._drain(ctx, remote, cfg, queue, pending, max_in_flight, records, status, errors, bar, crawl_t0)
+        finally:
+            # a failing shard must not leave siblings running: they would write part files behind a retry
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=60)
         bar.close()
         elapsed = time.perf_counter() - crawl_t0
+        new_ok = sum(records[s["id"]]["status"].get("success", 0) for s, _ in todo)
 
         written = sum(r["rows"] for r in records.values())
         if written != total or len(records) != len(staged):
@@ -100,6 +92,28 @@ class CrawlStage(Stage):
         shards = [{"path": f"part-{i:05d}.parquet", "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
                   for i, r in sorted(records.items())]
         return StageResult(shards=shards, counts={"input_rows": total, **counts}, metrics=metrics)
+
+    @staticmethod
+    def _drain(ctx, remote, cfg, queue, pending, max_in_flight, records, status, errors, bar, t0) -> None:
+        """Keep max_in_flight shard tasks running until the queue is empty; fold in each result."""
+        import ray
+
+        done_rows = 0
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                s, out_url = queue.pop(0)
+                pending[remote.remote(cfg, s["url"], out_url)] = s["id"]
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            rec = ray.get(ready[0])
+            records[pending.pop(ready[0])] = rec
+            status.update(rec["status"])
+            errors.update(rec["errors"])
+            done_rows += rec["rows"]
+            bar.update(rec["rows"])
+            bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
+            ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
+                                     "rows_per_sec": done_rows / max(time.perf_counter() - t0, 1e-9)},
+                                    step=len(records))
 
     @staticmethod
     def _plot(ctx: StageContext, counts: dict[str, int]) -> None:
