@@ -172,11 +172,11 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
     chosen = select.stages(job)
     tracker = Tracker(resolve_uri(job.tracking_uri, job.storage), job.experiment, job.storage)
     parent = tracker.start_job(job.name, job.raw, {"clipline.spec": job.source})
-    ray_state = {"ready": False, "started": False}
+    started_ray = False
 
     def need_ray() -> None:  # only a stage that really runs needs Ray; a job of cache hits starts none
-        if not ray_state["ready"]:
-            ray_state["started"], ray_state["ready"] = init_ray(job), True
+        nonlocal started_ray
+        started_ray = init_ray(job) or started_ray  # init_ray does nothing once Ray is connected
 
     outcomes: list[StageOutcome] = []
     done: dict[str, Manifest | None] = {}
@@ -209,7 +209,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
         raise
     finally:
         tracker.end(parent, ok)
-        if ray_state["started"]:
+        if started_ray:
             import ray
 
             if ray.is_initialized() and job.ray_address == "local":
@@ -225,7 +225,7 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     existing = manifest.read(out)
     if existing is not None and not force:
         child = tracker.start_stage(job.name, st.name, st.uses, fp, {"clipline.cache": "hit"})
-        _log_stage(tracker, child.run_id, child, st, ups, existing)
+        _log_stage(tracker, child, st, ups, existing)
         tracker.end(child.run_id, True)
         log.info("%s: cache hit (%s rows, %s)", st.name, existing.rows, out)
         return StageOutcome(st.name, "cached", fp, existing)
@@ -273,7 +273,7 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     )
     _clean_temp(out)
     manifest.write(out, m)
-    _log_stage(tracker, child.run_id, child, st, ups, m, params=False)
+    _log_stage(tracker, child, st, ups, m, params=False)
     tracker.end(child.run_id, True)
     log.info("%s: done in %.1fs: %d rows in %d shards", st.name, seconds, m.rows, len(m.shards))
     return StageOutcome(st.name, "ran", fp, m, seconds)
@@ -287,7 +287,7 @@ def _clean_temp(out: str) -> None:
             fs.rm(p)
 
 
-def _log_stage(tracker: Tracker, run_id: str, child: Any, st: StageSpec, ups: dict[str, Manifest], m: Manifest,
+def _log_stage(tracker: Tracker, child: Any, st: StageSpec, ups: dict[str, Manifest], m: Manifest,
                params: bool = True) -> None:
     if params:
         child.log_params(st.params)
@@ -295,4 +295,4 @@ def _log_stage(tracker: Tracker, run_id: str, child: Any, st: StageSpec, ups: di
     for name, u in ups.items():
         child.log_input(f"{u.job}/{name}", u.digest, u.location, "input", {"rows": u.rows, "shards": len(u.shards)})
     child.log_input(f"{m.job}/{m.stage}", m.digest, m.location, "output", {"rows": m.rows, "shards": len(m.shards)})
-    tracker.log_file_artifact(run_id, storage.join(m.location, manifest.MANIFEST), "manifest")
+    tracker.log_file_artifact(child.run_id, storage.join(m.location, manifest.MANIFEST), "manifest")

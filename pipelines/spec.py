@@ -246,10 +246,11 @@ def _schema_at(schema: dict[str, Any], raw: dict[str, Any], path: list[str]) -> 
     return node
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
+                    schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """`stages.crawl.with.image_size=32` style overrides, each value typed by the schema at its path."""
     raw = copy.deepcopy(raw)
-    schema = job_schema()
+    schema = schema or job_schema()
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.crawl.with.image_size=32")
@@ -296,10 +297,11 @@ def _fill_defaults(schema: dict[str, Any], value: dict[str, Any]) -> dict[str, A
     return out
 
 
-def resolve(raw: dict[str, Any], source: str, storage_override: str | None = None) -> JobSpec:
+def resolve(raw: dict[str, Any], source: str, storage_override: str | None = None,
+            schema: dict[str, Any] | None = None) -> JobSpec:
     """Validate a raw spec and turn it into typed stage configs in dependency order."""
-    validate(raw, source)
-    schema = job_schema()
+    schema = schema or job_schema()
+    validate(raw, source, schema)
     top = _fill_defaults(schema, raw)
     tracking = _fill_defaults(schema["properties"]["tracking"], top["tracking"])
     ray_cfg = _fill_defaults(schema["properties"]["ray"], top["ray"])
@@ -366,6 +368,7 @@ def load(path: str | Path, overrides: list[str] | None = None, storage_override:
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    schema = job_schema()
     if overrides:
-        raw = apply_overrides(raw, overrides, source)
-    return resolve(raw, source, storage_override)
+        raw = apply_overrides(raw, overrides, source, schema)
+    return resolve(raw, source, storage_override, schema)

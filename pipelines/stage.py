@@ -87,10 +87,6 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def unregister(kind: str) -> None:
-    _REGISTRY.pop(kind, None)
-
-
 def registry() -> dict[str, type[Stage]]:
     """Registered stages, the built-in ones loaded first."""
     import pipelines.stages  # noqa: F401  (registers the built-in stages)

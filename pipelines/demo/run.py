@@ -37,7 +37,7 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
     from pipelines import spec
     from pipelines.runner import StageFailed, run_job
 
-    store = storage_abs = os.path.abspath(storage)
+    store = os.path.abspath(storage)
     try:
         server = DemoServer(port=port)
     except OSError as exc:
@@ -45,7 +45,7 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
               file=sys.stderr)
         return 2
     with server:
-        urls = f"{storage_abs}/demo-web/urls.parquet"
+        urls = f"{store}/demo-web/urls.parquet"
         written = write_url_list(urls, server.base_url, images)
         print(f"clipline: synthetic web of {images} images at {server.base_url} "
               f"({'new URL list' if written else 'URL list unchanged'}: {urls})", file=sys.stderr)

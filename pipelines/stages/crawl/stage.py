@@ -42,15 +42,14 @@ class CrawlStage(Stage):
         )
         max_in_flight = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
         records: dict[int, dict[str, Any]] = {}
-        resumed = 0
         todo = []
         for s in staged:
             out_url = storage.join(ctx.output, f"part-{s['id']:05d}.parquet")
             if storage.exists(out_url):
                 records[s["id"]] = describe_shard(out_url)
-                resumed += 1
             else:
                 todo.append((s, out_url))
+        resumed = len(records)
         if resumed:
             ctx.log.info("resuming: %d of %d shards were already complete", resumed, len(staged))
 
@@ -62,10 +61,25 @@ class CrawlStage(Stage):
         bar = tqdm(total=total, initial=sum(r["rows"] for r in records.values()), unit="img", desc=ctx.stage,
                    disable=not ctx.progress, smoothing=0.1)
         crawl_t0 = time.perf_counter()
-        pending: dict[Any, int] = {}
+        pending: dict[Any, int] = {}  # in-flight task -> shard id
         queue = list(todo)
+        done_rows = 0
         try:
-            self._drain(ctx, remote, cfg, queue, pending, max_in_flight, records, status, errors, bar, crawl_t0)
+            while queue or pending:
+                while queue and len(pending) < max_in_flight:
+                    s, out_url = queue.pop(0)
+                    pending[remote.remote(cfg, s["url"], out_url)] = s["id"]
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                rec = ray.get(ready[0])
+                records[pending.pop(ready[0])] = rec
+                status.update(rec["status"])
+                errors.update(rec["errors"])
+                done_rows += rec["rows"]
+                bar.update(rec["rows"])
+                bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
+                ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
+                                         "rows_per_sec": done_rows / max(time.perf_counter() - crawl_t0, 1e-9)},
+                                        step=len(records))
         finally:
             # a failing shard must not leave siblings running: they would write part files behind a retry
             for ref in pending:
@@ -92,28 +106,6 @@ class CrawlStage(Stage):
         shards = [{"path": f"part-{i:05d}.parquet", "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
                   for i, r in sorted(records.items())]
         return StageResult(shards=shards, counts={"input_rows": total, **counts}, metrics=metrics)
-
-    @staticmethod
-    def _drain(ctx, remote, cfg, queue, pending, max_in_flight, records, status, errors, bar, t0) -> None:
-        """Keep max_in_flight shard tasks running until the queue is empty; fold in each result."""
-        import ray
-
-        done_rows = 0
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                s, out_url = queue.pop(0)
-                pending[remote.remote(cfg, s["url"], out_url)] = s["id"]
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            rec = ray.get(ready[0])
-            records[pending.pop(ready[0])] = rec
-            status.update(rec["status"])
-            errors.update(rec["errors"])
-            done_rows += rec["rows"]
-            bar.update(rec["rows"])
-            bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
-            ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
-                                     "rows_per_sec": done_rows / max(time.perf_counter() - t0, 1e-9)},
-                                    step=len(records))
 
     @staticmethod
     def _plot(ctx: StageContext, counts: dict[str, int]) -> None:
