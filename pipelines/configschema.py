@@ -64,7 +64,8 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
         if f.default is not dataclasses.MISSING:
             schema["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            schema["default"] = f.default_factory()
+            default = f.default_factory()
+            schema["default"] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
         else:
             required.append(f.name)
         props[f.name] = schema
@@ -74,3 +75,27 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
     if cls.__doc__:
         out["description"] = " ".join(cls.__doc__.split())
     return out
+
+
+def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """An instance of dataclass `cls` from parsed YAML/JSON, nested dataclasses (also in lists) included."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _build_value(hints.get(name, Any), value, f"{path}{name}")
+    return cls(**kwargs)
+
+
+def _build_value(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return build(tp, value, f"{path}.")
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return build(option, value, f"{path}.")
+        return value
+    if origin in (list, tuple) and isinstance(value, list):
+        (item,) = get_args(tp)[:1] or (Any,)
+        return [_build_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value

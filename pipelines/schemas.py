@@ -27,11 +27,15 @@ def documents() -> dict[str, Any]:
     from pipelines.spec import job_schema
     from pipelines.stage import builtin_kinds
     from pipelines.stages.crawl.schema import CRAWLED
+    from pipelines.stages.curate.schema import CURATED, LEDGER
 
     return {
         "job.schema.json": job_schema(builtin_kinds()),
         "manifest.schema.json": MANIFEST_SCHEMA,
         "crawled.schema.json": arrow_schema_json(CRAWLED, "crawled shards (stage `crawl`)"),
+        "curated.schema.json": arrow_schema_json(CURATED, "curated shards (stage `curate`); crawl passthrough "
+                                                          "columns follow the crawled ones"),
+        "ledger.schema.json": arrow_schema_json(LEDGER, "curate ledger: one row per crawled row"),
     }
 
 

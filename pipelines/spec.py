@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipelines import storage
+from pipelines import configschema, storage
 from pipelines.configschema import dataclass_schema
 from pipelines.stage import Stage, registry
 
@@ -329,7 +329,7 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
         cls = kinds[st["uses"]]
         params = _fill_defaults(schema["$defs"][st["uses"]], _interpolate(st["with"], variables))
         try:
-            config = cls.Config(**params)
+            config = configschema.build(cls.Config, params)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{source}: stages.{name}.with: {exc}") from None
         stages[name] = StageSpec(

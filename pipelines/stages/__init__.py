@@ -1,5 +1,6 @@
 """Built-in stages; importing this package registers them."""
 
 from pipelines.stages.crawl import CrawlStage
+from pipelines.stages.curate import CurateStage
 
-BUILTIN = {"crawl": CrawlStage}
+BUILTIN = {"crawl": CrawlStage, "curate": CurateStage}

@@ -1,0 +1,164 @@
+"""open_clip models for every stage: by name, from a JSON config, a checkpoint file or an MLflow model URI.
+
+Architectures are data, as in open_clip: the tiny configs beside this file (`clip-tiny`, `clip-small`) are
+registered with open_clip's registry on import, and so is any JSON config a job names by path.  Weights are
+never unpickled: checkpoints load with `torch.load(weights_only=True)` or from safetensors, and a model
+logged by clipline to MLflow carries its config and a safetensors state dict as extra files, which is what
+`models:/name@alias` loads here (the pickled copy MLflow also keeps is never read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent
+CONFIG_FILE = "open_clip_config.json"  # names inside a logged MLflow model's extra files
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(kw_only=True)
+class ModelRef:
+    """Which open_clip model to use and where its weights come from."""
+
+    arch: str = field(default="clip-tiny", metadata={
+        "help": "open_clip architecture name (ViT-B-32, ...), one of clipline's tiny configs (clip-tiny, clip-small) "
+                "or a path to an open_clip JSON model config"})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "weights: a .safetensors file or a torch state dict (loaded with weights_only=True)"})
+    model_uri: str | None = field(default=None, metadata={
+        "help": "an MLflow model logged by clipline's train stage, e.g. models:/clip@latest or runs:/<id>/model; "
+                "overrides arch and checkpoint"})
+    seed: int = field(default=0, metadata={"help": "seed of the random initialisation when no weights are given"})
+
+    def __post_init__(self) -> None:
+        if self.model_uri and self.checkpoint:
+            raise ValueError("model: give either model_uri or checkpoint, not both")
+
+
+def register_configs() -> None:
+    """Register clipline's JSON model configs with open_clip (idempotent)."""
+    import open_clip
+
+    for f in sorted(CONFIG_DIR.glob("*.json")):
+        if open_clip.get_model_config(f.stem) is None:
+            open_clip.add_model_config(f)
+
+
+def arch_name(arch: str) -> str:
+    """The open_clip model name for `arch`, registering it first when it is a path to a JSON config."""
+    import open_clip
+
+    register_configs()
+    if arch.endswith(".json"):
+        path = Path(arch)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {arch}: no such file")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config {arch}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+            raise ValueError(f"model config {arch}: expected an open_clip config with embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(arch) is None:
+        raise ValueError(f"model arch {arch!r}: not an open_clip architecture; known: clip-tiny, clip-small, "
+                         f"{', '.join(n for n in open_clip.list_models() if n.startswith('ViT-B'))}, ... "
+                         "or a path to a JSON config")
+    return arch
+
+
+def model_config(arch: str) -> dict[str, Any]:
+    import open_clip
+
+    return open_clip.get_model_config(arch_name(arch))
+
+
+def load_state_dict(path: str) -> dict[str, Any]:
+    """A state dict from a checkpoint file, without unpickling arbitrary objects."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (pickle errors name the refused global)
+            raise ValueError(f"checkpoint {path}: not a plain tensor checkpoint ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]})") from None
+    for key in ("state_dict", "model"):  # open_clip and clipline checkpoints nest the weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {path}: expected a state dict, got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _from_mlflow(uri: str) -> tuple[str, str]:
+    """Download a clipline-logged MLflow model; return (config path, weights path)."""
+    import mlflow
+
+    dest = tempfile.mkdtemp(prefix="clipline-model-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
+    found = {p.name: p for p in local.rglob("*") if p.name in (CONFIG_FILE, WEIGHTS_FILE)}
+    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in found]
+    if missing:
+        raise ValueError(f"MLflow model {uri}: has no {' or '.join(missing)}; only models logged by clipline "
+                         "(pipelines.models.log_model) can be loaded without unpickling")
+    cfg = json.loads(found[CONFIG_FILE].read_text())
+    # open_clip names a registered config after its file: give each logged model its own name
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(dest, f"{cfg.pop('arch', 'model')}-mlflow-{digest}.json")
+    path.write_text(json.dumps(cfg))
+    return str(path), str(found[WEIGHTS_FILE])
+
+
+def create(ref: ModelRef, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """(model in eval mode, image preprocessing, tokenizer) for a model reference."""
+    import open_clip
+    import torch
+
+    arch, checkpoint = ref.arch, ref.checkpoint
+    if ref.model_uri:
+        arch, checkpoint = _from_mlflow(ref.model_uri)
+    name = arch_name(arch)
+    torch.manual_seed(ref.seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+    if checkpoint:
+        sd = load_state_dict(checkpoint)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {checkpoint} does not fit architecture {name}: "
+                             f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+    else:
+        log.warning("model %s has random weights (no checkpoint or model_uri given): its scores carry no meaning", name)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def log_model(model: Any, arch: str, name: str = "model", registered_model_name: str | None = None, **kwargs: Any) -> Any:
+    """Log an open_clip model to the active MLflow run with its config and safetensors weights."""
+    import mlflow.pytorch
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp, CONFIG_FILE)
+        cfg.write_text(json.dumps({"arch": arch_name(arch), **model_config(arch)}, indent=2))
+        weights = Path(tmp, WEIGHTS_FILE)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+        return mlflow.pytorch.log_model(model, name=name, extra_files=[str(cfg), str(weights)],
+                                        registered_model_name=registered_model_name, **kwargs)

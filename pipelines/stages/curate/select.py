@@ -1,0 +1,172 @@
+"""Set rules: decisions that depend on other rows (dedup, near dedup, top fraction by CLIP score).
+
+Each works on the working table as a Ray Dataset, never collecting it in one process: dedup hash-partitions
+the candidate rows by their key (every group lands whole in one block, as in Ray's own `map_groups`) and
+decides each block with vectorised pandas; the top fraction finds the exact k-th best score by a radix
+select over histograms of the scores' bit patterns, four streaming passes that each return 256 counts.
+A row's order is its input order, (crawled shard, row), so "the first of a group" is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines.stages.curate.features import hamming, typed
+
+ORDER = ["shard", "row"]
+
+
+def candidates(df: pd.DataFrame, pos: int, key: str | None = None, want: bool = True) -> pd.DataFrame:
+    """Rows no rule before position `pos` dropped (and with a key), or, with want=False, all the others."""
+    mask = df["drop_at"].to_numpy() > pos
+    if key == "phash":
+        mask &= df["phash_ok"].to_numpy(dtype=bool)
+    elif key is not None:
+        mask &= df[key].notna().to_numpy()
+    return df[mask if want else ~mask]
+
+
+def part(df: pd.DataFrame, pos: int, key: str | None = None, want: bool = True) -> pa.Table:
+    """`candidates` as a typed block, for Dataset.map_batches."""
+    return typed(candidates(df, pos, key, want))
+
+
+def with_band(df: pd.DataFrame, shift: int, bits: int) -> pd.DataFrame:
+    """Adds `_key`: bits [shift, shift+bits) of the pHash; near duplicates share at least one band (pigeonhole)."""
+    h = df["phash"].to_numpy(dtype=np.int64).view(np.uint64)
+    return df.assign(_key=((h >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64))
+
+
+def bands(max_distance: int) -> list[tuple[int, int]]:
+    """(shift, bits) of max_distance+1 bands covering 64 bits as evenly as possible."""
+    n = max_distance + 1
+    widths = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
+    return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+
+
+def in_block(df: pd.DataFrame, rule: str, pos: int, max_distance: int = 0) -> pa.Table:
+    """Apply a dedup rule to one block that holds every candidate of each of its groups."""
+    if rule == "near_duplicate":
+        # bands one after another: a row dropped in one band is no longer a candidate in the next
+        for shift, bits in bands(max_distance):
+            c = candidates(df, pos, "phash")
+            rest = candidates(df, pos, "phash", want=False)
+            df = _concat(rest, drop_near(with_band(c, shift, bits), "_key", pos, rule, max_distance))
+        return typed(df)
+    key = "sha256" if rule == "dedup_image" else "text_key"
+    c = candidates(df, pos, key)
+    rest = candidates(df, pos, key, want=False)
+    reason = "duplicate_image" if rule == "dedup_image" else "duplicate_text"
+    return typed(_concat(rest, drop_all_but_first(c, key, pos, reason)))
+
+
+def _concat(*frames: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+
+
+def drop_all_but_first(df: pd.DataFrame, key: str, pos: int, reason: str) -> pd.DataFrame:
+    """Exact dedup within one block holding whole groups: the first row of each key is kept."""
+    df = df.sort_values(ORDER, kind="stable")
+    dup = df.duplicated(subset=[key], keep="first").to_numpy()
+    return _mark(df, dup, pos, reason)
+
+
+def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int) -> pd.DataFrame:
+    """Greedy near dedup within one block: in input order, a row within max_distance of a kept row of its
+    band group is dropped.  Groups of mutually near images therefore keep exactly their first row."""
+    df = df.sort_values([key, *ORDER], kind="stable")
+    keys = df[key].to_numpy()
+    hashes = df["phash"].to_numpy(dtype=np.int64)
+    dup = np.zeros(len(df), dtype=bool)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(df)]
+    for s, e in zip(starts, ends, strict=True):
+        if e - s < 2:
+            continue
+        kept = [s]
+        for i in range(s + 1, e):
+            if hamming(hashes[kept], hashes[i]).min() <= max_distance:
+                dup[i] = True
+            else:
+                kept.append(i)
+    return _mark(df, dup, pos, reason)
+
+
+def _mark(df: pd.DataFrame, dup: np.ndarray, pos: int, reason: str) -> pd.DataFrame:
+    df = df.copy()
+    drop_at = df["drop_at"].to_numpy().copy()
+    reasons = df["reason"].to_numpy(dtype=object).copy()
+    drop_at[dup] = pos
+    reasons[dup] = reason
+    return df.assign(drop_at=drop_at, reason=reasons).drop(columns=["_key"], errors="ignore")
+
+
+# ---- top fraction -------------------------------------------------------------------------------------------
+
+def sortable(scores: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered as the float32 scores are (NaN excluded by the caller)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
+    return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
+
+
+def histogram(df: pd.DataFrame, pos: int, prefix: int, shift: int) -> pd.DataFrame:
+    """256 counts of the next byte of the score keys of candidates whose higher bytes equal `prefix`."""
+    scores = candidates(df, pos)["clip_score"].to_numpy(dtype=np.float32)
+    keys = sortable(scores[~np.isnan(scores)])
+    keys = keys[(keys >> np.uint64(shift + 8)) == np.uint64(prefix)]
+    counts = np.bincount(((keys >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
+    return pd.DataFrame({"byte": np.arange(256), "count": counts})
+
+
+def kth_key(count_pass: Any, k: int) -> tuple[int, int]:
+    """Radix select: the key of the k-th largest score and how many scores are strictly larger.
+
+    `count_pass(prefix, shift)` returns the summed 256-bucket histogram over all candidates."""
+    prefix, above = 0, 0
+    for shift in (24, 16, 8, 0):
+        counts = count_pass(prefix, shift)
+        for b in range(255, -1, -1):
+            if above + counts[b] >= k:
+                prefix = (prefix << 8) | b
+                break
+            above += int(counts[b])
+    return prefix, above
+
+
+def top_count(n: int, fraction: float) -> int:
+    """Rows kept of n by a top fraction: ceil, so a non-empty input keeps at least one."""
+    return min(n, math.ceil(n * fraction - 1e-9))
+
+
+def drop_below(df: pd.DataFrame, pos: int, key: int, keep_ties: set[tuple[int, int]]) -> pa.Table:
+    """Drop candidates scoring below the k-th key, and ties at it beyond the first ones in input order."""
+    cand = (df["drop_at"].to_numpy() > pos)
+    scores = df["clip_score"].to_numpy(dtype=np.float32)
+    nan = np.isnan(scores)
+    keys = sortable(np.where(nan, 0, scores))
+    tie = (keys == np.uint64(key)) & ~nan
+    tie_kept = np.array([(s, r) in keep_ties for s, r in zip(df["shard"], df["row"], strict=True)], dtype=bool)
+    drop = cand & (nan | (keys < np.uint64(key)) | (tie & ~tie_kept))
+    return typed(_mark(df, drop, pos, "clip_score"))
+
+
+def ties(df: pd.DataFrame, pos: int, key: int) -> pd.DataFrame:
+    """Candidates whose score key equals `key`: their input positions."""
+    c = candidates(df, pos)
+    scores = c["clip_score"].to_numpy(dtype=np.float32)
+    nan = np.isnan(scores)
+    hit = (sortable(np.where(nan, 0, scores)) == np.uint64(key)) & ~nan
+    return c.loc[hit, ORDER]
+
+
+def in_partition(df: pd.DataFrame, rule: str, pos: int, max_distance: int = 0) -> pa.Table:
+    """A hash partition of candidates carrying `_key`: decide each group of the block."""
+    if rule == "near_duplicate":
+        return typed(drop_near(df, "_key", pos, rule, max_distance))
+    reason = "duplicate_image" if rule == "dedup_image" else "duplicate_text"
+    return typed(drop_all_but_first(df, "_key", pos, reason))
