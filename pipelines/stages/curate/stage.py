@@ -208,8 +208,8 @@ class CurateStage(Stage):
                                                                                          strict=True)))})
             return pd.DataFrame({"rec": [json.dumps(r) for r in recs]})
 
-        recs = work.repartition(parts, keys=["shard"]).map_batches(write, batch_size=None,
-                                                                    batch_format="pandas").to_pandas()["rec"]
+        grouped = work.repartition(1) if parts == 1 else work.repartition(parts, keys=["shard"])
+        recs = grouped.map_batches(write, batch_size=None, batch_format="pandas").to_pandas()["rec"]
         return sorted((json.loads(r) for r in recs), key=lambda r: r["shard"])
 
     def _repack(self, ctx: StageContext, summaries: list[dict[str, Any]], crawl_urls: dict[int, str]
@@ -227,7 +227,8 @@ class CurateStage(Stage):
                     jobs.setdefault(j, []).append((s["shard"], offset))
             offset += s["weight"]
             total += s["kept"]
-        items = [{"part": j, "inputs": [(sh, off, crawl_urls[sh]) for sh, off in ins]} for j, ins in sorted(jobs.items())]
+        items = [{"part": j, "inputs": json.dumps([(sh, off, crawl_urls[sh]) for sh, off in ins])}
+                 for j, ins in sorted(jobs.items())]
         if not items:
             ctx.log.warning("no row was kept: the curated dataset is empty")
             return []
@@ -236,7 +237,7 @@ class CurateStage(Stage):
 
         def build(item: dict[str, Any]) -> dict[str, Any]:
             tables = []
-            for shard, off, url in item["inputs"]:
+            for shard, off, url in json.loads(item["inputs"]):
                 crawled = _read(url)
                 ledger = _read(storage.join(out, f"{LEDGER_DIR}/part-{shard:05d}.parquet"))
                 kept = np.asarray(ledger.column("kept").to_numpy(zero_copy_only=False), dtype=bool)
