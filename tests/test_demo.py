@@ -38,18 +38,20 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "crawl      ran      300 rows" in first.stdout
+    assert "curate     ran" in first.stdout
     files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
 
     # the port is part of every URL: the same port gives the same list and so the same cache key
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "crawl      cached   300 rows" in second.stdout
+    assert "curate     cached" in second.stdout
     assert "URL list unchanged" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")} == files
 
     runs = mlflow_runs(store)
     assert [(r.info.run_name, r.data.tags.get("clipline.cache")) for r in runs] == [
-        ("demo", None), ("crawl", "miss"), ("demo", None), ("crawl", "hit")]
+        ("demo", None), ("crawl", "miss"), ("curate", "miss"), ("demo", None), ("crawl", "hit"), ("curate", "hit")]
     crawl = runs[1]
     assert crawl.data.metrics["crawl/input_rows"] == 300
     kinds = url_list("http://x", 300, DEMO_SEED, DEMO_FAULTS)["kind"].value_counts()
@@ -61,3 +63,13 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     artifacts = {a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{store}/mlflow.db")
                  .list_artifacts(crawl.info.run_id)}
     assert {"crawl_status.png", "manifest"} <= artifacts
+
+    # the curate stage's funnel: rows in = rows crawled, every drop counted by reason, rows out = curated rows
+    curate = runs[2].data.metrics
+    assert curate["curate/rows_in"] == 300
+    assert curate["curate/dropped_not_downloaded"] == 300 - kinds["img"]
+    dropped = sum(v for k, v in curate.items() if k.startswith("curate/dropped_"))
+    assert curate["curate/rows_out"] == curate["curate/rows"] == 300 - dropped > 0
+    artifacts = {a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{store}/mlflow.db")
+                 .list_artifacts(runs[2].info.run_id)}
+    assert {"curate_funnel.png", "curate_histograms.png", "manifest"} <= artifacts

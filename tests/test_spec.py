@@ -34,7 +34,10 @@ def with_crawl(**with_):
 
 def test_demo_job_is_valid():
     job = spec.load(REPO / "jobs" / "demo.yaml")
-    assert list(job.stages) == ["crawl"]
+    assert list(job.stages) == ["crawl", "curate"]
+    curate = job.stages["curate"].config  # nested blocks become their dataclasses, defaults filled in
+    assert curate.basic.min_side == 32 and curate.basic.max_aspect == 3.0 and curate.near_duplicate.max_distance == 2
+    assert curate.clip_score.model.arch == "clip-tiny"
     assert job.stages["crawl"].config.allow_networks == ["127.0.0.0/8"]
     assert job.stages["crawl"].config.input[0].endswith("/demo-web/urls.parquet")  # ${storage} interpolated
 

@@ -160,5 +160,6 @@ def log_model(model: Any, arch: str, name: str = "model", registered_model_name:
         cfg.write_text(json.dumps({"arch": arch_name(arch), **model_config(arch)}, indent=2))
         weights = Path(tmp, WEIGHTS_FILE)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
-        return mlflow.pytorch.log_model(model, name=name, extra_files=[str(cfg), str(weights)],
+        # the pickled copy is what MLflow serves to mlflow.pytorch.load_model users; clipline reads the extra files
+        return mlflow.pytorch.log_model(model, name=name, extra_files=[str(cfg), str(weights)], serialization_format="pickle",
                                         registered_model_name=registered_model_name, **kwargs)
