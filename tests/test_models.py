@@ -65,12 +65,15 @@ def test_json_config_by_path(tmp_path):
 def test_mlflow_model_loads_by_name_without_unpickling(tmp_path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("models")
-    model, _, tok = models.create(ModelRef(arch="clip-tiny", seed=5))
-    with mlflow.start_run():
-        models.log_model(model, "clip-tiny", registered_model_name="tiny")
-    mlflow.MlflowClient().set_registered_model_alias("tiny", "best", "1")
-    loaded, _, _ = models.create(ModelRef(model_uri="models:/tiny@best"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # also sets MLFLOW_TRACKING_URI
+    try:
+        mlflow.set_experiment("models")
+        model, _, tok = models.create(ModelRef(arch="clip-tiny", seed=5))
+        with mlflow.start_run():
+            models.log_model(model, "clip-tiny", registered_model_name="tiny")
+        mlflow.MlflowClient().set_registered_model_alias("tiny", "best", "1")
+        loaded, _, _ = models.create(ModelRef(model_uri="models:/tiny@best"))
+    finally:
+        mlflow.set_tracking_uri(None)  # later tests resolve their own store
     for x, y in zip(embed(model, tok), embed(loaded, tok), strict=True):
         assert torch.equal(x, y)

@@ -311,6 +311,10 @@ class CurateStage(Stage):
                 sel = parts[(parts["col"] == col) & (parts["set"] == name)]["h"]
                 h = np.sum(np.stack(list(sel)), axis=0) if len(sel) else np.zeros(len(e) - 1)
                 ax.stairs(h, e, fill=True, color=color, alpha=0.8, label=name)
+                nz = np.flatnonzero(h)
+                if name == "downloaded" and len(nz):  # zoom on the data, a few bins either side
+                    lo, hi = max(nz[0] - 3, 0), min(nz[-1] + 4, len(e) - 1)
+                    ax.set_xlim(e[lo], e[hi])
             if col != "clip_score":
                 ax.set_xscale("log")
             elif "clip_score" not in cfg.rules:
