@@ -26,6 +26,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m tests.benchmarks.crawl_vs_img2dataset
+	$(BIN)/python -m tests.benchmarks.clip_score
 
 schemas: install
 	$(BIN)/clipline schemas
