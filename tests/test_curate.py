@@ -240,3 +240,12 @@ def test_config_errors_are_clear(tmp_path):
     bad.write_text("name: t\nstages:\n  c:\n    uses: curate\n    with:\n      rules: [decontaminate]\n")
     with pytest.raises(SpecError, match="decontaminate.sets names no evaluation set"):
         load(bad)
+
+
+def test_an_undecodable_image_scores_nan_instead_of_failing_the_pool():
+    from pipelines.models import ModelRef
+    from pipelines.stages.curate.scorer import ClipScorer
+
+    scorer = ClipScorer(ModelRef(arch="clip-tiny"), batch_size=2, threads=1)
+    scores = scorer.scores([smooth_image(1), b"\xff\xd8 not a jpeg", smooth_image(2)], [GOOD, GOOD, GOOD])
+    assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()

@@ -36,13 +36,25 @@ class ClipScorer:
         out = np.empty(len(images), dtype=np.float32)
         for start in range(0, len(images), self.batch_size):
             imgs = images[start:start + self.batch_size]
-            pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in imgs])
+            tensors, bad = [], []
+            for i, b in enumerate(imgs):
+                try:
+                    tensors.append(self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
+                except Exception:  # noqa: BLE001  (an undecodable image scores NaN, which every selection drops)
+                    bad.append(i)
+                    tensors.append(None)
+            shape = next((t.shape for t in tensors if t is not None), None)
+            if shape is None:
+                out[start:start + len(imgs)] = np.nan
+                continue
+            pixels = torch.stack([t if t is not None else torch.zeros(shape) for t in tensors])
             tokens = self.tokenizer([c or "" for c in captions[start:start + self.batch_size]])
             with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16,
                                                         enabled=self.device == "cuda"):
                 img = self.model.encode_image(pixels.to(self.device), normalize=True)
                 txt = self.model.encode_text(tokens.to(self.device), normalize=True)
             out[start:start + len(imgs)] = (img.float() * txt.float()).sum(-1).cpu().numpy()
+            out[[start + i for i in bad]] = np.nan
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
