@@ -25,6 +25,9 @@ from pipelines.tracking import Tracker, git_sha, resolve_uri
 log = logging.getLogger("clipline")
 
 
+RUN_MARKER = "_mlflow_run.json"  # in an incomplete stage directory: the MLflow run a resumed attempt continues
+
+
 class StageFailed(RuntimeError):
     """A stage raised; completed stages and the stage's finished shards stay for the next run."""
 
@@ -237,9 +240,12 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     except RuntimeError as exc:  # Ray unreachable: an infrastructure error naming ray.address
         raise StageFailed(st.name, exc) from exc
     resuming = storage.exists(out)
-    child = tracker.start_stage(job.name, st.name, st.uses, fp,
-                                {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
-    child.log_params(st.params)
+    child = tracker.resume_stage(storage.join(out, RUN_MARKER)) if resuming else None
+    if child is None:
+        child = tracker.start_stage(job.name, st.name, st.uses, fp,
+                                    {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
+        child.log_params(st.params)
+        storage.write_json(storage.join(out, RUN_MARKER), {"mlflow_run_id": child.run_id})
     log.info("%s: running (%s)%s", st.name, out, " - resuming from completed shards" if resuming else "")
     ctx = StageContext(job=job.name, stage=st.name, output=out, tracker=child, log=log.getChild(st.name),
                        resources=st.resources, progress=progress)

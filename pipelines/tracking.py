@@ -77,8 +77,8 @@ def git_sha() -> str | None:
 class StageTracker:
     """The small logging interface a stage sees: metrics, params, artifacts, figures, inputs."""
 
-    def __init__(self, client: Any, run_id: str, stage: str) -> None:
-        self.client, self.run_id, self.stage = client, run_id, stage
+    def __init__(self, client: Any, run_id: str, stage: str, uri: str = "") -> None:
+        self.client, self.run_id, self.stage, self.uri = client, run_id, stage, uri
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -155,7 +155,24 @@ class Tracker:
                 **tags,
             },
         )
-        return StageTracker(self.client, run.info.run_id, stage)
+        return StageTracker(self.client, run.info.run_id, stage, self.uri)
+
+    def resume_stage(self, marker: str) -> StageTracker | None:
+        """Continue the stage run an interrupted attempt started (its id is in `marker`), under this job run.
+
+        One MLflow run per stage output, however many attempts it took; None when there is nothing to continue."""
+        try:
+            run_id = storage.read_json(marker)["mlflow_run_id"]
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - no marker, or a run this tracking store does not have
+            return None
+        attempts = int(run.data.tags.get("clipline.attempts", "1")) + 1
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in {"mlflow.parentRunId": self.parent_id or "", "clipline.resumed": "true",
+                           "clipline.attempts": str(attempts)}.items():
+            self.client.set_tag(run_id, key, value)
+        log.info("%s: continuing MLflow run %s (attempt %d)", run.data.tags.get("clipline.stage"), run_id, attempts)
+        return StageTracker(self.client, run_id, run.data.tags.get("clipline.stage", ""), self.uri)
 
     def log_file_artifact(self, run_id: str, url: str, artifact_path: str | None = None) -> None:
         """Copy a file from storage (any fsspec URL) into the run's artifacts."""

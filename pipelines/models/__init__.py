@@ -83,6 +83,18 @@ def model_config(arch: str) -> dict[str, Any]:
     return open_clip.get_model_config(arch_name(arch))
 
 
+def preprocess_cfg(arch: str) -> dict[str, Any]:
+    """open_clip's preprocessing parameters for an architecture (size from the vision tower), without a model."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = model_config(arch)
+    pp = merge_preprocess_dict(asdict(PreprocessCfg()), cfg.get("preprocess_cfg", {}))
+    pp["size"] = cfg["vision_cfg"].get("image_size", pp["size"])
+    return pp
+
+
 def load_state_dict(path: str) -> dict[str, Any]:
     """A state dict from a checkpoint file, without unpickling arbitrary objects."""
     import torch
@@ -126,8 +138,10 @@ def _from_mlflow(uri: str) -> tuple[str, str]:
     return str(path), str(found[WEIGHTS_FILE])
 
 
-def create(ref: ModelRef, device: str = "cpu") -> tuple[Any, Any, Any]:
-    """(model in eval mode, image preprocessing, tokenizer) for a model reference."""
+def create(ref: ModelRef, device: str = "cpu", **model_kwargs: Any) -> tuple[Any, Any, Any]:
+    """(model in eval mode, image preprocessing, tokenizer) for a model reference.
+
+    `model_kwargs` go to open_clip's model class (e.g. `init_logit_bias` for SigLIP training)."""
     import open_clip
     import torch
 
@@ -135,10 +149,12 @@ def create(ref: ModelRef, device: str = "cpu") -> tuple[Any, Any, Any]:
     if ref.model_uri:
         arch, checkpoint = _from_mlflow(ref.model_uri)
     name = arch_name(arch)
+    sd = load_state_dict(checkpoint) if checkpoint else None
+    if sd is not None and "logit_bias" in sd:  # a SigLIP-trained model: the config alone does not say so
+        model_kwargs.setdefault("init_logit_bias", 0.0)
     torch.manual_seed(ref.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
-    if checkpoint:
-        sd = load_state_dict(checkpoint)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device, **model_kwargs)
+    if sd is not None:
         try:
             model.load_state_dict(sd)
         except RuntimeError as exc:
@@ -150,9 +166,25 @@ def create(ref: ModelRef, device: str = "cpu") -> tuple[Any, Any, Any]:
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def log_model(model: Any, arch: str, name: str = "model", registered_model_name: str | None = None, **kwargs: Any) -> Any:
-    """Log an open_clip model to the active MLflow run with its config and safetensors weights."""
+def log_model(model: Any, arch: str, name: str = "model", registered_model_name: str | None = None,
+              run_id: str | None = None, tracking_uri: str | None = None, **kwargs: Any) -> Any:
+    """Log an open_clip model with its config and safetensors weights to the active MLflow run, or to
+    `run_id` in `tracking_uri` (the run is left RUNNING, as it was)."""
     import mlflow.pytorch
+
+    if run_id is not None:
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+                info = log_model(model, arch, name, registered_model_name, **kwargs)
+            mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # the runner ends the run
+            return info
+        finally:
+            mlflow.set_tracking_uri(previous)
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,5 +2,6 @@
 
 from pipelines.stages.crawl import CrawlStage
 from pipelines.stages.curate import CurateStage
+from pipelines.stages.train import TrainStage
 
-BUILTIN = {"crawl": CrawlStage, "curate": CurateStage}
+BUILTIN = {"crawl": CrawlStage, "curate": CurateStage, "train": TrainStage}

@@ -1,0 +1,5 @@
+"""The train stage: sharded open_clip training on Ray Train, fed by Ray Data, logged to MLflow from rank 0."""
+
+from pipelines.stages.train.stage import TrainStage
+
+__all__ = ["TrainStage"]

@@ -1,0 +1,57 @@
+"""Ray Data side of training: curated shards -> decoded, augmented, tokenised numpy batches.
+
+Decoding and the model's preprocessing run in Ray Data tasks on CPU (anywhere in the cluster), never in
+the training workers; each worker iterates only its own split of the stream (`get_dataset_shard`).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+
+@lru_cache(maxsize=4)
+def _transforms(arch: str, augment: bool) -> tuple[Any, Any]:
+    """(image transform, tokenizer) for an architecture, built once per Ray worker process."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    from pipelines.models import arch_name, preprocess_cfg
+
+    name = arch_name(arch)
+    pp = PreprocessCfg(**preprocess_cfg(arch))
+    transform = open_clip.image_transform(pp.size, is_train=augment, mean=pp.mean, std=pp.std,
+                                          interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+    return transform, open_clip.get_tokenizer(name)
+
+
+def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool, seed: int) -> dict[str, np.ndarray]:
+    """Decode, transform and tokenise a batch; augmentation is seeded by the batch's captions."""
+    import torch
+    from PIL import Image
+
+    transform, tokenizer = _transforms(arch, augment)
+    captions = [str(c) for c in batch["caption"]]
+    torch.manual_seed(zlib.crc32("\n".join(captions).encode()) ^ seed)
+    images = []
+    for i, data in enumerate(batch["image"]):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                images.append(transform(im.convert("RGB")))
+        except Exception as exc:  # noqa: BLE001 - curated rows decoded once already; name the row
+            raise ValueError(f"train data: cannot decode image of row {batch['uid'][i]!r}: {exc}") from None
+    return {"image": torch.stack(images).numpy(), "text": tokenizer(captions).numpy()}
+
+
+def dataset(urls: list[str], arch: str, augment: bool, seed: int, data_cpus: float, batch_rows: int = 64) -> Any:
+    """A lazy Ray Dataset of preprocessed rows over the curated shards (block order shuffled by seed)."""
+    import ray.data
+
+    ds = ray.data.read_parquet(urls, columns=["uid", "image", "caption"], shuffle=None)
+    ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(preprocess, batch_size=batch_rows, batch_format="numpy", num_cpus=data_cpus,
+                          fn_kwargs={"arch": arch, "augment": augment, "seed": seed})

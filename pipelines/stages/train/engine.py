@@ -1,0 +1,178 @@
+"""What one training worker does, independent of Ray: loss, optimiser, schedule, a step, checkpoints.
+
+The conventions are open_clip's: local loss with features gathered *with* gradients (memory grows with
+local x global batch, not global squared); gradient accumulation caches every micro-batch's features first,
+so each micro-batch's loss still sees all of the step's negatives; AdamW with no weight decay on gains,
+biases and the logit scale; linear warmup then cosine decay; the logit scale clamped to [0, ln 100].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+def make_loss(kind: str, rank: int, world_size: int) -> nn.Module:
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    if kind == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size)
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """open_clip's exclusion: gains, biases, norms and the logit scale/bias get no weight decay."""
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): warmup, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def scheduler(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _outputs(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = model(image=images, text=texts)
+    if not isinstance(out, dict):  # models created without output_dict
+        keys = ("image_features", "text_features", "logit_scale", "logit_bias")
+        out = dict(zip(keys, out))
+    return out
+
+
+def _loss(loss_fn: nn.Module, feats: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor:
+    kwargs = {"logit_bias": out["logit_bias"]} if out.get("logit_bias") is not None else {}
+    return loss_fn(feats["image_features"], feats["text_features"], out["logit_scale"], **kwargs)
+
+
+@contextlib.contextmanager
+def _sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP and FSDP2)."""
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def step(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, micro: list[tuple[torch.Tensor, torch.Tensor]],
+         autocast: Any = contextlib.nullcontext, grad_clip: float | None = None) -> float:
+    """One optimizer step over `micro` micro-batches; returns the loss of the whole step's batch."""
+    opt.zero_grad(set_to_none=True)
+    if len(micro) == 1:
+        images, texts = micro[0]
+        with autocast():
+            out = _outputs(model, images, texts)
+            loss = _loss(loss_fn, out, out)
+        loss.backward()
+        value = loss.detach()
+    else:
+        keys = ("image_features", "text_features")
+        with torch.no_grad(), autocast():  # cache every micro-batch's features: the negatives of the step
+            cached = [_outputs(model, i, t) for i, t in micro]
+        value = torch.zeros(())
+        for j, (images, texts) in enumerate(micro):
+            with _sync(model, j == len(micro) - 1):
+                with autocast():
+                    out = _outputs(model, images, texts)
+                    feats = {k: torch.cat([out[k] if m == j else c[k] for m, c in enumerate(cached)]) for k in keys}
+                    loss = _loss(loss_fn, feats, out)
+                loss.backward()
+            value = loss.detach()  # each recomputation gives the same full-batch loss
+    for p in getattr(model, "replicated_params", ()):  # parameters FSDP leaves unsharded: average them here
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    with torch.no_grad():
+        unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return float(value)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded model and optimizer state on CPU (a collective under DDP/FSDP: every rank must call it)."""
+    if _distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(unwrap(model), opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        msd, osd = unwrap(model).state_dict(), opt.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in msd.items()}, osd
+
+
+def save(path: str, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any], sched: Any, state: dict[str, Any]) -> None:
+    """Write a checkpoint directory: safetensors weights, optimizer tensors, and the JSON training state."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(model_sd, os.path.join(path, MODEL_FILE))
+    torch.save(optim_sd, os.path.join(path, OPTIM_FILE))
+    with open(os.path.join(path, STATE_FILE), "w") as f:
+        json.dump({**state, "scheduler": sched.state_dict()}, f, indent=2)
+
+
+def load(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    """Restore a checkpoint written by `save` into model, optimizer and scheduler; return the training state.
+
+    Every rank calls it; nothing is unpickled (`weights_only=True`, safetensors)."""
+    from safetensors.torch import load_file
+
+    msd = load_file(os.path.join(path, MODEL_FILE))
+    osd = torch.load(os.path.join(path, OPTIM_FILE), map_location="cpu", weights_only=True)
+    if _distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(unwrap(model), opt, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(msd)
+        opt.load_state_dict(osd)
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    sched.load_state_dict(state.pop("scheduler"))
+    return state

@@ -1,0 +1,265 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Rank 0 logs to MLflow (Ray Train V2 has no MLflow callback).  The MLflow run id and the data position
+(epoch, step within the epoch) live in every checkpoint, so a worker group restarted by `FailureConfig`,
+or a re-run of the job, continues the same run.  Steps already logged before a failure are not logged again
+when they are recomputed, so the run's metric history has no gap and no duplicate step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipelines.stages.train import engine
+from pipelines.stages.train.config import TrainConfig
+
+# dense bf16 peak FLOP/s of one accelerator, by device-name substring (vendor datasheets)
+PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+             "A10": 125e12, "B200": 2250e12, "GH200": 989.4e12}
+METRIC = "train/loss"
+
+
+@dataclass
+class Plan:
+    """What the driver decided before the workers start (all ranks get the same plan)."""
+
+    arch: str
+    steps_per_epoch: int
+    planned_steps: int
+    tracking_uri: str
+    run_id: str
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def flops_per_sample(model: torch.nn.Module, loss_kind: str, image_size: int, context_length: int,
+                     device: torch.device, autocast: Any) -> float:
+    """Model FLOPs of one training sample (forward + backward), counted once by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 2
+    images = torch.randn(n, 3, image_size, image_size, device=device)
+    texts = torch.randint(0, 1000, (n, context_length), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            out = engine._outputs(model, images, texts)
+            loss = engine._loss(engine.make_loss(loss_kind, 0, 1), out, out)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n
+
+
+class StepLog:
+    """Rank 0's MLflow writer: batches metrics, skips steps the run already has (a recomputed stretch)."""
+
+    def __init__(self, uri: str, run_id: str, every: int) -> None:
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.every = MlflowClient(tracking_uri=uri), run_id, every
+        history = self.client.get_metric_history(run_id, METRIC)
+        self.logged = max((m.step for m in history), default=0)
+        self.pending: list[Any] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.logged:
+            return
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        self.logged = step
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending = []
+
+
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    if cfg.compile:
+        model = torch.compile(model)
+    if world == 1:
+        return model
+    if cfg.strategy == "fsdp":
+        from open_clip.transformer import ResidualAttentionBlock
+        from torch.distributed.fsdp import fully_shard
+
+        for m in list(model.modules()):
+            if isinstance(m, ResidualAttentionBlock):
+                fully_shard(m)
+        # FSDP2 cannot shard 0-d parameters (logit scale and bias): they stay replicated, and engine.step
+        # averages their gradients across ranks itself
+        scalars = {p for p in model.parameters() if p.ndim == 0}
+        fully_shard(model, ignored_params=scalars)
+        model.replicated_params = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any, Any, Any, float, Any]:
+    """(wrapped model, loss, optimizer, scheduler, FLOPs per sample, autocast) for this rank."""
+    from pipelines.models import create
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if engine._distributed() else (0, 1)
+    kwargs: dict[str, Any] = {"output_dict": True}
+    if cfg.loss == "siglip":  # SigLIP's initialisation (open_clip's --siglip)
+        kwargs.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    ref = cfg.model
+    model, _, _ = create(ref, device=str(device), **kwargs)
+    model.train()
+    if cfg.lock.image:
+        model.lock_image_tower(unlocked_groups=cfg.lock.image_unlocked_groups)
+    if cfg.lock.text:
+        model.lock_text_tower(unlocked_layers=cfg.lock.text_unlocked_layers)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext)
+    size = model.visual.image_size
+    fps = flops_per_sample(model, cfg.loss, size[0] if isinstance(size, tuple) else size, model.context_length,
+                           device, autocast)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    opt = engine.optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    model = _wrap(model, cfg, world, device)
+    sched = engine.scheduler(opt, cfg.warmup, plan.planned_steps)
+    return model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = config["cfg"]
+    plan: Plan = config["plan"]
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model, loss_fn, opt, sched, fps, autocast = build(cfg, plan, device)
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = engine.load(d, model, opt, sched)
+    log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every) if rank == 0 else None
+    monitor = None
+    if rank == 0 and cfg.system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=ckpt is not None,
+                                       tracking_uri=plan.tracking_uri)
+        monitor.start()
+    peak = peak_flops(cfg, device)
+    global_batch = cfg.batch_size * cfg.accum_freq * world
+    shard = ray.train.get_dataset_shard("train")
+    step, epoch, skip = state["step"], state["epoch"], state["step_in_epoch"] * cfg.accum_freq
+    samples = state["samples"]
+    try:
+        while step < plan.planned_steps:
+            in_epoch, micro, wait = skip // cfg.accum_freq, [], 0.0
+            batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                                    dtypes={"image": torch.float32, "text": torch.long},
+                                                    prefetch_batches=2))
+            t_start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                wait += time.perf_counter() - t0
+                if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
+                    skip, wait, t_start = skip - 1, 0.0, time.perf_counter()
+                    continue
+                micro.append((batch["image"], batch["text"]))
+                if len(micro) < cfg.accum_freq:
+                    continue
+                loss = engine.step(model, loss_fn, opt, micro, autocast, cfg.grad_clip)
+                sched.step()
+                step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
+                metrics = _step_metrics(cfg, model, sched, loss, time.perf_counter() - t_start, wait, global_batch,
+                                        world, fps, peak)
+                if log is not None:
+                    log.add(step, metrics)
+                end_of_epoch = in_epoch >= plan.steps_per_epoch
+                if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
+                    epoch_at, in_epoch_at = (epoch + 1, 0) if end_of_epoch else (epoch, in_epoch)
+                    _checkpoint(model, opt, sched, rank, log, plan, {
+                        "step": step, "epoch": epoch_at, "step_in_epoch": in_epoch_at, "samples": samples, "loss": loss})
+                if end_of_epoch or step >= plan.planned_steps:
+                    break
+                wait, t_start = 0.0, time.perf_counter()
+            epoch, skip = epoch + 1, 0
+    finally:
+        if log is not None:
+            log.flush()
+        if monitor is not None:
+            monitor.finish()
+
+
+def _step_metrics(cfg: TrainConfig, model: Any, sched: Any, loss: float, seconds: float, wait: float,
+                  global_batch: int, world: int, fps: float, peak: float | None) -> dict[str, float]:
+    local = cfg.batch_size * cfg.accum_freq / seconds
+    wait_frac = min(1.0, wait / seconds) if seconds > 0 else 0.0
+    per = torch.tensor([local, wait_frac], dtype=torch.float64)
+    if engine._distributed():  # every rank's speed and data wait, for rank 0 to log
+        gathered = [torch.zeros_like(per) for _ in range(world)]
+        dist.all_gather(gathered, per)
+    else:
+        gathered = [per]
+    rates = [float(g[0]) for g in gathered]
+    global_rate = global_batch / max(seconds, 1e-9)
+    out = {"train/loss": loss, "train/lr": sched.get_last_lr()[0],
+           "train/logit_scale": math.exp(_scalar(engine.unwrap(model).logit_scale)),
+           "train/samples_per_s": global_rate,
+           "train/samples_per_s_per_worker": sum(rates) / len(rates),
+           "train/data_wait_fraction": sum(float(g[1]) for g in gathered) / len(gathered),
+           "train/flops_per_s": fps * global_rate}
+    for r, rate in enumerate(rates):
+        out[f"train/worker_{r}/samples_per_s"] = rate
+    if peak:
+        out["train/mfu"] = fps * global_rate / (peak * world)
+    return out
+
+
+def _scalar(p: torch.Tensor) -> float:
+    p = p.detach()
+    return float(p.full_tensor() if hasattr(p, "full_tensor") else p)  # FSDP2 parameters are DTensors
+
+
+def _checkpoint(model: Any, opt: Any, sched: Any, rank: int, log: StepLog | None, plan: Plan,
+                state: dict[str, Any]) -> None:
+    """Every rank reports (a collective gathers the full state); rank 0 writes the files."""
+    import ray.train
+
+    model_sd, optim_sd = engine.full_state(model, opt)
+    metrics = {"step": state["step"], "loss": state["loss"]}
+    if log is not None:
+        log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save(tmp, model_sd, optim_sd, sched, {**state, "mlflow_run_id": plan.run_id, "arch": plan.arch,
+                                                     "planned_steps": plan.planned_steps})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{state['step']:08d}")

@@ -1,0 +1,124 @@
+"""The train stage's driver: plan the steps, start Ray Train's TorchTrainer, publish the final model.
+
+Ray Train keeps checkpoints under `<stage output>/ray/train/`.  A worker group lost mid-run restarts from
+the latest of them (`FailureConfig`); a re-run of the job finds them there too (same fingerprint, same
+directory, same run name), and Ray Train V2 restores from its snapshot.  At the end the final weights are
+written beside the manifest and logged to MLflow with their open_clip config, then registered with an alias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from pipelines import storage
+from pipelines.manifest import Manifest
+from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
+from pipelines.stage import Stage, StageContext, StageResult, register
+from pipelines.stages.train import data, engine
+from pipelines.stages.train.config import TrainConfig
+from pipelines.stages.train.loop import Plan, train_loop
+
+
+def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
+    """(steps per epoch, planned steps): each worker gets rows // workers rows and drops its last partial batch."""
+    per_worker = rows // cfg.workers
+    steps_per_epoch = per_worker // cfg.batch_size // cfg.accum_freq
+    if steps_per_epoch == 0:
+        raise ValueError(f"train: {rows} curated rows over {cfg.workers} workers give no full step of "
+                         f"batch_size {cfg.batch_size} x accum_freq {cfg.accum_freq} per worker; lower batch_size")
+    return steps_per_epoch, cfg.steps or cfg.epochs * steps_per_epoch
+
+
+@register
+class TrainStage(Stage):
+    kind = "train"
+    Config = TrainConfig
+    dependencies = ("open_clip_torch", "torch", "pillow", "pyarrow")
+
+    def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
+        import ray.data
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        cfg: TrainConfig = self.config
+        if len(upstream) != 1:
+            raise ValueError(f"train reads exactly one curated dataset; needs: lists {len(upstream)} "
+                             f"({', '.join(upstream)})")
+        (source,) = upstream.values()
+        arch = arch_name(cfg.model.arch) if not cfg.model.model_uri else cfg.model.arch
+        steps_per_epoch, planned = plan_steps(cfg, source.rows)
+        global_batch = cfg.batch_size * cfg.accum_freq * cfg.workers
+        ctx.log.info("training %s on %d rows: %d steps (%d per epoch), global batch %d over %d %s workers",
+                     arch, source.rows, planned, steps_per_epoch, global_batch, cfg.workers,
+                     "GPU" if cfg.use_gpu else "CPU")
+        ctx.tracker.log_params({"plan": {"rows": source.rows, "steps_per_epoch": steps_per_epoch,
+                                         "planned_steps": planned, "global_batch": global_batch}})
+        dctx = ray.data.DataContext.get_current()
+        dctx.enable_progress_bars = ctx.progress
+        dctx.enable_operator_progress_bars = ctx.progress
+        ds = data.dataset(source.shard_urls(), cfg.model.arch, cfg.augment, cfg.seed, cfg.data_cpus)
+
+        resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+        if cfg.use_gpu:
+            resources["GPU"] = 1
+        ray_dir = storage.join(storage.resolve(ctx.output), "ray")
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
+                                                        planned_steps=planned, tracking_uri=ctx.tracker.uri,
+                                                        run_id=ctx.tracker.run_id)},
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name="train", storage_path=ray_dir,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"train: Ray Train finished without a checkpoint under {ray_dir}")
+        with result.checkpoint.as_directory() as d:
+            with open(os.path.join(d, engine.STATE_FILE)) as f:
+                state = json.load(f)
+            if state["step"] != planned:
+                raise RuntimeError(f"train: the last checkpoint is at step {state['step']}, planned {planned}")
+            shards, model_info = self._publish(ctx, cfg, d, arch)
+        return StageResult(
+            shards=shards,
+            counts={"steps": state["step"], "samples": state["samples"], "epochs_started": state["epoch"]},
+            metrics={"final_loss": state["loss"]},
+            extra={"model": model_info, "checkpoints": storage.join(ray_dir, "train")},
+        )
+
+    @staticmethod
+    def _publish(ctx: StageContext, cfg: TrainConfig, ckpt_dir: str, arch: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Write the final weights and config beside the manifest; log and register the model in MLflow."""
+        from pipelines.models import ModelRef, create
+
+        weights = os.path.join(ckpt_dir, engine.MODEL_FILE)
+        model, _, _ = create(ModelRef(arch=cfg.model.arch, checkpoint=weights))
+        name = arch_name(cfg.model.arch)
+        config = {"arch": name, **model_config(cfg.model.arch)}
+        if getattr(model, "logit_bias", None) is not None:
+            config["init_logit_bias"] = float(model.logit_bias)
+        files = {WEIGHTS_FILE: open(weights, "rb").read(), CONFIG_FILE: json.dumps(config, indent=2).encode()}
+        shards = []
+        for fname, blob in files.items():
+            storage.atomic_write(storage.join(ctx.output, fname), blob)
+            shards.append({"path": fname, "rows": 0, "bytes": len(blob), "sha256": storage.sha256_bytes(blob)})
+        reg = cfg.register
+        registered = (reg.name or f"{ctx.job}-{ctx.stage}") if reg.enabled else None
+        info = log_model(model, cfg.model.arch, name="model", registered_model_name=registered,
+                         run_id=ctx.tracker.run_id, tracking_uri=ctx.tracker.uri)
+        out: dict[str, Any] = {"arch": name, "weights": WEIGHTS_FILE, "config": CONFIG_FILE, "model_uri": info.model_uri}
+        if registered:
+            from mlflow import MlflowClient
+
+            version = str(info.registered_model_version)
+            MlflowClient(tracking_uri=ctx.tracker.uri).set_registered_model_alias(registered, reg.alias, version)
+            out.update(registered_model=registered, version=version, alias=reg.alias,
+                       registry_uri=f"models:/{registered}@{reg.alias}")
+            ctx.log.info("registered the model as models:/%s@%s (version %s)", registered, reg.alias, version)
+        return shards, out

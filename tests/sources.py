@@ -1,0 +1,42 @@
+"""A test-only source stage: demo-web samples written as a curated dataset, so train tests skip crawl and curate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.demo import web
+from pipelines.stage import Stage, StageResult, register
+
+
+@dataclass(kw_only=True)
+class DemoCuratedConfig:
+    rows: int = field(default=256, metadata={"help": "samples"})
+    seed: int = field(default=0, metadata={"help": "demo web seed"})
+    shard_rows: int = field(default=128, metadata={"help": "rows per shard"})
+    size: int = field(default=64, metadata={"help": "image side"})
+
+
+@register
+class DemoCurated(Stage):
+    kind = "demo_curated"
+    Config = DemoCuratedConfig
+
+    def run(self, ctx, inputs):
+        cfg = self.config
+        shards = []
+        for i, start in enumerate(range(0, cfg.rows, cfg.shard_rows)):
+            idx = range(start, min(cfg.rows, start + cfg.shard_rows))
+            table = pa.table({"uid": [f"{cfg.seed}-{j}" for j in idx],
+                              "image": [web.encoded(cfg.seed, j, cfg.size)[0] for j in idx],
+                              "caption": [web.sample(cfg.seed, j).caption for j in idx]})
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf)
+            data = buf.getvalue().to_pybytes()
+            path = f"part-{i:05d}.parquet"
+            storage.atomic_write(storage.join(ctx.output, path), data)
+            shards.append({"path": path, "rows": len(idx), "bytes": len(data), "sha256": storage.sha256_bytes(data)})
+        return StageResult(shards=shards)

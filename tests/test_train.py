@@ -1,0 +1,232 @@
+"""The train stage: loss and gradients across workers, accumulation, checkpoints, worker loss, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tests.sources  # noqa: F401  (registers the demo_curated source stage)
+from pipelines import configschema, manifest, spec
+from pipelines.models import ModelRef, create
+from pipelines.runner import StageFailed, run_job
+from pipelines.stages.train import engine, loop
+from pipelines.stages.train.config import TrainConfig
+from pipelines.stages.train.stage import plan_steps
+from tests.conftest import mlflow_runs, write_job
+
+BATCH = 8  # global batch of the equality checks
+
+
+def _model(loss: str = "clip") -> torch.nn.Module:
+    kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "siglip" else {}
+    return create(ModelRef(arch="clip-tiny", seed=0), output_dict=True, **kwargs)[0].train()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 3, 64, 64, generator=g), torch.randint(1, 1000, (BATCH, 32), generator=g)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in engine.unwrap(model).named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[n] = g.detach().clone()
+    return out
+
+
+def _micro(images: torch.Tensor, texts: torch.Tensor, accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    n = len(images) // accum
+    return [(images[i * n:(i + 1) * n], texts[i * n:(i + 1) * n]) for i in range(accum)]
+
+
+CASES = [("clip", 1, "ddp"), ("clip", 2, "ddp"), ("siglip", 1, "ddp"), ("siglip", 2, "ddp"), ("clip", 1, "fsdp")]
+
+
+def reference(loss: str, accum: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """One process, the whole global batch: the numbers the workers must reproduce together."""
+    model = _model(loss)
+    opt = engine.optimizer(model, 0.0, 0.0, (0.9, 0.98), 1e-6)
+    value = engine.step(model, engine.make_loss(loss, 0, 1), opt, _micro(*_batch(), accum))
+    return value, _grads(model)
+
+
+def _equality_worker(config: dict[str, Any]) -> None:
+    """Each rank takes its slice of the global batch and runs the stage's own step and wrapping."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    images, texts = _batch()
+    per = BATCH // world
+    images, texts = images[rank * per:(rank + 1) * per], texts[rank * per:(rank + 1) * per]
+    for loss, accum, strategy in CASES:
+        cfg = configschema.build(TrainConfig, {"loss": loss, "strategy": strategy})
+        model = loop._wrap(_model(loss), cfg, world, torch.device("cpu"))
+        opt = engine.optimizer(engine.unwrap(model), 0.0, 0.0, (0.9, 0.98), 1e-6)
+        value = engine.step(model, engine.make_loss(loss, rank, world), opt, _micro(images, texts, accum))
+        grads = _grads(model)
+        if rank == 0:
+            name = f"{loss}-{accum}-{strategy}"
+            save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(config["out"], f"{name}.safetensors"))
+        Path(config["out"], f"{loss}-{accum}-{strategy}-loss-{rank}").write_text(repr(value))
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_loss_and_gradients_of_one_process_on_the_global_batch(tmp_path, ray_local):
+    """Local loss with features gathered with gradients (ClipLoss, SigLipLoss), DDP and FSDP, with and
+    without accumulation: the mean of the ranks' losses and the all-reduced gradients equal one process's."""
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    trainer = TorchTrainer(_equality_worker, train_loop_config={"out": str(tmp_path)},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="eq"))
+    trainer.fit()
+    for loss, accum, strategy in CASES:
+        name = f"{loss}-{accum}-{strategy}"
+        want_loss, want = reference(loss, accum)
+        got_loss = sum(float(Path(tmp_path, f"{name}-loss-{r}").read_text()) for r in range(2)) / 2
+        assert got_loss == pytest.approx(want_loss, rel=1e-5), name
+        got = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert set(got) == set(want) and len(want) > 20, name
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_a_checkpoint_restores_model_optimizer_and_schedule_bit_for_bit(tmp_path):
+    images, texts = _batch()
+    model = _model()
+    opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    sched = engine.scheduler(opt, 2, 10)
+    loss_fn = engine.make_loss("clip", 0, 1)
+    for _ in range(3):
+        engine.step(model, loss_fn, opt, [(images, texts)])
+        sched.step()
+    msd, osd = engine.full_state(model, opt)
+    engine.save(str(tmp_path / "ck"), msd, osd, sched, {"step": 3, "epoch": 0, "step_in_epoch": 3, "mlflow_run_id": "r"})
+
+    other = create(ModelRef(arch="clip-tiny", seed=7), output_dict=True)[0].train()
+    opt2 = engine.optimizer(other, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    sched2 = engine.scheduler(opt2, 2, 10)
+    state = engine.load(str(tmp_path / "ck"), other, opt2, sched2)
+    assert state == {"step": 3, "epoch": 0, "step_in_epoch": 3, "mlflow_run_id": "r"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    assert sched2.last_epoch == sched.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    # and the next step is the same step
+    engine.step(model, loss_fn, opt, [(images, texts)])
+    engine.step(other, loss_fn, opt2, [(images, texts)])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+
+
+def test_a_checkpoint_that_carries_objects_is_refused(tmp_path):
+    model = _model()
+    opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    sched = engine.scheduler(opt, 2, 10)
+    msd, osd = engine.full_state(model, opt)
+    engine.save(str(tmp_path), msd, osd, sched, {"step": 0})
+    torch.save({"state": {}, "param_groups": [], "evil": threading.Lock}, tmp_path / engine.OPTIM_FILE)
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        engine.load(str(tmp_path), model, opt, sched)
+
+
+def test_gains_biases_and_logit_scale_get_no_weight_decay():
+    model = _model()
+    opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    decayed = {id(p) for p in opt.param_groups[1]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.2
+    assert "logit_scale" not in names and not any(n.endswith(".bias") or ".ln_" in n for n in names)
+    assert "visual.conv1.weight" in names and "text_projection" in names
+    assert len(names) + len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine_to_zero():
+    f = [engine.lr_factor(s, 4, 20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] < 0.01
+
+
+def test_too_little_data_for_one_step_is_a_clear_error():
+    cfg = configschema.build(TrainConfig, {"workers": 2, "batch_size": 64})
+    assert plan_steps(cfg, 1000) == (7, 7)
+    assert plan_steps(configschema.build(TrainConfig, {"workers": 2, "batch_size": 64, "epochs": 3}), 1000) == (7, 21)
+    with pytest.raises(ValueError, match="100 curated rows over 2 workers give no full step of batch_size 64"):
+        plan_steps(cfg, 100)
+
+
+# ---- the stage, end to end on Ray ---------------------------------------------------------------------------
+
+
+def train_job(tmp_path: Path, rows: int = 512, **train: Any) -> Path:
+    with_ = {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 32, "warmup": 2, "lr": 2e-3,
+             "system_metrics": False, **train}
+    return write_job(tmp_path, {"data": {"uses": "demo_curated", "with": {"rows": rows}},
+                                "train": {"uses": "train", "needs": ["data"], "with": with_}},
+                     ray={"address": "local"})
+
+
+def train_run(store: Path) -> Any:
+    runs = [r for r in mlflow_runs(store) if r.data.tags.get("clipline.stage") == "train"]
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def history(store: Path, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path, ray_local):
+    job = spec.load(train_job(tmp_path, epochs=3))
+    outcomes = {o.stage: o for o in run_job(job, progress=False)}
+    m = outcomes["train"].manifest
+    assert m.counts["steps"] == 24 and m.counts["samples"] == 24 * 64  # 512 rows / 2 workers / 32 = 8 per epoch
+    store = tmp_path / "store"
+    run = train_run(store)
+    losses = [v for _, v in history(store, run.info.run_id)]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/samples_per_s_per_worker",
+                "train/worker_1/samples_per_s", "train/data_wait_fraction", "train/flops_per_s"):
+        assert [s for s, _ in history(store, run.info.run_id, key)] == list(range(1, 25)), key
+    assert "train/mfu" not in run.data.metrics  # no known peak on CPU
+    assert run.data.params["plan.planned_steps"] == "24"
+
+    # the published weights, and the registered model loaded by alias, give the same embeddings
+    info = m.extra["model"]
+    assert info["registry_uri"] == "models:/t-train@candidate"
+    local, _, tok = create(ModelRef(arch="clip-tiny", checkpoint=os.path.join(m.location, info["weights"])))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+    try:
+        loaded, _, _ = create(ModelRef(model_uri=info["registry_uri"]))
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    images, _ = _batch()
+    text = tok(["a red circle at the left on a black background"])
+    with torch.no_grad():
+        assert torch.equal(local.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(local.encode_text(text), loaded.encode_text(text))
+    config = json.loads(Path(m.location, info["config"]).read_text())
+    assert config["arch"] == "clip-tiny" and config["embed_dim"] == 64
