@@ -54,7 +54,7 @@ def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ra
     assert f"stage 'probe' failed: RuntimeError: probe told to fail by {marker}" in err
     assert "run the same command again to resume" in err
     states = {r["stage"]: r["state"] for r in plan(spec.load(path))}
-    assert states == {"crawl": "cached", "probe": "missing"}
+    assert states == {"crawl": "cached", "probe": "incomplete"}  # it started: its directory holds its run id
 
     runs = mlflow_runs(tmp_path / "store")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("t", "FAILED"), ("crawl", "FINISHED"),
@@ -66,6 +66,13 @@ def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ra
     assert [(o.stage, o.state) for o in outcomes] == [("crawl", "cached"), ("probe", "ran")]
     assert outcomes[1].manifest.counts["rows_seen"] == 20
     assert outcomes[1].manifest.inputs["crawl"]["digest"] == outcomes[0].manifest.digest
+    # one MLflow run per stage output: the re-run continued the failed probe run, now under the new job run
+    runs = mlflow_runs(tmp_path / "store")
+    probe = [r for r in runs if r.info.run_name == "probe"]
+    assert len(probe) == 1 and probe[0].info.status == "FINISHED"
+    assert probe[0].data.tags["clipline.attempts"] == "2" and probe[0].data.tags["clipline.resumed"] == "true"
+    assert probe[0].data.tags["mlflow.parentRunId"] == [r for r in runs if r.info.run_name == "t"][-1].info.run_id
+    assert probe[0].info.run_id == outcomes[1].manifest.mlflow_run_id
 
 
 def test_stage_retries_then_succeeds(tmp_path, web, ray_local):

@@ -137,6 +137,36 @@ def test_a_checkpoint_restores_model_optimizer_and_schedule_bit_for_bit(tmp_path
         assert torch.equal(v, other.state_dict()[k]), k
 
 
+def test_gradient_checkpointing_and_bf16_autocast_run_the_same_step():
+    images, texts = _batch()
+    want_loss, want = reference("clip", 1)
+    model = _model()
+    model.set_grad_checkpointing(True)
+    opt = engine.optimizer(model, 0.0, 0.0, (0.9, 0.98), 1e-6)
+    loss = engine.step(model, engine.make_loss("clip", 0, 1), opt, [(images, texts)])
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, want[k], rtol=1e-5, atol=1e-7, msg=k)
+    model = _model()
+    opt = engine.optimizer(model, 0.0, 0.0, (0.9, 0.98), 1e-6)
+    loss = engine.step(model, engine.make_loss("clip", 0, 1), opt, [(images, texts)],
+                       autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert loss == pytest.approx(want_loss, rel=0.05) and loss != want_loss  # bf16 matmuls: close, not equal
+
+
+@pytest.mark.slow
+def test_a_compiled_model_takes_the_same_step():
+    """torch.compile (inductor on CPU: about 40 s to compile here) is an option of the stage."""
+    want_loss, want = reference("clip", 1)
+    compiled = torch.compile(_model())
+    assert engine.unwrap(compiled) is compiled._orig_mod
+    opt = engine.optimizer(engine.unwrap(compiled), 0.0, 0.0, (0.9, 0.98), 1e-6)
+    loss = engine.step(compiled, engine.make_loss("clip", 0, 1), opt, [_batch()])
+    assert loss == pytest.approx(want_loss, rel=1e-4)
+    for k, g in _grads(compiled).items():
+        torch.testing.assert_close(g, want[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_a_checkpoint_that_carries_objects_is_refused(tmp_path):
     model = _model()
     opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
@@ -230,3 +260,91 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
         assert torch.equal(local.encode_text(text), loaded.encode_text(text))
     config = json.loads(Path(m.location, info["config"]).read_text())
     assert config["arch"] == "clip-tiny" and config["embed_dim"] == 64
+
+
+def _train_workers() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(p.pid)
+    return pids
+
+
+def _kill_a_worker_after(store: Path, step: int, outcome: dict[str, Any], deadline: float = 240) -> None:
+    """Wait (polling with a deadline) for the checkpoint of `step`, then SIGKILL one training worker.
+
+    The checkpoint before it is then surely registered with Ray Train (a file on disk alone is not)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end and "done" not in outcome:
+        if list(store.glob(f"t/train/*/ray/train/checkpoint-{step:08d}/state.json")):
+            pids = _train_workers()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                outcome["killed"] = pids[-1]
+                return
+        time.sleep(0.05)
+
+
+def _run_in_thread(job: Any) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = run_job(job, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+        finally:
+            outcome["done"] = True
+
+    outcome["thread"] = threading.Thread(target=target)
+    outcome["thread"].start()
+    return outcome
+
+
+def _assert_one_continuous_run(store: Path, steps: int) -> Any:
+    run = train_run(store)
+    for key in ("train/loss", "train/lr"):
+        assert [s for s, _ in history(store, run.info.run_id, key)] == list(range(1, steps + 1)), key
+    return run
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint_in_the_same_mlflow_run(tmp_path, ray_local):
+    job = spec.load(train_job(tmp_path, steps=40, checkpoint_every=5, max_failures=2))
+    outcome = _run_in_thread(job)
+    _kill_a_worker_after(tmp_path / "store", 10, outcome)
+    outcome["thread"].join(timeout=600)
+    assert "killed" in outcome, "no training worker was found to kill"
+    assert "error" not in outcome, outcome.get("error")
+    m = {o.stage: o for o in outcome["result"]}["train"].manifest
+    assert m.counts["steps"] == 40
+    run = _assert_one_continuous_run(tmp_path / "store", 40)
+    restored = int(run.data.tags["clipline.train.restored_from_step"])
+    assert 5 <= restored < 40 and restored % 5 == 0
+
+
+@pytest.mark.slow
+def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_path, ray_local):
+    """No worker-group restarts allowed: the kill fails the stage; the re-run resumes from the checkpoint
+    (FSDP this time, so its sharded state goes through the checkpoint too)."""
+    path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp")
+    outcome = _run_in_thread(spec.load(path))
+    _kill_a_worker_after(tmp_path / "store", 10, outcome)
+    outcome["thread"].join(timeout=600)
+    assert "killed" in outcome and isinstance(outcome.get("error"), StageFailed), outcome
+    assert "train" in str(outcome["error"])
+    first = train_run(tmp_path / "store")
+    assert first.info.status == "FAILED"
+
+    outcomes = {o.stage: o for o in run_job(spec.load(path), progress=False)}
+    assert outcomes["data"].state == "cached" and outcomes["train"].state == "ran"
+    assert outcomes["train"].manifest.counts["steps"] == 30
+    run = _assert_one_continuous_run(tmp_path / "store", 30)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["clipline.attempts"] == "2"
+    losses = [v for _, v in history(tmp_path / "store", run.info.run_id)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # FSDP's sharded parameters do train
+    assert int(run.data.tags["clipline.train.restored_from_step"]) >= 5

@@ -55,8 +55,14 @@ def scheduler(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.opti
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The open_clip model inside DDP and torch.compile wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _outputs(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:

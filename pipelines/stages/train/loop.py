@@ -137,8 +137,9 @@ def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any,
                            device, autocast)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    opt = engine.optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     model = _wrap(model, cfg, world, device)
+    # after wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold
+    opt = engine.optimizer(engine.unwrap(model), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     sched = engine.scheduler(opt, cfg.warmup, plan.planned_steps)
     return model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast
 
@@ -162,6 +163,8 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = engine.load(d, model, opt, sched)
     log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every) if rank == 0 else None
+    if log is not None and ckpt is not None:
+        log.client.set_tag(plan.run_id, "clipline.train.restored_from_step", str(state["step"]))
     monitor = None
     if rank == 0 and cfg.system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
