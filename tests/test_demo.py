@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import mlflow
 import pytest
 
 from pipelines.demo import web
@@ -34,11 +35,14 @@ def _free_port() -> int:
 def test_demo_runs_then_is_a_cache_hit(tmp_path):
     store = tmp_path / "data"
     cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--storage", str(store), "--images", "300",
-           "--port", str(_free_port()), "--no-progress"]
+           "--port", str(_free_port()), "--no-progress",
+           # about 65 curated rows: 2 workers x 16, three epochs
+           "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "crawl      ran      300 rows" in first.stdout
     assert "curate     ran" in first.stdout
+    assert "train      ran" in first.stdout and "model: models:/demo-train@candidate" in first.stdout
     files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
 
     # the port is part of every URL: the same port gives the same list and so the same cache key
@@ -46,12 +50,14 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "crawl      cached   300 rows" in second.stdout
     assert "curate     cached" in second.stdout
+    assert "train      cached" in second.stdout
     assert "URL list unchanged" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")} == files
 
     runs = mlflow_runs(store)
     assert [(r.info.run_name, r.data.tags.get("clipline.cache")) for r in runs] == [
-        ("demo", None), ("crawl", "miss"), ("curate", "miss"), ("demo", None), ("crawl", "hit"), ("curate", "hit")]
+        ("demo", None), ("crawl", "miss"), ("curate", "miss"), ("train", "miss"),
+        ("demo", None), ("crawl", "hit"), ("curate", "hit"), ("train", "hit")]
     crawl = runs[1]
     assert crawl.data.metrics["crawl/input_rows"] == 300
     kinds = url_list("http://x", 300, DEMO_SEED, DEMO_FAULTS)["kind"].value_counts()
@@ -60,7 +66,7 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     assert crawl.data.metrics["crawl/failed_to_resize"] == kinds["html"] > 0
     assert crawl.data.metrics["crawl/success"] == kinds["img"]
     assert crawl.data.params["resize_mode"] == "border"
-    artifacts = {a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{store}/mlflow.db")
+    artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
                  .list_artifacts(crawl.info.run_id)}
     assert {"crawl_status.png", "manifest"} <= artifacts
 
@@ -70,6 +76,13 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     assert curate["curate/dropped_not_downloaded"] == 300 - kinds["img"]
     dropped = sum(v for k, v in curate.items() if k.startswith("curate/dropped_"))
     assert curate["curate/rows_out"] == curate["curate/rows"] == 300 - dropped > 0
-    artifacts = {a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{store}/mlflow.db")
+    # and training on the curated rows: three epochs of 2 workers x 16, every step logged once
+    steps = 3 * (int(curate["curate/rows_out"]) // 2 // 16)
+    assert f"train      ran      {steps} steps" in first.stdout and steps > 0
+    train = runs[3]
+    assert train.data.metrics["train/steps"] == steps
+    loss = mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(train.info.run_id, "train/loss")
+    assert sorted(m.step for m in loss) == list(range(1, steps + 1))
+    artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
                  .list_artifacts(runs[2].info.run_id)}
     assert {"curate_funnel.png", "curate_histograms.png", "manifest"} <= artifacts

@@ -56,7 +56,11 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
             print(f"clipline: {exc}", file=sys.stderr)
             return 1
     for o in outcomes:
-        print(f"{o.stage:<10} {o.state:<8} {o.manifest.rows if o.manifest else '-'} rows  {o.manifest.location}")
+        m = o.manifest
+        size = f"{m.counts['steps']} steps" if "steps" in m.counts else f"{m.rows} rows"
+        print(f"{o.stage:<10} {o.state:<8} {size}  {m.location}")
+        if "model" in m.extra:
+            print(f"{'':<19} model: {m.extra['model'].get('registry_uri') or m.extra['model']['model_uri']}")
     print(f"\nOutputs under {store}/{job.name}/. Browse the runs with:  clipline ui --storage {store}\n"
           f"(or: mlflow ui --backend-store-uri sqlite:///{store}/mlflow.db)")
     return 0
