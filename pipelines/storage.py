@@ -54,6 +54,18 @@ def atomic_write(url: str, data: bytes) -> None:
         fs.mv(tmp, path)
 
 
+def write_parquet(url: str, table: Any, compression: str = "zstd") -> dict[str, Any]:
+    """Write an Arrow table as one Parquet file, atomically; the manifest entry's `rows`, `bytes` and `sha256`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression=compression)
+    data = buf.getvalue().to_pybytes()
+    atomic_write(url, data)
+    return {"rows": table.num_rows, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
 def write_json(url: str, obj: Any) -> None:
     atomic_write(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

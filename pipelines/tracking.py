@@ -110,6 +110,25 @@ class StageTracker:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
 
+def log_bar_chart(tracker: StageTracker, items: list[tuple[str, float]], title: str, xlabel: str, artifact: str,
+                  color: str = "#4c72b0") -> None:
+    """A horizontal bar chart, first item on top, each bar labelled with its value, as a run artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(items) + 1.3))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color=color)
+    for i, (_, v) in enumerate(items[::-1]):
+        ax.text(v, i, f" {v}", va="center")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    tracker.log_figure(fig, artifact)
+    plt.close(fig)
+
+
 class Tracker:
     """The job-run level: creates the experiment, the parent run and the child runs."""
 

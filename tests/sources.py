@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.demo import web
@@ -33,10 +32,6 @@ class DemoCurated(Stage):
             table = pa.table({"uid": [f"{cfg.seed}-{j}" for j in idx],
                               "image": [web.encoded(cfg.seed, j, cfg.size)[0] for j in idx],
                               "caption": [web.sample(cfg.seed, j).caption for j in idx]})
-            buf = pa.BufferOutputStream()
-            pq.write_table(table, buf)
-            data = buf.getvalue().to_pybytes()
             path = f"part-{i:05d}.parquet"
-            storage.atomic_write(storage.join(ctx.output, path), data)
-            shards.append({"path": path, "rows": len(idx), "bytes": len(data), "sha256": storage.sha256_bytes(data)})
+            shards.append({"path": path, **storage.write_parquet(storage.join(ctx.output, path), table)})
         return StageResult(shards=shards)

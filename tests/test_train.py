@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tests.sources  # noqa: F401  (registers the demo_curated source stage)
-from pipelines import configschema, manifest, spec
+from pipelines import configschema, spec
 from pipelines.models import ModelRef, create
 from pipelines.runner import StageFailed, run_job
 from pipelines.stages.train import engine, loop

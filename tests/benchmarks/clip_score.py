@@ -104,10 +104,12 @@ class Stamped(ClipScorer):
 
 def run_clipline(ds, ref, batch_size: int, actors: int) -> tuple[np.ndarray, pd.Index, float, float]:
     """(scores, uids, seconds in all, seconds from the first batch any actor started to the last one ended)."""
+    import ray.data
+
     stamps = tempfile.mkdtemp(prefix="clipline-bench-")
     t0 = time.perf_counter()
-    scored = ds.map_batches(Stamped, batch_size=batch_size, batch_format="pandas", concurrency=actors,
-                            num_cpus=1, fn_constructor_kwargs={"model": ref, "batch_size": batch_size,
+    scored = ds.map_batches(Stamped, batch_size=batch_size, batch_format="pandas",
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, fn_constructor_kwargs={"model": ref, "batch_size": batch_size,
                                                                "threads": 1, "stamps": stamps}).materialize()
     seconds = time.perf_counter() - t0
     spans = [json.load(open(os.path.join(stamps, f))) for f in os.listdir(stamps)]
@@ -141,7 +143,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print("ray started: address=local, num_cpus=2 (before the timings)", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Ray Data logs each dataset's plan and the stage's own `concurrency=` deprecation on every run
+    # Ray Data logs each dataset's plan on every run
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     step = -(-n // BLOCKS)  # several blocks, as several crawled shards would be, already in the object store
     ds = ray.data.from_pandas([rows.iloc[i:i + step] for i in range(0, n, step)]).materialize()

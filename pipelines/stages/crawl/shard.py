@@ -100,18 +100,13 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str) -> dict[str, Any]:
     return write_shard(out, out_url)
 
 
-def _record(table: pa.Table, data: bytes) -> dict[str, Any]:
-    return {"rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256_bytes(data),
-            "status": dict(Counter(table.column("status").to_pylist())),
+def _counts(table: pa.Table) -> dict[str, Any]:
+    return {"status": dict(Counter(table.column("status").to_pylist())),
             "errors": dict(Counter(e for e in table.column("error_class").to_pylist() if e))}
 
 
 def write_shard(table: pa.Table, out_url: str) -> dict[str, Any]:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue().to_pybytes()
-    storage.atomic_write(out_url, data)
-    return _record(table, data)
+    return {**storage.write_parquet(out_url, table), **_counts(table)}
 
 
 def describe_shard(out_url: str) -> dict[str, Any]:
@@ -119,4 +114,5 @@ def describe_shard(out_url: str) -> dict[str, Any]:
     fs, path = storage.filesystem(out_url)
     with fs.open(path, "rb") as f:
         data = f.read()
-    return _record(pq.read_table(pa.BufferReader(data), columns=["status", "error_class"]), data)
+    table = pq.read_table(pa.BufferReader(data), columns=["status", "error_class"])
+    return {"rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256_bytes(data), **_counts(table)}

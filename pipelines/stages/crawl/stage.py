@@ -13,6 +13,7 @@ from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import inputs
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.schema import STATUSES
+from pipelines.tracking import log_bar_chart
 
 
 @register
@@ -110,18 +111,5 @@ class CrawlStage(Stage):
     @staticmethod
     def _plot(ctx: StageContext, counts: dict[str, int]) -> None:
         """Rows per status as a bar chart in the stage's MLflow run."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        items = [(k, v) for k, v in counts.items() if v]
-        fig, ax = plt.subplots(figsize=(7, 0.4 * len(items) + 1.2))
-        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4c72b0")
-        for i, (_, v) in enumerate(items[::-1]):
-            ax.text(v, i, f" {v}", va="center")
-        ax.set_xlabel("rows")
-        ax.set_title(f"{ctx.stage}: rows by status and error class")
-        fig.tight_layout()
-        ctx.tracker.log_figure(fig, f"{ctx.stage}_status.png")
-        plt.close(fig)
+        log_bar_chart(ctx.tracker, [(k, v) for k, v in counts.items() if v], f"{ctx.stage}: rows by status and "
+                      "error class", "rows", f"{ctx.stage}_status.png")

@@ -1,6 +1,6 @@
 """CLIP scores: image-text cosine similarity from an open_clip model, one model per Ray actor.
 
-`ClipScorer` is a callable class for `Dataset.map_batches(..., concurrency=n)`: Ray Data keeps a pool of
+`ClipScorer` is a callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy(size=n))`: Ray Data keeps a pool of
 `n` actors, each loading the model once and scoring batches of rows as they stream past.  Rows whose
 `image` is null (already dropped by an earlier row rule, or not downloaded) are passed through unscored.
 """

@@ -30,6 +30,7 @@ from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import KEPT, Featurizer, load_eval_hashes, phash_hex, to_arrow, typed
 from pipelines.stages.curate.schema import LEDGER, RULE_REASONS, SCORES
+from pipelines.tracking import log_bar_chart
 
 LEDGER_DIR = "ledger"
 
@@ -93,7 +94,8 @@ class CurateStage(Stage):
             from pipelines.stages.curate.scorer import ClipScorer
 
             ds = ds.map_batches(ClipScorer, batch_size=clip.batch_size, batch_format="pandas",
-                                concurrency=clip.actors, num_cpus=clip.num_cpus, num_gpus=clip.num_gpus,
+                                compute=ray.data.ActorPoolStrategy(size=clip.actors), num_cpus=clip.num_cpus,
+                                num_gpus=clip.num_gpus,
                                 fn_constructor_kwargs={"model": clip.model, "batch_size": clip.batch_size,
                                                        "threads": max(1, int(clip.num_cpus))})
         ds = ds.map_batches(_threshold, batch_format="pandas",
@@ -196,13 +198,10 @@ class CurateStage(Stage):
                 ledger = g.assign(kept=kept, phash=phash_hex(g["phash"], g["phash_ok"]),
                                   reason=np.where(kept, None, g["reason"]).astype(object))
                 path = f"{LEDGER_DIR}/part-{int(shard):05d}.parquet"
-                buf = pa.BufferOutputStream()
-                pq.write_table(to_arrow(ledger, LEDGER), buf, compression="zstd")
-                data = buf.getvalue().to_pybytes()
-                storage.atomic_write(storage.join(out, path), data)
+                written = storage.write_parquet(storage.join(out, path), to_arrow(ledger, LEDGER))
                 w = np.ones(int(kept.sum()), np.int64) if weight == "rows" else g["image_bytes"].to_numpy()[kept]
-                recs.append({"shard": int(shard), "path": path, "rows_ledger": len(g), "bytes": len(data),
-                             "sha256": storage.sha256_bytes(data), "kept": int(kept.sum()),
+                recs.append({"shard": int(shard), "path": path, "rows_ledger": len(g), "bytes": written["bytes"],
+                             "sha256": written["sha256"], "kept": int(kept.sum()),
                              "weight": int(w.sum()), "last_weight": int(w[-1]) if len(w) else 0,
                              "reasons": dict(Counter("kept" if k else r for k, r in zip(kept, g["reason"],
                                                                                          strict=True)))})
@@ -253,11 +252,7 @@ class CurateStage(Stage):
                     tables.append(t)
             table = pa.concat_tables(tables)
             rel = f"part-{item['part']:05d}.parquet"
-            buf = pa.BufferOutputStream()
-            pq.write_table(table, buf, compression="zstd")
-            data = buf.getvalue().to_pybytes()
-            storage.atomic_write(storage.join(out, rel), data)
-            return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256_bytes(data)}
+            return {"path": rel, **storage.write_parquet(storage.join(out, rel), table)}
 
         recs = ray.data.from_items(items, override_num_blocks=len(items)).map(build).take_all()
         written = sum(r["rows"] for r in recs)
@@ -279,15 +274,8 @@ class CurateStage(Stage):
         for r in funnel_reasons(cfg):
             left -= counts[f"dropped_{r}"]
             steps.append((f"- {r} ({counts[f'dropped_{r}']})", left))
-        fig, ax = plt.subplots(figsize=(8, 0.38 * len(steps) + 1.3))
-        ax.barh([s for s, _ in steps][::-1], [v for _, v in steps][::-1], color="#55a868")
-        for i, (_, v) in enumerate(steps[::-1]):
-            ax.text(v, i, f" {v}", va="center")
-        ax.set_xlabel("rows remaining")
-        ax.set_title(f"{ctx.stage}: funnel, {counts['rows_in']} rows in, {counts['rows_out']} out")
-        fig.tight_layout()
-        ctx.tracker.log_figure(fig, f"{ctx.stage}_funnel.png")
-        plt.close(fig)
+        log_bar_chart(ctx.tracker, steps, f"{ctx.stage}: funnel, {counts['rows_in']} rows in, {counts['rows_out']} out",
+                      "rows remaining", f"{ctx.stage}_funnel.png", color="#55a868")
 
         edges = {"clip_score": np.linspace(-1, 1, 101), "caption_chars": np.unique(np.geomspace(1, 1e5, 60).astype(int)),
                  "min_side": np.unique(np.geomspace(1, 1e5, 60).astype(int))}
