@@ -203,6 +203,12 @@ def test_too_little_data_for_one_step_is_a_clear_error():
         plan_steps(cfg, 100)
 
 
+def test_an_mlflow_model_cannot_initialise_training_and_says_so(tmp_path):
+    with pytest.raises(Exception, match="stages.train.with.*model.model_uri cannot initialise training yet; give "
+                                        "model.arch and model.checkpoint"):
+        spec.load(train_job(tmp_path, model={"model_uri": "models:/x@y"}))
+
+
 # ---- the stage, end to end on Ray ---------------------------------------------------------------------------
 
 

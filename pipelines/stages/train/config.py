@@ -56,7 +56,9 @@ class TrainConfig:
                            minimum=1)
     data_cpus: float = _f(0.5, "CPUs per Ray Data decode/augment task", exclusiveMinimum=0)
     augment: bool = _f(True, "the model's training preprocessing (random resized crop); false: the eval transform")
-    seed: int = _f(0, "seed of the data order and augmentation")
+    shuffle_buffer: int = _f(256, "rows in each worker's local shuffle buffer (Ray Data's local_shuffle_buffer_size), "
+                             "so batches mix rows across blocks and differ every epoch; 0 turns it off", minimum=0)
+    seed: int | None = _f(None, "seed of the shard order (the same order every epoch); null: a new order each epoch")
     # optimisation
     lr: float = _f(5e-4, "peak learning rate (AdamW)", exclusiveMinimum=0)
     weight_decay: float = _f(0.2, "AdamW weight decay; gains, biases and logit scale get none", minimum=0)
@@ -75,3 +77,8 @@ class TrainConfig:
     peak_flops: float | None = _f(None, "peak FLOP/s of one accelerator for MFU; known GPUs are looked up")
     system_metrics: bool = _f(True, "log MLflow system metrics (CPU, memory, GPU) from rank 0")
     register: Register = _f(Register, "model registry")
+
+    def __post_init__(self) -> None:
+        if (self.model.get("model_uri") if isinstance(self.model, dict) else self.model.model_uri):
+            raise ValueError("train: model.model_uri cannot initialise training yet; give model.arch and "
+                             "model.checkpoint (the model.safetensors of an earlier train stage)")

@@ -7,7 +7,6 @@ the training workers; each worker iterates only its own split of the stream (`ge
 from __future__ import annotations
 
 import io
-import zlib
 from functools import lru_cache
 from typing import Any
 
@@ -29,14 +28,13 @@ def _transforms(arch: str, augment: bool) -> tuple[Any, Any]:
     return transform, open_clip.get_tokenizer(name)
 
 
-def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool, seed: int) -> dict[str, np.ndarray]:
-    """Decode, transform and tokenise a batch; augmentation is seeded by the batch's captions."""
+def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool) -> dict[str, np.ndarray]:
+    """Decode, transform and tokenise a batch (random augmentation: a new crop every epoch)."""
     import torch
     from PIL import Image
 
     transform, tokenizer = _transforms(arch, augment)
     captions = [str(c) for c in batch["caption"]]
-    torch.manual_seed(zlib.crc32("\n".join(captions).encode()) ^ seed)
     images = []
     for i, data in enumerate(batch["image"]):
         try:
@@ -47,11 +45,11 @@ def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool, seed: int
     return {"image": torch.stack(images).numpy(), "text": tokenizer(captions).numpy()}
 
 
-def dataset(urls: list[str], arch: str, augment: bool, seed: int, data_cpus: float, batch_rows: int = 64) -> Any:
-    """A lazy Ray Dataset of preprocessed rows over the curated shards (block order shuffled by seed)."""
+def dataset(urls: list[str], arch: str, augment: bool, seed: int | None, data_cpus: float, batch_rows: int = 64) -> Any:
+    """A lazy Ray Dataset of preprocessed rows over the curated shards, in a shuffled block order."""
     import ray.data
 
     ds = ray.data.read_parquet(urls, columns=["uid", "image", "caption"], shuffle=None)
     ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(preprocess, batch_size=batch_rows, batch_format="numpy", num_cpus=data_cpus,
-                          fn_kwargs={"arch": arch, "augment": augment, "seed": seed})
+                          fn_kwargs={"arch": arch, "augment": augment})

@@ -181,7 +181,8 @@ def train_loop(config: dict[str, Any]) -> None:
             in_epoch, micro, wait = skip // cfg.accum_freq, [], 0.0
             batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
                                                     dtypes={"image": torch.float32, "text": torch.long},
-                                                    prefetch_batches=2))
+                                                    prefetch_batches=2,
+                                                    local_shuffle_buffer_size=cfg.shuffle_buffer or None))
             t_start = time.perf_counter()
             while True:
                 t0 = time.perf_counter()

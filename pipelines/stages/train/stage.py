@@ -47,7 +47,7 @@ class TrainStage(Stage):
             raise ValueError(f"train reads exactly one curated dataset; needs: lists {len(upstream)} "
                              f"({', '.join(upstream)})")
         (source,) = upstream.values()
-        arch = arch_name(cfg.model.arch) if not cfg.model.model_uri else cfg.model.arch
+        arch = arch_name(cfg.model.arch)
         steps_per_epoch, planned = plan_steps(cfg, source.rows)
         global_batch = cfg.batch_size * cfg.accum_freq * cfg.workers
         ctx.log.info("training %s on %d rows: %d steps (%d per epoch), global batch %d over %d %s workers",
