@@ -180,11 +180,23 @@ class Tracker:
         """Continue the stage run an interrupted attempt started (its id is in `marker`), under this job run.
 
         One MLflow run per stage output, however many attempts it took; None when there is nothing to continue."""
-        try:
-            run_id = storage.read_json(marker)["mlflow_run_id"]
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - no marker, or a run this tracking store does not have
+        from mlflow.exceptions import MlflowException
+
+        if not storage.exists(marker):
             return None
+        run_id = storage.read_json(marker)["mlflow_run_id"]
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # the store is there but failing: do not fork the stage's history into a new run
+            log.warning("stage run %s (from %s) is not in this tracking store: starting a new run", run_id, marker)
+            return None
+        if run.info.lifecycle_stage == "deleted" or run.info.experiment_id != self.experiment_id:
+            log.warning("stage run %s is deleted or in another experiment: starting a new run", run_id)
+            return None
+        if "clipline.error" in run.data.tags:  # the earlier attempt's failure; this attempt has its own fate
+            self.client.delete_tag(run_id, "clipline.error")
         attempts = int(run.data.tags.get("clipline.attempts", "1")) + 1
         self.client.update_run(run_id, status="RUNNING")
         for key, value in {"mlflow.parentRunId": self.parent_id or "", "clipline.resumed": "true",

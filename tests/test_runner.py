@@ -71,6 +71,7 @@ def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ra
     probe = [r for r in runs if r.info.run_name == "probe"]
     assert len(probe) == 1 and probe[0].info.status == "FINISHED"
     assert probe[0].data.tags["clipline.attempts"] == "2" and probe[0].data.tags["clipline.resumed"] == "true"
+    assert "clipline.error" not in probe[0].data.tags  # the first attempt's error left with it
     assert probe[0].data.tags["mlflow.parentRunId"] == [r for r in runs if r.info.run_name == "t"][-1].info.run_id
     assert probe[0].info.run_id == outcomes[1].manifest.mlflow_run_id
 

@@ -108,6 +108,17 @@ def test_two_workers_give_the_loss_and_gradients_of_one_process_on_the_global_ba
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_accumulation_gives_the_step_of_the_whole_batch(loss):
+    """Two micro-batches of 4 with cached features: the loss and every gradient of one batch of 8
+    (the logit scale and bias included: they enter the loss once, not once per micro-batch)."""
+    want_loss, want = reference(loss, 1)
+    got_loss, got = reference(loss, 2)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_a_checkpoint_restores_model_optimizer_and_schedule_bit_for_bit(tmp_path):
     images, texts = _batch()
     model = _model()

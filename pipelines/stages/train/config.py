@@ -58,7 +58,7 @@ class TrainConfig:
     augment: bool = _f(True, "the model's training preprocessing (random resized crop); false: the eval transform")
     shuffle_buffer: int = _f(256, "rows in each worker's local shuffle buffer (Ray Data's local_shuffle_buffer_size), "
                              "so batches mix rows across blocks and differ every epoch; 0 turns it off", minimum=0)
-    seed: int | None = _f(None, "seed of the shard order (the same order every epoch); null: a new order each epoch")
+    seed: int | None = _f(None, "seed of the shard file order (the same order every epoch); null: a new order each epoch")
     # optimisation
     lr: float = _f(5e-4, "peak learning rate (AdamW)", exclusiveMinimum=0)
     weight_decay: float = _f(0.2, "AdamW weight decay; gains, biases and logit scale get none", minimum=0)

@@ -112,12 +112,15 @@ def step(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, micro
         with torch.no_grad(), autocast():  # cache every micro-batch's features: the negatives of the step
             cached = [_outputs(model, i, t) for i, t in micro]
         value = torch.zeros(())
+        last = len(micro) - 1
         for j, (images, texts) in enumerate(micro):
-            with _sync(model, j == len(micro) - 1):
+            with _sync(model, j == last):
                 with autocast():
                     out = _outputs(model, images, texts)
                     feats = {k: torch.cat([out[k] if m == j else c[k] for m, c in enumerate(cached)]) for k in keys}
-                    loss = _loss(loss_fn, feats, out)
+                    # the logit scale and bias enter the step's loss once: their gradient flows on one pass only
+                    scales = out if j == last else {k: v.detach() for k, v in out.items() if v is not None}
+                    loss = _loss(loss_fn, feats, scales)
                 loss.backward()
             value = loss.detach()  # each recomputation gives the same full-batch loss
     for p in getattr(model, "replicated_params", ()):  # parameters FSDP leaves unsharded: average them here

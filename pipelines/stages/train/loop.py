@@ -21,9 +21,10 @@ import torch.distributed as dist
 from pipelines.stages.train import engine
 from pipelines.stages.train.config import TrainConfig
 
-# dense bf16 peak FLOP/s of one accelerator, by device-name substring (vendor datasheets)
-PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-             "A10": 125e12, "B200": 2250e12, "GH200": 989.4e12}
+# dense bf16 peak FLOP/s of one accelerator, by device-name substring, most specific first (vendor datasheets)
+PEAK_BF16 = [("GH200", 989.4e12), ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100", 989.4e12),
+             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+             ("A10G", 70e12), ("A10", 125e12)]
 METRIC = "train/loss"
 
 
@@ -38,13 +39,14 @@ class Plan:
     run_id: str
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> float | None:
+    """The accelerator's peak for MFU: `peak_flops`, else the bf16 table when training in bf16 on a known GPU."""
     if cfg.peak_flops:
         return cfg.peak_flops
-    if device.type != "cuda":
+    if device.type != "cuda" or not bf16:
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
 def flops_per_sample(model: torch.nn.Module, loss_kind: str, image_size: int, context_length: int,
@@ -93,10 +95,8 @@ class StepLog:
 
 
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
-    if cfg.compile:
-        model = torch.compile(model)
     if world == 1:
-        return model
+        return torch.compile(model) if cfg.compile else model
     if cfg.strategy == "fsdp":
         from open_clip.transformer import ResidualAttentionBlock
         from torch.distributed.fsdp import fully_shard
@@ -109,13 +109,14 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.de
         scalars = {p for p in model.parameters() if p.ndim == 0}
         fully_shard(model, ignored_params=scalars)
         model.replicated_params = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
-        return model
+        return torch.compile(model) if cfg.compile else model
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(ddp) if cfg.compile else ddp  # compiled after wrapping: DDP's bucketing stays in the graph
 
 
-def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any, Any, Any, float, Any]:
-    """(wrapped model, loss, optimizer, scheduler, FLOPs per sample, autocast) for this rank."""
+def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any, Any, Any, float, Any, bool]:
+    """(wrapped model, loss, optimizer, scheduler, FLOPs per sample, autocast, bf16) for this rank."""
     from pipelines.models import create
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if engine._distributed() else (0, 1)
@@ -140,7 +141,7 @@ def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any,
     # after wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold
     opt = engine.optimizer(engine.unwrap(model), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     sched = engine.scheduler(opt, cfg.warmup, plan.planned_steps)
-    return model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast
+    return model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast, bf16
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -154,7 +155,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model, loss_fn, opt, sched, fps, autocast = build(cfg, plan, device)
+    model, loss_fn, opt, sched, fps, autocast, bf16 = build(cfg, plan, device)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0}
     ckpt = ray.train.get_checkpoint()
@@ -168,17 +169,19 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and cfg.system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=ckpt is not None,
+        monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=True,
                                        tracking_uri=plan.tracking_uri)
         monitor.start()
-    peak = peak_flops(cfg, device)
+    peak = peak_flops(cfg, device, bf16)
     global_batch = cfg.batch_size * cfg.accum_freq * world
     shard = ray.train.get_dataset_shard("train")
-    step, epoch, skip = state["step"], state["epoch"], state["step_in_epoch"] * cfg.accum_freq
+    # the data position: a resumed epoch trains only its remaining steps, drawn from a fresh pass over the
+    # shuffled stream (the stream's order is not reproducible, so replaying it would not skip the same rows)
+    step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     samples = state["samples"]
     try:
         while step < plan.planned_steps:
-            in_epoch, micro, wait = skip // cfg.accum_freq, [], 0.0
+            micro, wait = [], 0.0
             batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
                                                     dtypes={"image": torch.float32, "text": torch.long},
                                                     prefetch_batches=2,
@@ -190,17 +193,17 @@ def train_loop(config: dict[str, Any]) -> None:
                 if batch is None:
                     break
                 wait += time.perf_counter() - t0
-                if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
-                    skip, wait, t_start = skip - 1, 0.0, time.perf_counter()
-                    continue
                 micro.append((batch["image"], batch["text"]))
                 if len(micro) < cfg.accum_freq:
                     continue
+                lr = opt.param_groups[0]["lr"]  # the rate this step used
                 loss = engine.step(model, loss_fn, opt, micro, autocast, cfg.grad_clip)
                 sched.step()
                 step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
-                metrics = _step_metrics(cfg, model, sched, loss, time.perf_counter() - t_start, wait, global_batch,
-                                        world, fps, peak)
+                t_end = time.perf_counter()
+                metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world, fps, peak,
+                                        device)
+                loss = metrics["train/loss"]
                 if log is not None:
                     log.add(step, metrics)
                 end_of_epoch = in_epoch >= plan.steps_per_epoch
@@ -210,8 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         "step": step, "epoch": epoch_at, "step_in_epoch": in_epoch_at, "samples": samples, "loss": loss})
                 if end_of_epoch or step >= plan.planned_steps:
                     break
-                wait, t_start = 0.0, time.perf_counter()
-            epoch, skip = epoch + 1, 0
+                wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
+            epoch, in_epoch = epoch + 1, 0
     finally:
         if log is not None:
             log.flush()
@@ -219,23 +222,26 @@ def train_loop(config: dict[str, Any]) -> None:
             monitor.finish()
 
 
-def _step_metrics(cfg: TrainConfig, model: Any, sched: Any, loss: float, seconds: float, wait: float,
-                  global_batch: int, world: int, fps: float, peak: float | None) -> dict[str, float]:
+def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds: float, wait: float,
+                  global_batch: int, world: int, fps: float, peak: float | None, device: torch.device) -> dict[str, float]:
+    """Every rank's speed, data wait and local loss gathered (on the device: NCCL has no CPU tensors);
+    the loss logged is the mean of the ranks' local losses, which is the global batch's loss."""
     local = cfg.batch_size * cfg.accum_freq / seconds
     wait_frac = min(1.0, wait / seconds) if seconds > 0 else 0.0
-    per = torch.tensor([local, wait_frac], dtype=torch.float64)
-    if engine._distributed():  # every rank's speed and data wait, for rank 0 to log
+    per = torch.tensor([local, wait_frac, loss], dtype=torch.float64, device=device)
+    if engine._distributed():
         gathered = [torch.zeros_like(per) for _ in range(world)]
         dist.all_gather(gathered, per)
     else:
         gathered = [per]
-    rates = [float(g[0]) for g in gathered]
+    rows = [g.tolist() for g in gathered]
+    rates = [r[0] for r in rows]
     global_rate = global_batch / max(seconds, 1e-9)
-    out = {"train/loss": loss, "train/lr": sched.get_last_lr()[0],
+    out = {"train/loss": sum(r[2] for r in rows) / len(rows), "train/lr": lr,
            "train/logit_scale": math.exp(_scalar(engine.unwrap(model).logit_scale)),
            "train/samples_per_s": global_rate,
            "train/samples_per_s_per_worker": sum(rates) / len(rates),
-           "train/data_wait_fraction": sum(float(g[1]) for g in gathered) / len(gathered),
+           "train/data_wait_fraction": sum(r[1] for r in rows) / len(rows),
            "train/flops_per_s": fps * global_rate}
     for r, rate in enumerate(rates):
         out[f"train/worker_{r}/samples_per_s"] = rate
