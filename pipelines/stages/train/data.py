@@ -46,11 +46,11 @@ def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool) -> dict[s
 
 
 def dataset(urls: list[str], arch: str, augment: bool, seed: int | None, data_cpus: float, batch_rows: int = 64) -> Any:
-    """A lazy Ray Dataset of preprocessed rows over the curated shards, in a shuffled file order."""
+    """A lazy Ray Dataset of preprocessed rows over the curated shards; every pass (epoch) reads the files in
+    a new shuffled order (a fixed order with `seed`).  `randomize_block_order` would instead wait for every
+    block of the pass before passing any on."""
     import ray.data
 
-    # the file order is shuffled at every execution (every epoch) while streaming; randomize_block_order
-    # would instead wait for every block of the epoch before passing any on
     shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
     ds = ray.data.read_parquet(urls, columns=["uid", "image", "caption"], shuffle=shuffle)
     return ds.map_batches(preprocess, batch_size=batch_rows, batch_format="numpy", num_cpus=data_cpus,

@@ -175,19 +175,21 @@ def train_loop(config: dict[str, Any]) -> None:
     peak = peak_flops(cfg, device, bf16)
     global_batch = cfg.batch_size * cfg.accum_freq * world
     shard = ray.train.get_dataset_shard("train")
-    # the data position: a resumed epoch trains only its remaining steps, drawn from a fresh pass over the
-    # shuffled stream (the stream's order is not reproducible, so replaying it would not skip the same rows)
+    # One pass over the dataset per epoch: each pass starts Ray Data's pipeline again (a few seconds here).
+    # The data position (epoch, step in the epoch) counts steps; a resumed epoch trains its remaining steps
+    # from a fresh pass (the stream's order is not reproducible, so replaying it would not skip the rows
+    # already seen).
     step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
     samples = state["samples"]
     try:
         while step < plan.planned_steps:
-            micro, wait = [], 0.0
+            start_step, micro, wait = step, [], 0.0
             batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
                                                     dtypes={"image": torch.float32, "text": torch.long},
                                                     prefetch_batches=2,
                                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None))
             t_start = time.perf_counter()
-            while True:
+            while step < plan.planned_steps:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 if batch is None:
@@ -200,21 +202,23 @@ def train_loop(config: dict[str, Any]) -> None:
                 loss = engine.step(model, loss_fn, opt, micro, autocast, cfg.grad_clip)
                 sched.step()
                 step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
+                if in_epoch >= plan.steps_per_epoch:
+                    epoch, in_epoch = epoch + 1, 0
                 t_end = time.perf_counter()
                 metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world, fps, peak,
                                         device)
-                loss = metrics["train/loss"]
                 if log is not None:
                     log.add(step, metrics)
-                end_of_epoch = in_epoch >= plan.steps_per_epoch
                 if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
-                    epoch_at, in_epoch_at = (epoch + 1, 0) if end_of_epoch else (epoch, in_epoch)
                     _checkpoint(model, opt, sched, rank, log, plan, {
-                        "step": step, "epoch": epoch_at, "step_in_epoch": in_epoch_at, "samples": samples, "loss": loss})
-                if end_of_epoch or step >= plan.planned_steps:
+                        "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
+                        "loss": metrics["train/loss"]})
+                if in_epoch == 0:  # the epoch is done: the next one is a new pass
                     break
                 wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
-            epoch, in_epoch = epoch + 1, 0
+            if step == start_step:
+                raise RuntimeError(f"train data: a pass over the stream gave worker {rank} no full step of "
+                                   f"{cfg.batch_size} x {cfg.accum_freq} rows")
     finally:
         if log is not None:
             log.flush()
