@@ -34,7 +34,8 @@ def with_crawl(**with_):
 
 def test_demo_job_is_valid():
     job = spec.load(REPO / "jobs" / "demo.yaml")
-    assert list(job.stages) == ["crawl", "curate"]
+    assert list(job.stages) == ["crawl", "curate", "train"]
+    assert job.stages["train"].needs == ["curate"] and job.stages["train"].config.workers == 2
     curate = job.stages["curate"].config  # nested blocks become their dataclasses, defaults filled in
     assert curate.basic.min_side == 32 and curate.basic.max_aspect == 3.0 and curate.near_duplicate.max_distance == 2
     assert curate.clip_score.model.arch == "clip-tiny"
