@@ -2,6 +2,7 @@
 
 from pipelines.stages.crawl import CrawlStage
 from pipelines.stages.curate import CurateStage
+from pipelines.stages.evaluate import EvaluateStage
 from pipelines.stages.train import TrainStage
 
-BUILTIN = {"crawl": CrawlStage, "curate": CurateStage, "train": TrainStage}
+BUILTIN = {"crawl": CrawlStage, "curate": CurateStage, "train": TrainStage, "evaluate": EvaluateStage}

@@ -1,1 +1,5 @@
-"""The evaluate stage (in progress): CLIP_benchmark metrics first; the stage comes with issue 5."""
+"""The evaluate stage: zero-shot classification and retrieval metrics (CLIP_benchmark's), logged to MLflow."""
+
+from pipelines.stages.evaluate.stage import EvaluateStage
+
+__all__ = ["EvaluateStage"]

@@ -1,0 +1,62 @@
+"""The evaluate stage's parameters: what a job writes under `stages.<name>.with` for `uses: evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipelines.models import ModelRef
+
+
+def _f(default, help, **bounds):  # noqa: A002 - short helper for field metadata
+    if isinstance(default, list) or (callable(default) and isinstance(default, type)):
+        factory = default if callable(default) else (lambda: list(default))
+        return field(default_factory=factory, metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(kw_only=True)
+class EvalSet:
+    """One evaluation dataset: a built-in, or Parquet files with named columns."""
+
+    name: str = field(metadata={"help": "name in metrics (eval/<name>/...) and in the results file"})
+    builtin: Literal["demo_heldout", "digits"] | None = _f(
+        None, "a built-in set: the demo generator's held-out seed, or scikit-learn's held-out digits")
+    path: str | None = _f(None, "Parquet file(s) or glob (any fsspec URL) when not a built-in")
+    image_column: str = _f("image", "column of encoded image bytes")
+    label_column: str | None = _f("label", "column of integer class indices (zero-shot)")
+    caption_column: str | None = _f(None, "column of a caption or a list of captions per image (retrieval)")
+    classnames: list[str] = _f([], "class names, in label order (zero-shot)")
+    templates: list[str] | dict[str, list[str]] = _f(
+        ["a photo of a {c}."], "prompt templates with {c}, or a dict of templates per class name")
+    tasks: list[Literal["zeroshot", "retrieval"]] = _f(["zeroshot", "retrieval"], "what to compute")
+    limit: int | None = _f(None, "evaluate only the first N images", minimum=1)
+
+    def __post_init__(self) -> None:
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError(f"dataset {self.name}: give exactly one of builtin or path")
+        if self.path and "zeroshot" in self.tasks and not self.classnames:
+            raise ValueError(f"dataset {self.name}: zero-shot needs classnames")
+        if self.path and "retrieval" in self.tasks and not self.caption_column:
+            raise ValueError(f"dataset {self.name}: retrieval needs caption_column")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Zero-shot classification and retrieval metrics (CLIP_benchmark's definitions), logged to MLflow."""
+
+    model: ModelRef | None = _f(None, "the model; default: the upstream train stage's final model")
+    datasets: list[EvalSet] = _f([], "datasets to evaluate on")
+    batch_size: int = _f(128, "images or texts per forward pass", minimum=1)
+    actors: int = _f(1, "embedding actors (Ray Data actor pool)", minimum=1)
+    num_cpus: float = _f(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
+    num_gpus: float = _f(0.0, "GPUs per actor", minimum=0)
+    examples: int = _f(6, "retrieval queries shown in the examples grid per dataset", minimum=0)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("evaluate: datasets names no dataset")
+        names = [d["name"] if isinstance(d, dict) else d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"evaluate: dataset name(s) {', '.join(dup)} used more than once")

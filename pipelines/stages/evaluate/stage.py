@@ -1,0 +1,216 @@
+"""The evaluate stage: zero-shot classification and retrieval on each dataset, as CLIP_benchmark defines them.
+
+Embeddings come from an actor pool on Ray (`embed.py`); metrics from `metrics.py`.  Output: one
+CLIP_benchmark-format JSON per dataset and task, MLflow metrics `eval/<dataset>/<metric>` (`@` written as
+`_at_`), a confusion matrix and a grid of retrieval examples per dataset, and a summary table with the
+average of each dataset's main metric (acc1, or the mean of image and text recall@1), as DataComp averages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import storage
+from pipelines.manifest import Manifest
+from pipelines.models import ModelRef
+from pipelines.stage import Stage, StageContext, StageResult, register
+from pipelines.stages.evaluate import datasets, metrics
+from pipelines.stages.evaluate.config import EvalSet, EvaluateConfig
+from pipelines.stages.evaluate.embed import embed
+
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+
+
+def mlflow_key(name: str, metric: str) -> str:
+    return f"eval/{name}/{metric.replace('@', '_at_')}"
+
+
+def main_metric(task: str, m: dict[str, float]) -> float:
+    if task == "zeroshot":
+        return m["acc1"]
+    return (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
+
+
+def load(cfg: EvalSet, size: int) -> datasets.EvalData:
+    if cfg.builtin:
+        return datasets.builtin(cfg.builtin, size, cfg.limit)
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(cfg.path)
+    files = sorted(fs.glob(path)) if any(ch in path for ch in "*?[") else [path]
+    if not files:
+        raise FileNotFoundError(f"dataset {cfg.name}: no file matches {cfg.path}")
+    columns = [cfg.image_column] + [c for c in (cfg.label_column if "zeroshot" in cfg.tasks else None,
+                                                cfg.caption_column if "retrieval" in cfg.tasks else None) if c]
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh)
+        missing = [c for c in columns if c not in t.column_names]
+        if missing:
+            raise ValueError(f"dataset {cfg.name}: {f} has no column {', '.join(missing)}; it has "
+                             f"{', '.join(t.column_names)}")
+        tables.append(t.select(columns))
+    rows = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
+    n = len(rows[cfg.image_column]) if cfg.limit is None else min(cfg.limit, len(rows[cfg.image_column]))
+    labels = captions = None
+    if "zeroshot" in cfg.tasks:
+        labels = [int(v) for v in rows[cfg.label_column][:n]]
+        bad = [v for v in labels if not 0 <= v < len(cfg.classnames)]
+        if bad:
+            raise ValueError(f"dataset {cfg.name}: label {bad[0]} is not an index into the {len(cfg.classnames)} "
+                             "classnames")
+    if "retrieval" in cfg.tasks:
+        captions = [[c] if isinstance(c, str) else list(c) for c in rows[cfg.caption_column][:n]]
+    return datasets.EvalData(cfg.name, rows[cfg.image_column][:n], labels, list(cfg.classnames), cfg.templates,
+                             captions)
+
+
+@register
+class EvaluateStage(Stage):
+    kind = "evaluate"
+    Config = EvaluateConfig
+    dependencies = ("open_clip_torch", "torch", "pillow", "scikit-learn")
+
+    def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
+        cfg: EvaluateConfig = self.config
+        ref = cfg.model or self._upstream_model(upstream)
+        from pipelines.models import preprocess_cfg
+
+        size = preprocess_cfg(ref.arch)["size"] if not ref.model_uri else 224
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        shards, summary, flat = [], [], {}
+        for ds_cfg in cfg.datasets:
+            data = load(ds_cfg, size)
+            tasks = [t for t in ds_cfg.tasks if (t != "zeroshot" or data.labels) and (t != "retrieval" or data.captions)]
+            prompts, counts = data.prompts() if "zeroshot" in tasks else ([], [])
+            captions = [c for cs in data.captions for c in cs] if "retrieval" in tasks else []
+            ctx.log.info("%s: embedding %d images and %d texts", data.name, len(data.images),
+                         len(prompts) + len(captions))
+            img, txt = embed(ref, data.images, prompts + captions, cfg.batch_size, cfg.actors, cfg.num_cpus,
+                             cfg.num_gpus)
+            img_t, txt_t = torch.from_numpy(img), torch.from_numpy(txt)
+            for task in tasks:
+                if task == "zeroshot":
+                    weights = metrics.class_vectors(txt_t[:len(prompts)], counts)
+                    logits = img_t @ weights.t()
+                    target = torch.tensor(data.labels)
+                    m = metrics.zeroshot(logits, target)
+                    self._confusion(ctx, data, logits.argmax(dim=1), target)
+                else:
+                    text_image = [i for i, cs in enumerate(data.captions) for _ in cs]
+                    cap = txt_t[len(prompts):]
+                    m = metrics.retrieval(img_t, cap, text_image)
+                    if cfg.examples:
+                        self._examples(ctx, data, img_t, cap, captions, text_image, cfg.examples)
+                record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
+                          "task": TASKS[task], "metrics": m, "language": "en"}
+                blob = json.dumps(record, indent=2, allow_nan=True).encode()
+                rel = f"{data.name}_{TASKS[task]}.json"
+                storage.atomic_write(storage.join(ctx.output, rel), blob)
+                shards.append({"path": rel, "rows": len(data.images), "bytes": len(blob),
+                               "sha256": storage.sha256_bytes(blob)})
+                flat.update({mlflow_key(data.name, k): v for k, v in m.items()})
+                summary.append({"dataset": data.name, "task": TASKS[task], "images": len(data.images),
+                                "main_metric": "acc1" if task == "zeroshot" else "mean_recall@1",
+                                "value": main_metric(task, m)})
+                ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        average = float(np.mean([s["value"] for s in summary]))
+        flat["eval/average"] = average
+        self._log(ctx, flat)
+        self._summary(ctx, summary, average)
+        return StageResult(shards=shards, counts={"datasets": len(cfg.datasets)},
+                           metrics={"average": average},
+                           extra={"summary": summary, "model": {"arch": ref.arch, "checkpoint": ref.checkpoint,
+                                                                "model_uri": ref.model_uri}})
+
+    @staticmethod
+    def _log(ctx: StageContext, flat: dict[str, float]) -> None:
+        """`eval/<dataset>/<metric>` exactly (not under the stage's prefix); NaN (acc5 of < 5 classes) is left out."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in flat.items() if not math.isnan(v)]
+        ctx.tracker.client.log_batch(ctx.tracker.run_id, metrics=items)
+
+    @staticmethod
+    def _upstream_model(upstream: dict[str, Manifest]) -> ModelRef:
+        trained = [m for m in upstream.values() if "model" in m.extra]
+        if len(trained) != 1:
+            raise ValueError("evaluate: give with.model, or make the stage need exactly one train stage "
+                             f"(its needs: {', '.join(upstream) or 'none'})")
+        info = trained[0].extra["model"]
+        return ModelRef(arch=info["arch"], checkpoint=storage.join(trained[0].location, info["weights"]))
+
+    @staticmethod
+    def _confusion(ctx: StageContext, data: datasets.EvalData, pred: torch.Tensor, target: torch.Tensor) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        k = len(data.classnames)
+        cm = np.zeros((k, k), np.int64)
+        np.add.at(cm, (target.numpy(), pred.numpy()), 1)
+        fig, ax = plt.subplots(figsize=(0.45 * k + 3, 0.45 * k + 2.5))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(k), data.classnames, rotation=90)
+        ax.set_yticks(range(k), data.classnames)
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                        color="white" if v > cm.max() / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{data.name}: zero-shot confusion matrix ({len(target)} images)")
+        fig.tight_layout()
+        ctx.tracker.log_figure(fig, f"eval_{data.name}_confusion.png")
+        plt.close(fig)
+
+    @staticmethod
+    def _examples(ctx: StageContext, data: datasets.EvalData, img: torch.Tensor, cap: torch.Tensor,
+                  captions: list[str], text_image: list[int], n: int) -> None:
+        """Text queries and their top 5 images; the right image framed in green."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from PIL import Image
+
+        queries = np.linspace(0, len(captions) - 1, min(n, len(captions))).astype(int)
+        scores = cap[queries] @ img.t()
+        top = torch.sort(scores, dim=1, descending=True, stable=True)[1][:, :5]
+        fig, axes = plt.subplots(len(queries), 6, figsize=(13, 2.1 * len(queries)), squeeze=False)
+        for row, q in enumerate(queries):
+            axes[row, 0].text(0, 0.5, captions[q], wrap=True, fontsize=9, va="center")
+            axes[row, 0].axis("off")
+            for col, i in enumerate(top[row].tolist()):
+                ax = axes[row, col + 1]
+                ax.imshow(Image.open(io.BytesIO(data.images[i])).convert("RGB"))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                right = i == text_image[q]
+                for spine in ax.spines.values():
+                    spine.set_color("#2ca02c" if right else "#bbbbbb")
+                    spine.set_linewidth(4 if right else 1)
+                ax.set_title(f"{float(scores[row, i]):.2f}", fontsize=8)
+        fig.suptitle(f"{data.name}: text -> image retrieval, top 5 (green: the caption's image)")
+        fig.tight_layout()
+        ctx.tracker.log_figure(fig, f"eval_{data.name}_retrieval.png")
+        plt.close(fig)
+
+    @staticmethod
+    def _summary(ctx: StageContext, summary: list[dict[str, Any]], average: float) -> None:
+        lines = ["| dataset | task | images | main metric | value |", "|---|---|---|---|---|"]
+        lines += [f"| {s['dataset']} | {s['task']} | {s['images']} | {s['main_metric']} | {s['value']:.4f} |"
+                  for s in summary]
+        lines.append(f"| average | | | | {average:.4f} |")
+        ctx.tracker.client.log_text(ctx.tracker.run_id, "\n".join(lines) + "\n", "eval_summary.md")

@@ -1,0 +1,109 @@
+"""The evaluate stage on Ray: built-in and Parquet datasets, CLIP_benchmark JSON, MLflow metrics and plots."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipelines import spec
+from pipelines.models import ModelRef, create
+from pipelines.runner import run_job
+from pipelines.stages.evaluate import datasets, metrics
+from pipelines.stages.evaluate.embed import embed
+from tests.conftest import mlflow_runs, write_job
+
+
+def test_builtin_sets_have_their_documented_shape():
+    digits = datasets.builtin("digits")
+    assert len(digits.images) == datasets.DIGITS_HELD_OUT == len(digits.labels) == len(digits.captions)
+    assert sorted(set(digits.labels)) == list(range(10)) and digits.classnames[3] == "three"
+    demo = datasets.builtin("demo_heldout", limit=60)
+    assert len(demo.images) == 60 and len(demo.classnames) == 18
+    assert all(len(c) == 2 and c[0] != c[1] for c in demo.captions)  # two captions per image
+    texts, counts = demo.prompts()
+    assert counts == [len(datasets.SHAPE_TEMPLATES)] * 18 and texts[0] == "a photo of a red circle"
+
+
+@pytest.mark.slow
+def test_actor_pool_embeddings_equal_a_plain_forward_pass(ray_local):
+    data = datasets.builtin("demo_heldout", limit=10)
+    ref = ModelRef(arch="clip-tiny", seed=3)
+    img, txt = embed(ref, data.images, ["a red circle", "a blue square", "a green triangle"], batch_size=4)
+    model, preprocess, tok = create(ref)
+    from PIL import Image
+
+    with torch.no_grad():
+        x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in data.images])
+        want_img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        want_txt = torch.nn.functional.normalize(model.encode_text(tok(["a red circle", "a blue square",
+                                                                        "a green triangle"])), dim=-1)
+    torch.testing.assert_close(torch.from_numpy(img), want_img, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(txt), want_txt, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_clip_benchmark_json_mlflow_metrics_and_plots(tmp_path, ray_local):
+    # a Parquet set with several captions per image and labels, besides a built-in
+    data = datasets.builtin("demo_heldout", limit=24)
+    pq.write_table(pa.table({"jpg": data.images, "cls": data.labels, "txt": data.captions}), tmp_path / "set.parquet")
+    job = write_job(tmp_path, {"evaluate": {"uses": "evaluate", "with": {
+        "model": {"arch": "clip-tiny"},
+        "datasets": [{"name": "digits", "builtin": "digits", "limit": 40, "tasks": ["zeroshot"]},
+                     {"name": "shapes", "path": str(tmp_path / "*.parquet"), "image_column": "jpg",
+                      "label_column": "cls", "caption_column": "txt", "classnames": data.classnames,
+                      "templates": {c: [f"a {{c}}", f"there is a {{c}}"] for c in data.classnames}}]}}},
+        ray={"address": "local"})
+    (outcome,) = run_job(spec.load(job), progress=False)
+    m = outcome.manifest
+    assert sorted(s["path"] for s in m.shards) == ["digits_zeroshot_classification.json",
+                                                   "shapes_zeroshot_classification.json",
+                                                   "shapes_zeroshot_retrieval.json"]
+    rec = json.loads(open(f"{m.location}/shapes_zeroshot_retrieval.json").read())
+    assert rec["dataset"] == "shapes" and rec["task"] == "zeroshot_retrieval" and rec["language"] == "en"
+    assert set(rec["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    digits = json.loads(open(f"{m.location}/digits_zeroshot_classification.json").read())["metrics"]
+    assert set(digits) == {"acc1", "acc5", "mean_per_class_recall"} and 0 <= digits["acc1"] <= 1
+
+    run = [r for r in mlflow_runs(tmp_path / "store") if r.data.tags.get("clipline.stage") == "evaluate"][0]
+    got = run.data.metrics
+    assert got["eval/shapes/image_retrieval_recall_at_5"] == rec["metrics"]["image_retrieval_recall@5"]
+    assert got["eval/digits/acc1"] == digits["acc1"] and "eval/shapes/acc5" in got
+    summary = m.extra["summary"]
+    assert [s["main_metric"] for s in summary] == ["acc1", "acc1", "mean_recall@1"]
+    assert got["eval/average"] == got["evaluate/average"] == pytest.approx(sum(s["value"] for s in summary) / 3)
+    artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db").list_artifacts(run.info.run_id)}
+    assert {"eval_digits_confusion.png", "eval_shapes_confusion.png", "eval_shapes_retrieval.png",
+            "eval_summary.md"} <= artifacts
+
+
+def test_a_dataset_with_a_missing_column_or_bad_label_is_named(tmp_path):
+    from pipelines.stages.evaluate.config import EvalSet
+    from pipelines.stages.evaluate.stage import load
+
+    pq.write_table(pa.table({"image": [b"x"], "label": [7]}), tmp_path / "a.parquet")
+    bad = EvalSet(name="a", path=str(tmp_path / "a.parquet"), classnames=["cat", "dog"], tasks=["zeroshot"])
+    with pytest.raises(ValueError, match=r"dataset a: label 7 is not an index into the 2 classnames"):
+        load(bad, 64)
+    with pytest.raises(ValueError, match=r"dataset a: .*a.parquet has no column txt; it has image, label"):
+        load(EvalSet(name="a", path=str(tmp_path / "a.parquet"), caption_column="txt", tasks=["retrieval"]), 64)
+    with pytest.raises(ValueError, match="give exactly one of builtin or path"):
+        EvalSet(name="b")
+
+
+def test_class_vectors_on_real_embeddings_classify_their_own_prompts():
+    """A sanity check that zero-shot wiring is right: each class's prompt embedding is nearest its own vector."""
+    model, _, tok = create(ModelRef(arch="clip-tiny", seed=0))
+    data = datasets.builtin("demo_heldout", limit=1)
+    texts, counts = data.prompts()
+    with torch.no_grad():
+        emb = model.encode_text(tok(texts))
+    w = metrics.class_vectors(emb, counts)
+    assert w.shape == (18, 64) and torch.allclose(w.norm(dim=1), torch.ones(18))
+    assert not math.isnan(float(w.sum()))
