@@ -40,6 +40,12 @@ class Sample:
     scale: float
     caption: str
     fmt: str  # "jpg" or "png"
+    template: int = 0  # index into TEMPLATES of the caption's template
+
+    def captioned(self, template: int) -> str:
+        """This sample's caption under another template (a second caption for retrieval)."""
+        return TEMPLATES[template % len(TEMPLATES)].format(color=self.color, shape=self.shape,
+                                                          position=self.position, background=self.background)
 
     @property
     def label(self) -> str:
@@ -50,9 +56,10 @@ def sample(seed: int, index: int) -> Sample:
     rng = random.Random(seed * 1_000_003 + index)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
-    caption = rng.choice(TEMPLATES).format(color=color, shape=shape, position=position, background=background)
+    template = TEMPLATES.index(rng.choice(TEMPLATES))
+    caption = TEMPLATES[template].format(color=color, shape=shape, position=position, background=background)
     return Sample(index, color, shape, background, position, rng.uniform(0.22, 0.34), caption,
-                  "png" if index % 4 == 3 else "jpg")
+                  "png" if index % 4 == 3 else "jpg", template)
 
 
 def render(s: Sample, size: int = 96) -> Image.Image:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any
 
 from PIL import Image
 
@@ -82,9 +81,7 @@ def builtin(name: str, size: int = 64, limit: int | None = None) -> EvalData:
         samples = [web.sample(DEMO_HELDOUT_SEED, i) for i in range(n)]
         classes = [f"{c} {s}" for c in web.COLORS for s in web.SHAPES]
         images = [_png(web.render(s, size)) for s in samples]
-        other = [web.TEMPLATES[(web.TEMPLATES.index(_template(s)) + 1) % len(web.TEMPLATES)] for s in samples]
-        captions = [[s.caption, t.format(color=s.color, shape=s.shape, position=s.position, background=s.background)]
-                    for s, t in zip(samples, other, strict=True)]
+        captions = [[s.caption, s.captioned(s.template + 1)] for s in samples]
         data = EvalData("demo_heldout", images, [classes.index(s.label) for s in samples], classes,
                         list(SHAPE_TEMPLATES), captions)
     else:
@@ -95,11 +92,3 @@ def builtin(name: str, size: int = 64, limit: int | None = None) -> EvalData:
         data.captions = data.captions[:limit] if data.captions else None
     return data
 
-
-def _template(s: Any) -> str:
-    from pipelines.demo import web
-
-    for t in web.TEMPLATES:
-        if t.format(color=s.color, shape=s.shape, position=s.position, background=s.background) == s.caption:
-            return t
-    return web.TEMPLATES[0]
