@@ -93,6 +93,8 @@ def test_a_dataset_with_a_missing_column_or_bad_label_is_named(tmp_path):
         load(bad, 64)
     with pytest.raises(ValueError, match=r"dataset a: .*a.parquet has no column txt; it has image, label"):
         load(EvalSet(name="a", path=str(tmp_path / "a.parquet"), caption_column="txt", tasks=["retrieval"]), 64)
+    with pytest.raises(ValueError, match="zero-shot needs classnames and label_column"):
+        EvalSet(name="c", path="x.parquet", label_column=None, classnames=["cat"], tasks=["zeroshot"])
     with pytest.raises(ValueError, match="give exactly one of builtin or path"):
         EvalSet(name="b")
 

@@ -35,8 +35,8 @@ class EvalSet:
     def __post_init__(self) -> None:
         if (self.builtin is None) == (self.path is None):
             raise ValueError(f"dataset {self.name}: give exactly one of builtin or path")
-        if self.path and "zeroshot" in self.tasks and not self.classnames:
-            raise ValueError(f"dataset {self.name}: zero-shot needs classnames")
+        if self.path and "zeroshot" in self.tasks and not (self.classnames and self.label_column):
+            raise ValueError(f"dataset {self.name}: zero-shot needs classnames and label_column")
         if self.path and "retrieval" in self.tasks and not self.caption_column:
             raise ValueError(f"dataset {self.name}: retrieval needs caption_column")
 

@@ -25,6 +25,7 @@ from pipelines.stages.evaluate.config import EvalSet, EvaluateConfig
 from pipelines.stages.evaluate.embed import embed
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+MAX_CONFUSION_CLASSES = 60  # beyond this a confusion matrix is unreadable (and huge)
 
 
 def mlflow_key(name: str, metric: str) -> str:
@@ -88,7 +89,9 @@ class EvaluateStage(Stage):
         shards, summary, flat = [], [], {}
         for ds_cfg in cfg.datasets:
             data = load(ds_cfg, size)
-            tasks = [t for t in ds_cfg.tasks if (t != "zeroshot" or data.labels) and (t != "retrieval" or data.captions)]
+            if not data.images:
+                raise ValueError(f"dataset {data.name}: no images to evaluate")
+            tasks = list(dict.fromkeys(ds_cfg.tasks))
             prompts, counts = data.prompts() if "zeroshot" in tasks else ([], [])
             captions = [c for cs in data.captions for c in cs] if "retrieval" in tasks else []
             ctx.log.info("%s: embedding %d images and %d texts", data.name, len(data.images),
@@ -158,6 +161,10 @@ class EvaluateStage(Stage):
         import matplotlib.pyplot as plt
 
         k = len(data.classnames)
+        if k > MAX_CONFUSION_CLASSES:
+            ctx.log.warning("%s: %d classes; the confusion matrix is drawn only up to %d", data.name, k,
+                            MAX_CONFUSION_CLASSES)
+            return
         cm = np.zeros((k, k), np.int64)
         np.add.at(cm, (target.numpy(), pred.numpy()), 1)
         fig, ax = plt.subplots(figsize=(0.45 * k + 3, 0.45 * k + 2.5))
