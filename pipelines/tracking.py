@@ -80,12 +80,14 @@ class StageTracker:
     def __init__(self, client: Any, run_id: str, stage: str, uri: str = "") -> None:
         self.client, self.run_id, self.stage, self.uri = client, run_id, stage, uri
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None) -> None:
+        """Metrics as `<stage>/<name>` (or `<prefix>/<name>`; prefix "" logs the names as given); NaN is left out."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        prefix = self.stage if prefix is None else prefix
         items = [
-            Metric(f"{self.stage}/{k}", float(v), now, step or 0)
+            Metric(f"{prefix}/{k}" if prefix else k, float(v), now, step or 0)
             for k, v in metrics.items()
             if v is not None and not (isinstance(v, float) and math.isnan(v))
         ]

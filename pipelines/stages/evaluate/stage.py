@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -126,23 +125,12 @@ class EvaluateStage(Stage):
                 ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
         average = float(np.mean([s["value"] for s in summary]))
         flat["eval/average"] = average
-        self._log(ctx, flat)
+        ctx.tracker.log_metrics(flat, prefix="")  # `eval/<dataset>/<metric>` exactly; NaN (acc5 < 5 classes) left out
         self._summary(ctx, summary, average)
         return StageResult(shards=shards, counts={"datasets": len(cfg.datasets)},
                            metrics={"average": average},
                            extra={"summary": summary, "model": {"arch": ref.arch, "checkpoint": ref.checkpoint,
                                                                 "model_uri": ref.model_uri}})
-
-    @staticmethod
-    def _log(ctx: StageContext, flat: dict[str, float]) -> None:
-        """`eval/<dataset>/<metric>` exactly (not under the stage's prefix); NaN (acc5 of < 5 classes) is left out."""
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in flat.items() if not math.isnan(v)]
-        ctx.tracker.client.log_batch(ctx.tracker.run_id, metrics=items)
 
     @staticmethod
     def _upstream_model(upstream: dict[str, Manifest]) -> ModelRef:

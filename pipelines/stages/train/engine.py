@@ -111,7 +111,6 @@ def step(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, micro
         keys = ("image_features", "text_features")
         with torch.no_grad(), autocast():  # cache every micro-batch's features: the negatives of the step
             cached = [_outputs(model, i, t) for i, t in micro]
-        value = torch.zeros(())
         last = len(micro) - 1
         for j, (images, texts) in enumerate(micro):
             with _sync(model, j == last):

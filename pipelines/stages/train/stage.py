@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from pipelines import storage
@@ -102,7 +103,7 @@ class TrainStage(Stage):
         config = {"arch": name, **model_config(cfg.model.arch)}
         if getattr(model, "logit_bias", None) is not None:
             config["init_logit_bias"] = float(model.logit_bias)
-        files = {WEIGHTS_FILE: open(weights, "rb").read(), CONFIG_FILE: json.dumps(config, indent=2).encode()}
+        files = {WEIGHTS_FILE: Path(weights).read_bytes(), CONFIG_FILE: json.dumps(config, indent=2).encode()}
         shards = []
         for fname, blob in files.items():
             storage.atomic_write(storage.join(ctx.output, fname), blob)
