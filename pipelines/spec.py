@@ -242,13 +242,14 @@ def _schema_at(schema: dict[str, Any], raw: dict[str, Any], path: list[str]) -> 
     for key in rest:
         if node is None:
             return None
-        node = node.get("properties", {}).get(key)
+        node = node.get("items") if key.isdigit() else node.get("properties", {}).get(key)
     return node
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
                     schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`stages.crawl.with.image_size=32` style overrides, each value typed by the schema at its path."""
+    """`stages.crawl.with.image_size=32` style overrides, each value typed by the schema at its path; a number
+    in the path indexes a list (`stages.evaluate.with.datasets.0.limit=60`)."""
     raw = copy.deepcopy(raw)
     schema = schema or job_schema()
     for item in overrides:
@@ -270,13 +271,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
                 raise SpecError(f"--set {key}: cannot parse {text!r}: {exc}") from None
             if "string" in types_ and not isinstance(value, (str, type(None))) and "integer" not in types_:
                 value = text
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise SpecError(f"--set {key}: {part!r} is not a mapping in {source}")
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
+        node: Any = raw
+        for part, nxt in zip(path[:-1], path[1:], strict=True):
+            node = _step(node, part, nxt.isdigit(), key, source)
+        if isinstance(node, list):
+            _step(node, path[-1], False, key, source)  # checks the index
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
     return raw
+
+
+def _step(node: Any, part: str, list_next: bool, key: str, source: str) -> Any:
+    """One step down an override's path: into a mapping (created when missing) or a list item."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise SpecError(f"--set {key}: {part!r} is not an index into the {len(node)} items of the list in {source}")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise SpecError(f"--set {key}: {part!r} is not a mapping in {source}")
+    child = node.setdefault(part, [] if list_next else {})
+    if not isinstance(child, (dict, list)):
+        raise SpecError(f"--set {key}: {part!r} is not a mapping in {source}")
+    return child
 
 
 def _interpolate(value: Any, variables: dict[str, str]) -> Any:

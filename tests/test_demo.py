@@ -22,7 +22,10 @@ def test_generator_is_deterministic_and_covers_the_classes():
     assert len(labels) == len(web.COLORS) * len(web.SHAPES) == 18
     s = web.sample(0, 7)
     assert s.color in s.caption and s.shape in s.caption
-    assert web.render(s).getpixel((0, 0)) == web.BACKGROUNDS[s.background]
+    corner = web.render(s).getpixel((0, 0))  # the background, shaded by at most 12 per channel
+    assert all(abs(c - b) <= 12 for c, b in zip(corner, web.BACKGROUNDS[s.background], strict=True))
+    # continuous variation within a caption: no two of the first 500 images are alike
+    assert len({web.encoded(0, i)[0] for i in range(500)}) == 500
 
 
 def _free_port() -> int:
@@ -36,13 +39,15 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     store = tmp_path / "data"
     cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--storage", str(store), "--images", "300",
            "--port", str(_free_port()), "--no-progress",
-           # about 65 curated rows: 2 workers x 16, three epochs
-           "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3"]
+           # about 200 curated rows: 2 workers x 16, three epochs; evaluation on 60 held-out images
+           "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3",
+           "--set", "stages.evaluate.with.datasets[0].limit=60"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "crawl      ran      300 rows" in first.stdout
     assert "curate     ran" in first.stdout
     assert "train      ran" in first.stdout and "model: models:/demo-train@candidate" in first.stdout
+    assert "evaluate   ran" in first.stdout
     files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
 
     # the port is part of every URL: the same port gives the same list and so the same cache key
@@ -51,13 +56,14 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     assert "crawl      cached   300 rows" in second.stdout
     assert "curate     cached" in second.stdout
     assert "train      cached" in second.stdout
+    assert "evaluate   cached" in second.stdout
     assert "URL list unchanged" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")} == files
 
     runs = mlflow_runs(store)
     assert [(r.info.run_name, r.data.tags.get("clipline.cache")) for r in runs] == [
-        ("demo", None), ("crawl", "miss"), ("curate", "miss"), ("train", "miss"),
-        ("demo", None), ("crawl", "hit"), ("curate", "hit"), ("train", "hit")]
+        ("demo", None), ("crawl", "miss"), ("curate", "miss"), ("train", "miss"), ("evaluate", "miss"),
+        ("demo", None), ("crawl", "hit"), ("curate", "hit"), ("train", "hit"), ("evaluate", "hit")]
     crawl = runs[1]
     assert crawl.data.metrics["crawl/input_rows"] == 300
     kinds = url_list("http://x", 300, DEMO_SEED, DEMO_FAULTS)["kind"].value_counts()
@@ -86,3 +92,15 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
                  .list_artifacts(runs[2].info.run_id)}
     assert {"curate_funnel.png", "curate_histograms.png", "manifest"} <= artifacts
+
+    # the evaluate stage scored the trained model: every CLIP_benchmark metric of both sets, in [0, 1]
+    evaluate = runs[4].data.metrics
+    for name, keys in (("demo_heldout", ["acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall_at_1",
+                                         "text_retrieval_recall_at_10"]), ("digits", ["acc1", "acc5"])):
+        for k in keys:
+            assert 0 <= evaluate[f"eval/{name}/{k}"] <= 1, (name, k)
+    assert "eval/digits/image_retrieval_recall_at_1" not in evaluate  # the job asks digits for zero-shot only
+    artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
+                 .list_artifacts(runs[4].info.run_id)}
+    assert {"eval_demo_heldout_confusion.png", "eval_demo_heldout_retrieval.png", "eval_digits_confusion.png",
+            "eval_summary.md"} <= artifacts

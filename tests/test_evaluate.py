@@ -27,7 +27,7 @@ def test_builtin_sets_have_their_documented_shape():
     assert len(demo.images) == 60 and len(demo.classnames) == 18
     assert all(len(c) == 2 and c[0] != c[1] for c in demo.captions)  # two captions per image
     texts, counts = demo.prompts()
-    assert counts == [len(datasets.SHAPE_TEMPLATES)] * 18 and texts[0] == "a photo of a red circle"
+    assert counts == [len(datasets.SHAPE_TEMPLATES)] * 18 and texts[0] == "a photo of a red circle on white"
 
 
 @pytest.mark.slow
@@ -97,3 +97,22 @@ def test_a_dataset_with_a_missing_column_or_bad_label_is_named(tmp_path):
     with pytest.raises(ValueError, match="give exactly one of builtin or path"):
         EvalSet(name="b")
 
+
+
+@pytest.mark.slow
+def test_a_webdataset_set_reads_images_labels_and_captions_by_extension(tmp_path, ray_local):
+    from pipelines.stages.evaluate.config import EvalSet
+    from pipelines.stages.evaluate.stage import load
+    from tests.test_ingest import write_tar
+
+    data = datasets.builtin("demo_heldout", limit=6)
+    write_tar(tmp_path / "set.tar", {f"{i:03d}": {"jpg": data.images[i], "cls": str(data.labels[i]).encode(),
+                                                  "txt": data.captions[i][0].encode()} for i in range(6)})
+    got = load(EvalSet(name="w", path=str(tmp_path / "set.tar"), image_column="jpg", label_column="cls",
+                       caption_column="txt", classnames=data.classnames), 64)
+    assert got.images == data.images and got.labels == data.labels
+    assert got.captions == [[c[0]] for c in data.captions]
+    write_tar(tmp_path / "set.tar", {"000": {"jpg": data.images[0], "cls": b"x", "txt": b"a"}})
+    with pytest.raises(ValueError, match=r"dataset w: the label of row 0 is b'x'; expected an integer"):
+        load(EvalSet(name="w", path=str(tmp_path / "set.tar"), image_column="jpg", label_column="cls",
+                     caption_column="txt", classnames=data.classnames), 64)

@@ -34,7 +34,12 @@ def with_crawl(**with_):
 
 def test_demo_job_is_valid():
     job = spec.load(REPO / "jobs" / "demo.yaml")
-    assert list(job.stages) == ["crawl", "curate", "train"]
+    assert list(job.stages) == ["crawl", "curate", "train", "evaluate"]
+    assert job.stages["evaluate"].needs == ["train"]
+    assert [d.builtin for d in job.stages["evaluate"].config.datasets] == ["demo_heldout", "digits"]
+    digits = spec.load(REPO / "jobs" / "digits.yaml")
+    assert list(digits.stages) == ["ingest", "train", "evaluate"]
+    assert digits.stages["train"].config.eval_datasets[0].builtin == "digits"
     assert job.stages["train"].needs == ["curate"] and job.stages["train"].config.workers == 2
     curate = job.stages["curate"].config  # nested blocks become their dataclasses, defaults filled in
     assert curate.basic.min_side == 32 and curate.basic.max_aspect == 3.0 and curate.near_duplicate.max_distance == 2
@@ -115,6 +120,15 @@ def test_set_overrides_are_typed_by_the_schema(tmp_path):
     assert job.stages["crawl"].retries == 2
     assert job.experiment == "2026"
     assert job.storage == "/elsewhere"
+
+
+def test_set_indexes_lists_and_types_the_items_field(tmp_path):
+    ev = {"name": "j", "stages": {"e": {"uses": "evaluate", "with": {"model": {"arch": "clip-tiny"}, "datasets": [
+        {"name": "a", "builtin": "digits"}, {"name": "b", "builtin": "demo_heldout"}]}}}}
+    job = load_raw(tmp_path, ev, ["stages.e.with.datasets.1.limit=60", "stages.e.with.datasets.0.name=7"])
+    sets = job.stages["e"].config.datasets
+    assert (sets[1].limit, sets[0].limit, sets[0].name) == (60, None, "7")  # typed by the item's schema
+    assert "'5' is not an index into the 2 items of the list" in error_of(tmp_path, ev, ["stages.e.with.datasets.5.limit=1"])
 
 
 def test_set_errors_name_the_field(tmp_path):

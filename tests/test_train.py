@@ -246,7 +246,8 @@ def history(store: Path, run_id: str, key: str = "train/loss") -> list[tuple[int
 
 @pytest.mark.slow
 def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path, ray_local):
-    job = spec.load(train_job(tmp_path, epochs=3))
+    held = {"name": "held", "builtin": "demo_heldout", "limit": 36}
+    job = spec.load(train_job(tmp_path, epochs=3, eval_every=10, eval_datasets=[held]))
     outcomes = {o.stage: o for o in run_job(job, progress=False)}
     m = outcomes["train"].manifest
     assert m.counts["steps"] == 24 and m.counts["samples"] == 24 * 64  # 512 rows / 2 workers / 32 = 8 per epoch
@@ -277,6 +278,23 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
         assert torch.equal(local.encode_text(text), loaded.encode_text(text))
     config = json.loads(Path(m.location, info["config"]).read_text())
     assert config["arch"] == "clip-tiny" and config["embed_dim"] == 64
+
+    # evaluation while training: at steps 10, 20 and the last; the last equals the evaluate stage's own
+    # scoring of the published weights (the same code, on the DDP-wrapped model in the workers)
+    assert [s for s, _ in history(store, run.info.run_id, "eval/held/acc1")] == [10, 20, 24]
+    from pipelines.stages.evaluate import datasets
+    from pipelines.stages.evaluate.embed import encode
+    from pipelines.stages.evaluate.stage import score, texts
+
+    data = datasets.builtin("demo_heldout", 64, 36)
+    _, preprocess, _ = create(ModelRef(arch="clip-tiny"))
+    prompts, captions = texts(data, ["zeroshot", "retrieval"])
+    img, txt = encode(preprocess, tok, local.encode_image, local.encode_text, data.images, prompts + captions, 16, "cpu")
+    want = score(data, ["zeroshot", "retrieval"], img, txt)
+    for task, key in (("zeroshot", "acc1"), ("zeroshot", "mean_per_class_recall"),
+                      ("retrieval", "text_retrieval_recall@5")):
+        got = history(store, run.info.run_id, f"eval/held/{key.replace('@', '_at_')}")[-1]
+        assert got == (24, pytest.approx(want[task][key], abs=1e-6)), key
 
 
 def _train_workers() -> list[int]:
@@ -347,7 +365,8 @@ def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint_in_the_same_m
 def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_path, ray_local):
     """No worker-group restarts allowed: the kill fails the stage; the re-run resumes from the checkpoint
     (FSDP this time, so its sharded state goes through the checkpoint too)."""
-    path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp")
+    path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp",
+                     eval_datasets=[{"name": "held", "builtin": "demo_heldout", "limit": 12, "tasks": ["zeroshot"]}])
     outcome = _run_in_thread(spec.load(path))
     _kill_a_worker_after(tmp_path / "store", 10, outcome)
     outcome["thread"].join(timeout=600)
@@ -365,3 +384,5 @@ def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_p
     losses = [v for _, v in history(tmp_path / "store", run.info.run_id)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # FSDP's sharded parameters do train
     assert int(run.data.tags["clipline.train.restored_from_step"]) >= 5
+    # the end-of-training evaluation ran through FSDP's sharded forward on both ranks
+    assert [s for s, _ in history(tmp_path / "store", run.info.run_id, "eval/held/acc1")] == [30]

@@ -8,6 +8,7 @@ Every sample is a pure function of (seed, index): the same seed always gives the
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +21,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
-POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
+POSITIONS = {"left": (0.32, 0.5), "right": (0.68, 0.5), "top": (0.5, 0.32), "bottom": (0.5, 0.68),
              "center": (0.5, 0.5)}
 TEMPLATES = (
     "a {color} {shape} at the {position} on a {background} background",
@@ -41,6 +42,10 @@ class Sample:
     caption: str
     fmt: str  # "jpg" or "png"
     template: int = 0  # index into TEMPLATES of the caption's template
+    offset: tuple[float, float] = (0.0, 0.0)  # jitter around the named position, in image fractions
+    angle: float = 0.0  # rotation of a square or triangle, degrees
+    tint: tuple[int, int, int] = (0, 0, 0)  # the shape's color, shifted per channel
+    shade: int = 0  # the background, lighter or darker
 
     def captioned(self, template: int) -> str:
         """This sample's caption under another template (a second caption for retrieval)."""
@@ -58,23 +63,32 @@ def sample(seed: int, index: int) -> Sample:
     background, position = rng.choice(list(BACKGROUNDS)), rng.choice(list(POSITIONS))
     template = TEMPLATES.index(rng.choice(TEMPLATES))
     caption = TEMPLATES[template].format(color=color, shape=shape, position=position, background=background)
-    return Sample(index, color, shape, background, position, rng.uniform(0.22, 0.34), caption,
-                  "png" if index % 4 == 3 else "jpg", template)
+    # continuous variation within a caption: no two images alike, so a model must learn color and shape
+    offset = (rng.uniform(-0.07, 0.07), rng.uniform(-0.07, 0.07))
+    tint = (rng.randint(-20, 20), rng.randint(-20, 20), rng.randint(-20, 20))
+    return Sample(index, color, shape, background, position, rng.uniform(0.36, 0.5), caption,
+                  "png" if index % 4 == 3 else "jpg", template, offset, rng.uniform(-8, 8), tint,
+                  rng.randint(-12, 12))
 
 
 def render(s: Sample, size: int = 96) -> Image.Image:
-    im = Image.new("RGB", (size, size), BACKGROUNDS[s.background])
+    im = Image.new("RGB", (size, size), _shift(BACKGROUNDS[s.background], (s.shade,) * 3))
     draw = ImageDraw.Draw(im)
     cx, cy = POSITIONS[s.position]
-    cx, cy, r = cx * size, cy * size, s.scale * size / 2
-    fill = COLORS[s.color]
+    cx, cy, r = (cx + s.offset[0]) * size, (cy + s.offset[1]) * size, s.scale * size / 2
+    fill = _shift(COLORS[s.color], s.tint)
     if s.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif s.shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:  # a square or a triangle, turned by its angle
+        corners = [(-r, -r), (r, -r), (r, r), (-r, r)] if s.shape == "square" else [(0, -r), (r, r), (-r, r)]
+        a = math.radians(s.angle)
+        draw.polygon([(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a))
+                      for x, y in corners], fill=fill)
     return im
+
+
+def _shift(rgb: tuple[int, int, int], delta: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + d)) for c, d in zip(rgb, delta, strict=True))  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=8192)

@@ -30,7 +30,7 @@ class ModelRef:
     """Which open_clip model to use and where its weights come from."""
 
     arch: str = field(default="clip-tiny", metadata={
-        "help": "open_clip architecture name (ViT-B-32, ...), one of clipline's tiny configs (clip-tiny, clip-small) "
+        "help": "open_clip architecture name (ViT-B-32, ...), one of clipline's tiny configs (clip-tiny, clip-small, clip-rn-tiny) "
                 "or a path to an open_clip JSON model config"})
     checkpoint: str | None = field(default=None, metadata={
         "help": "weights: a .safetensors file or a torch state dict (loaded with weights_only=True)"})
@@ -71,7 +71,7 @@ def arch_name(arch: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     if open_clip.get_model_config(arch) is None:
-        raise ValueError(f"model arch {arch!r}: not an open_clip architecture; known: clip-tiny, clip-small, "
+        raise ValueError(f"model arch {arch!r}: not an open_clip architecture; known: clip-tiny, clip-small, clip-rn-tiny, "
                          f"{', '.join(n for n in open_clip.list_models() if n.startswith('ViT-B'))}, ... "
                          "or a path to a JSON config")
     return arch

@@ -3,6 +3,8 @@
 from pipelines.stages.crawl import CrawlStage
 from pipelines.stages.curate import CurateStage
 from pipelines.stages.evaluate import EvaluateStage
+from pipelines.stages.ingest import IngestStage
 from pipelines.stages.train import TrainStage
 
-BUILTIN = {"crawl": CrawlStage, "curate": CurateStage, "train": TrainStage, "evaluate": EvaluateStage}
+BUILTIN = {"crawl": CrawlStage, "ingest": IngestStage, "curate": CurateStage, "train": TrainStage,
+           "evaluate": EvaluateStage}

@@ -17,13 +17,15 @@ def _f(default, help, **bounds):  # noqa: A002 - short helper for field metadata
 
 @dataclass(kw_only=True)
 class EvalSet:
-    """One evaluation dataset: a built-in, or Parquet files with named columns."""
+    """One evaluation dataset: a built-in, or Parquet files or webdataset tars with named columns (a webdataset's
+    columns are its members' extensions: `image_column: jpg`, `caption_column: txt`, `label_column: cls`)."""
 
     name: str = field(metadata={"help": "name in metrics (eval/<name>/...) and in the results file"})
     builtin: Literal["demo_heldout", "digits"] | None = _f(
         None, "a built-in set: the demo generator's held-out seed, or scikit-learn's held-out digits")
-    path: str | None = _f(None, "Parquet file(s) or glob (any fsspec URL) when not a built-in")
-    image_column: str = _f("image", "column of encoded image bytes")
+    path: str | None = _f(None, "Parquet file(s) or webdataset tar(s): a path or glob (any fsspec URL)")
+    format: Literal["auto", "parquet", "webdataset"] = _f("auto", "file format; auto: from the extension")
+    image_column: str = _f("image", "column (webdataset: extension) of encoded image bytes")
     label_column: str | None = _f("label", "column of integer class indices (zero-shot)")
     caption_column: str | None = _f(None, "column of a caption or a list of captions per image (retrieval)")
     classnames: list[str] = _f([], "class names, in label order (zero-shot)")

@@ -17,7 +17,11 @@ from PIL import Image
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # CLIP_benchmark's MNIST templates
 DIGIT_TEMPLATES = ['a photo of the number: "{c}".']
-SHAPE_TEMPLATES = ["a photo of a {c}", "a {c}", "a {c} on a background", "there is a {c}"]
+# prompts in the words of the demo web's captions, as CLIP's prompts are in the words of web alt text; the
+# ensemble spans the backgrounds so the class vector does not lean on one
+SHAPE_TEMPLATES = ["a photo of a {c} on white", "a photo of a {c} on black", "a photo of a {c} on gray",
+                   "a {c} at the center on a white background", "a {c} at the center on a black background",
+                   "a {c} at the center on a gray background"]
 DIGITS_HELD_OUT = 597  # of 1,797: the last third, about 60 per class
 DEMO_HELDOUT_SEED = 1  # the demo crawls seed 0
 

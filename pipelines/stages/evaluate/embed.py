@@ -1,5 +1,6 @@
 """Embeddings on Ray: a pool of actors (Ray Data `map_batches` with a callable class) embeds images and texts
-in batches, so a large evaluation set spreads over the cluster; the same function serves the train stage."""
+in batches, so a large evaluation set spreads over the cluster.  `encode` is the batch loop the actors run,
+and what the train stage calls on its live model every `eval_every` steps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,35 @@ import numpy as np
 import pandas as pd
 
 from pipelines.models import ModelRef
+
+
+def encode_images(preprocess: Any, data: list[bytes], fn: Any, device: Any) -> Any:
+    """L2-normalised float32 embeddings of encoded images, through `fn` (e.g. `model.encode_image`)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in data])
+    return F.normalize(fn(x.to(device)).float(), dim=-1)
+
+
+def encode_texts(tokenizer: Any, texts: list[str], fn: Any, device: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.normalize(fn(tokenizer(texts).to(device)).float(), dim=-1)
+
+
+def encode(preprocess: Any, tokenizer: Any, image_fn: Any, text_fn: Any, images: list[bytes], texts: list[str],
+           batch_size: int, device: Any) -> tuple[Any, Any]:
+    """(image embeddings, text embeddings) as CPU tensors, in batches, without gradients, in one process."""
+    import torch
+
+    with torch.no_grad():
+        img = [encode_images(preprocess, images[i:i + batch_size], image_fn, device).cpu()
+               for i in range(0, len(images), batch_size)]
+        txt = [encode_texts(tokenizer, texts[i:i + batch_size], text_fn, device).cpu()
+               for i in range(0, len(texts), batch_size)]
+    return (torch.cat(img) if img else torch.zeros(0, 0)), (torch.cat(txt) if txt else torch.zeros(0, 0))
 
 
 class Embedder:
@@ -27,18 +57,15 @@ class Embedder:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """A batch may hold both kinds (Ray Data fills batches across blocks): each is embedded apart."""
         import torch
-        import torch.nn.functional as F
-        from PIL import Image
 
         out = []
         with torch.no_grad():
             for kind, rows in batch.groupby("kind", sort=False):
                 if kind == "image":
-                    x = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in rows["image"]])
-                    emb = self.model.encode_image(x.to(self.device))
+                    emb = encode_images(self.preprocess, list(rows["image"]), self.model.encode_image, self.device)
                 else:
-                    emb = self.model.encode_text(self.tokenizer(list(rows["text"])).to(self.device))
-                emb = F.normalize(emb.float(), dim=-1).cpu().numpy()
+                    emb = encode_texts(self.tokenizer, list(rows["text"]), self.model.encode_text, self.device)
+                emb = emb.cpu().numpy()
                 out.append(pd.DataFrame({"kind": kind, "i": rows["i"].to_numpy(), "embedding": list(emb)}))
         return pd.concat(out, ignore_index=True)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import storage
+from pipelines import pairs, storage
 from pipelines.manifest import Manifest
 from pipelines.models import ModelRef
 from pipelines.stage import Stage, StageContext, StageResult, register
@@ -37,39 +37,45 @@ def main_metric(task: str, m: dict[str, float]) -> float:
     return (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
 
 
+def texts(data: datasets.EvalData, tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(class prompts, captions flattened): the texts to embed, in this order, for these tasks."""
+    prompts = data.prompts()[0] if "zeroshot" in tasks else []
+    captions = [c for cs in data.captions for c in cs] if "retrieval" in tasks else []
+    return prompts, captions
+
+
+def zeroshot_logits(data: datasets.EvalData, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    prompts, counts = data.prompts()
+    return img @ metrics.class_vectors(txt[:len(prompts)], counts).t()
+
+
+def score(data: datasets.EvalData, tasks: list[str], img: torch.Tensor, txt: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Each task's metrics from the embeddings of `data.images` and of `texts(data, tasks)`: the evaluate stage
+    and the train stage's periodic evaluation both end here."""
+    out = {}
+    n_prompts = len(texts(data, tasks)[0])
+    for task in tasks:
+        if task == "zeroshot":
+            out[task] = metrics.zeroshot(zeroshot_logits(data, img, txt), torch.tensor(data.labels))
+        else:
+            text_image = [i for i, cs in enumerate(data.captions) for _ in cs]
+            out[task] = metrics.retrieval(img, txt[n_prompts:], text_image)
+    return out
+
+
 def load(cfg: EvalSet, size: int) -> datasets.EvalData:
     if cfg.builtin:
         return datasets.builtin(cfg.builtin, size, cfg.limit)
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(cfg.path)
-    files = sorted(fs.glob(path)) if any(ch in path for ch in "*?[") else [path]
-    if not files:
-        raise FileNotFoundError(f"dataset {cfg.name}: no file matches {cfg.path}")
-    columns = [cfg.image_column] + [c for c in (cfg.label_column if "zeroshot" in cfg.tasks else None,
-                                                cfg.caption_column if "retrieval" in cfg.tasks else None) if c]
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            t = pq.read_table(fh)
-        missing = [c for c in columns if c not in t.column_names]
-        if missing:
-            raise ValueError(f"dataset {cfg.name}: {f} has no column {', '.join(missing)}; it has "
-                             f"{', '.join(t.column_names)}")
-        tables.append(t.select(columns))
-    rows = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
-    n = len(rows[cfg.image_column]) if cfg.limit is None else min(cfg.limit, len(rows[cfg.image_column]))
-    labels = captions = None
+    roles = {"image": cfg.image_column}
     if "zeroshot" in cfg.tasks:
-        labels = [int(v) for v in rows[cfg.label_column][:n]]
-        bad = [v for v in labels if not 0 <= v < len(cfg.classnames)]
-        if bad:
-            raise ValueError(f"dataset {cfg.name}: label {bad[0]} is not an index into the {len(cfg.classnames)} "
-                             "classnames")
+        roles["label"] = cfg.label_column
     if "retrieval" in cfg.tasks:
-        captions = [[c] if isinstance(c, str) else list(c) for c in rows[cfg.caption_column][:n]]
-    return datasets.EvalData(cfg.name, rows[cfg.image_column][:n], labels, list(cfg.classnames), cfg.templates,
-                             captions)
+        roles["caption"] = cfg.caption_column
+    cols = pairs.read_columns(cfg.name, cfg.path, cfg.format, roles)
+    n = len(cols["image"]) if cfg.limit is None else min(cfg.limit, len(cols["image"]))
+    labels = pairs.as_labels(cfg.name, cols["label"][:n], len(cfg.classnames)) if "label" in cols else None
+    captions = pairs.as_captions(cfg.name, cols["caption"][:n]) if "caption" in cols else None
+    return datasets.EvalData(cfg.name, cols["image"][:n], labels, list(cfg.classnames), cfg.templates, captions)
 
 
 @register
@@ -91,26 +97,21 @@ class EvaluateStage(Stage):
             if not data.images:
                 raise ValueError(f"dataset {data.name}: no images to evaluate")
             tasks = list(dict.fromkeys(ds_cfg.tasks))
-            prompts, counts = data.prompts() if "zeroshot" in tasks else ([], [])
-            captions = [c for cs in data.captions for c in cs] if "retrieval" in tasks else []
+            prompts, captions = texts(data, tasks)
             ctx.log.info("%s: embedding %d images and %d texts", data.name, len(data.images),
                          len(prompts) + len(captions))
             img, txt = embed(ref, data.images, prompts + captions, cfg.batch_size, cfg.actors, cfg.num_cpus,
                              cfg.num_gpus)
             img_t, txt_t = torch.from_numpy(img), torch.from_numpy(txt)
+            results = score(data, tasks, img_t, txt_t)
             for task in tasks:
+                m = results[task]
                 if task == "zeroshot":
-                    weights = metrics.class_vectors(txt_t[:len(prompts)], counts)
-                    logits = img_t @ weights.t()
-                    target = torch.tensor(data.labels)
-                    m = metrics.zeroshot(logits, target)
-                    self._confusion(ctx, data, logits.argmax(dim=1), target)
-                else:
+                    self._confusion(ctx, data, zeroshot_logits(data, img_t, txt_t).argmax(dim=1),
+                                    torch.tensor(data.labels))
+                elif cfg.examples:
                     text_image = [i for i, cs in enumerate(data.captions) for _ in cs]
-                    cap = txt_t[len(prompts):]
-                    m = metrics.retrieval(img_t, cap, text_image)
-                    if cfg.examples:
-                        self._examples(ctx, data, img_t, cap, captions, text_image, cfg.examples)
+                    self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, text_image, cfg.examples)
                 record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
                           "task": TASKS[task], "metrics": m, "language": "en"}
                 blob = json.dumps(record, indent=2, allow_nan=True).encode()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipelines.models import ModelRef
+from pipelines.stages.evaluate.config import EvalSet
 
 
 def _f(default, help, **bounds):  # noqa: A002 - short helper for field metadata
@@ -77,8 +78,16 @@ class TrainConfig:
     peak_flops: float | None = _f(None, "peak FLOP/s of one accelerator for MFU; known GPUs are looked up")
     system_metrics: bool = _f(True, "log MLflow system metrics (CPU, memory, GPU) from rank 0")
     register: Register = _f(Register, "model registry")
+    # evaluation while training (open_clip's --zeroshot-frequency): the evaluate stage's datasets and metrics
+    eval_datasets: list[EvalSet] = field(default_factory=list, metadata={
+        "help": "datasets (as in the evaluate stage) scored on the live model at the end and every eval_every steps"})
+    eval_every: int | None = _f(None, "steps between evaluations on eval_datasets (one is always run at the end)",
+                                minimum=1)
+    eval_batch_size: int = _f(128, "images or texts per forward pass when evaluating", minimum=1)
 
     def __post_init__(self) -> None:
+        if self.eval_every and not self.eval_datasets:
+            raise ValueError("train: eval_every is set but eval_datasets names no dataset")
         if (self.model.get("model_uri") if isinstance(self.model, dict) else self.model.model_uri):
             raise ValueError("train: model.model_uri cannot initialise training yet; give model.arch and "
                              "model.checkpoint (the model.safetensors of an earlier train stage)")
