@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.crawl_vs_img2dataset
 	$(BIN)/python -m tests.benchmarks.clip_score
 	$(BIN)/python -m tests.benchmarks.train_vs_open_clip
+	$(BIN)/python -m tests.benchmarks.demo_models
 
 schemas: install
 	$(BIN)/clipline schemas

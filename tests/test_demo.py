@@ -41,7 +41,7 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
            "--port", str(_free_port()), "--no-progress",
            # about 200 curated rows: 2 workers x 16, three epochs; evaluation on 60 held-out images
            "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3",
-           "--set", "stages.evaluate.with.datasets[0].limit=60"]
+           "--set", "stages.evaluate.with.datasets.0.limit=60"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "crawl      ran      300 rows" in first.stdout

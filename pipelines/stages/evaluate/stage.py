@@ -65,7 +65,9 @@ def score(data: datasets.EvalData, tasks: list[str], img: torch.Tensor, txt: tor
 
 def load(cfg: EvalSet, size: int) -> datasets.EvalData:
     if cfg.builtin:
-        return datasets.builtin(cfg.builtin, size, cfg.limit)
+        data = datasets.builtin(cfg.builtin, size, cfg.limit)
+        data.name = cfg.name  # metrics and files carry the job's name for the set
+        return data
     roles = {"image": cfg.image_column}
     if "zeroshot" in cfg.tasks:
         roles["label"] = cfg.label_column
