@@ -16,16 +16,11 @@ Format = Literal["auto", "parquet", "webdataset"]
 
 
 def list_files(name: str, path: str) -> list[str]:
-    """The files of a path or glob, as fsspec URLs; an error naming the dataset when nothing matches."""
-    fs, p = storage.filesystem(path)
-    if any(ch in p for ch in "*?["):
-        files = sorted(fs.glob(p))
-    else:
-        files = [p] if fs.exists(p) else []
+    """The files of a path or glob; an error naming the dataset when nothing matches."""
+    files = storage.expand(path)
     if not files:
         raise FileNotFoundError(f"dataset {name}: no file matches {path}")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [f if protocol in ("file", "local") else f"{protocol}://{f}" for f in files]
+    return files
 
 
 def file_format(name: str, path: str, fmt: Format) -> str:

@@ -39,6 +39,26 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def expand(pattern: str) -> list[str]:
+    """The files a path or glob names, in a stable order (directories left out), as URLs of the pattern's
+    filesystem (local paths stay paths); empty when nothing matches."""
+    fs, path = filesystem(pattern)
+    if any(c in pattern for c in "*?["):
+        matches = [m for m in sorted(fs.glob(path)) if not fs.isdir(m)]
+    else:
+        matches = [path] if fs.exists(path) else []
+    return [m if is_local(pattern) else fs.unstrip_protocol(m) for m in matches]
+
+
+def file_keys(files: list[str]) -> dict[str, Any]:
+    """Each file's fsspec key (size and modification time, or ETag): what changes when the file changes."""
+    keys = {}
+    for f in files:
+        fs, path = filesystem(f)
+        keys[f] = fs.ukey(path)
+    return keys
+
+
 def atomic_write(url: str, data: bytes) -> None:
     """Write bytes so that the final name appears only once the whole content is there."""
     fs, path = filesystem(url)

@@ -63,6 +63,8 @@ def test_parquet_webdataset_and_builtin_pairs_become_crawled_shards_curate_reads
     assert wds_out["url"].tolist() == [f"{tmp_path}/shard-0.tar#s/{i:04d}" for i in range(5)] + [
         f"{tmp_path}/shard-1.tar#t/0000"]
     assert wds_out["caption"].tolist() == [c for _, c in tar_rows] + ["one more"]
+    assert wds_out["source"].tolist() == [f"{tmp_path}/shard-0.tar"] * 5 + [f"{tmp_path}/shard-1.tar"]
+    assert wds_out["source_row"].tolist() == [0, 1, 2, 3, 4, 0]  # the row within its own file
 
     digits = read_output(out["digits"])
     assert len(digits) == 1797 - datasets.DIGITS_HELD_OUT and digits["uid"].is_unique

@@ -34,26 +34,17 @@ def list_files(cfg: CrawlConfig) -> list[str]:
     """Every input file, globs expanded, in a stable order; an error names a pattern that matched nothing."""
     out: list[str] = []
     for pattern in cfg.input:
-        fs, path = storage.filesystem(pattern)
-        if any(c in pattern for c in "*?["):
-            matches = [m for m in sorted(fs.glob(path)) if not fs.isdir(m)]
-            if not matches:
-                raise InputError(f"crawl input {pattern!r}: the glob matches no file")
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputError(f"crawl input {pattern!r}: no such file")
-        out.extend(m if storage.is_local(pattern) else fs.unstrip_protocol(m) for m in matches)
+        matches = storage.expand(pattern)
+        if not matches:
+            glob = any(c in pattern for c in "*?[")
+            raise InputError(f"crawl input {pattern!r}: {'the glob matches no file' if glob else 'no such file'}")
+        out.extend(matches)
     return out
 
 
 def identity(cfg: CrawlConfig) -> dict[str, Any]:
     """What changes when an input changes: each file's fsspec key (size and modification time or ETag)."""
-    keys = {}
-    for f in list_files(cfg):
-        fs, path = storage.filesystem(f)
-        keys[f] = fs.ukey(path)
-    return {"files": keys}
+    return {"files": storage.file_keys(list_files(cfg))}
 
 
 def file_format(path: str, cfg: CrawlConfig) -> str:

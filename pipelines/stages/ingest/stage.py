@@ -32,19 +32,21 @@ class IngestStage(Stage):
         cfg: IngestConfig = self.config
         if cfg.builtin:
             return {"builtin": cfg.builtin}
-        keys = {}
-        for f in pairs.list_files("ingest", cfg.path):
-            fs, p = storage.filesystem(f)
-            keys[f] = fs.ukey(p)
-        return {"files": keys}
+        return {"files": storage.file_keys(pairs.list_files("ingest", cfg.path))}
 
     def run(self, ctx: StageContext, upstream: dict) -> StageResult:
         cfg: IngestConfig = self.config
         images, captions, where = self._read(cfg)
         ctx.log.info("ingesting %d pairs from %s", len(images), cfg.builtin or cfg.path)
+        # source_row is the row's index within its own file (the crawled schema's meaning): rows come grouped by file
+        sources = [w.rsplit("#", 1)[0] for w in where]
+        source_row: list[int] = []
+        for j, src in enumerate(sources):
+            source_row.append(source_row[-1] + 1 if j and src == sources[j - 1] else 0)
         shards = []
         for i, start in enumerate(range(0, len(images), cfg.shard_rows)):
-            rows = [_row(images[j], captions[j], where[j], j) for j in range(start, min(len(images), start + cfg.shard_rows))]
+            rows = [_row(images[j], captions[j], where[j], sources[j], source_row[j])
+                    for j in range(start, min(len(images), start + cfg.shard_rows))]
             table = pa.Table.from_pylist(rows, schema=CRAWLED)
             rel = f"part-{i:05d}.parquet"
             shards.append({"path": rel, **storage.write_parquet(storage.join(ctx.output, rel), table)})
@@ -62,7 +64,7 @@ class IngestStage(Stage):
         return cols["image"], [cs[0] for cs in pairs.as_captions("ingest", cols["caption"])], cols["where"]
 
 
-def _row(data: Any, caption: str, where: str, index: int) -> dict[str, Any]:
+def _row(data: Any, caption: str, where: str, source: str, source_row: int) -> dict[str, Any]:
     if not isinstance(data, bytes):
         raise ValueError(f"ingest: {where}: the image is {type(data).__name__}, expected encoded image bytes")
     try:
@@ -76,4 +78,4 @@ def _row(data: Any, caption: str, where: str, index: int) -> dict[str, Any]:
     return {"uid": uid(where, caption), "url": where, "caption": caption, "status": "success", "image": data,
             "image_format": "jpg" if fmt == "jpeg" else fmt, "width": width, "height": height,
             "original_width": width, "original_height": height, "sha256": hashlib.sha256(data).hexdigest(),
-            "source": where.rsplit("#", 1)[0], "source_row": index}
+            "source": source, "source_row": source_row}
