@@ -67,6 +67,8 @@ def test_mlflow_model_loads_by_name_without_unpickling(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # also sets MLFLOW_TRACKING_URI
     try:
+        # artifacts under tmp_path: the default location is ./mlruns in the working directory (the repo)
+        mlflow.create_experiment("models", artifact_location=(tmp_path / "artifacts").as_uri())
         mlflow.set_experiment("models")
         model, _, tok = models.create(ModelRef(arch="clip-tiny", seed=5))
         with mlflow.start_run():
