@@ -101,6 +101,11 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def is_file(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isfile(path)
+
+
 def remove_tree(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

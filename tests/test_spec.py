@@ -69,8 +69,9 @@ def test_demo_job_is_valid():
         (with_crawl(allow_networks=["10.0.0.0/99"]),
          "job.yaml: stages.crawl.with: allow_networks: '10.0.0.0/99' is not a CIDR network"),
         (with_crawl(encode_format="png", encode_quality=50), "stages.crawl.with: encode_quality: 50 is out of range"),
-        (with_crawl(passthrough=["WIDTH", "sha256"]),
-         "stages.crawl.with: passthrough: sha256 would overwrite the crawl's own output column"),
+        (with_crawl(passthrough=["uid", "source_uid"]),
+         "stages.crawl.with: passthrough: source_uid would clash with the name a passthrough column named like a "
+         "crawl column is written as"),
     ],
 )
 def test_schema_errors_name_file_and_field(tmp_path, raw, expected):

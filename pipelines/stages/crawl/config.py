@@ -21,7 +21,9 @@ class CrawlConfig:
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = _f("auto", "input format; auto: by file extension")
     url_col: str | None = _f(None, "URL column; default: the first of url, URL")
     caption_col: str | None = _f(None, "caption column; default: the first of caption, TEXT, text")
-    passthrough: list[str] = _f([], "input columns copied into the output")
+    passthrough: list[str] = _f([], "input columns copied into the output; one named like a crawl column (e.g. "
+                                "DataComp's uid) is written as source_<name>")
+    require_caption: bool = _f(True, "a row without a caption (missing or blank) is kept as invalid, not fetched")
     image_size: int = _f(256, "target side in pixels", minimum=8)
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = _f(
         "border", "img2dataset resize mode"
@@ -40,6 +42,23 @@ class CrawlConfig:
     disallowed_header_directives: list[str] = _f(
         ["noai", "noimageai", "noindex", "noimageindex"], "X-Robots-Tag directives that opt an image out"
     )
+    per_host_connections: int = _f(4, "concurrent requests to one host per shard task; 0: no cap", minimum=0)
+    per_host_rate: float = _f(0.0, "requests per second to one host per shard task; 0: no limit", minimum=0)
+    http_retries: int = _f(2, "retries, within the run, of a 429 or 503 answer after its Retry-After (or a "
+                           "backoff) during which the host gets no request", minimum=0)
+    max_retry_wait: float = _f(60.0, "longest wait for one retry, seconds; a longer Retry-After gives up the row "
+                               "(a refresh retries it)", minimum=0)
+    refresh_from: str | None = _f("auto", "previous output whose results are reused: auto (this stage's newest "
+                                  "complete output with the same image parameters), a directory, or null (none)")
+    refetch: Literal["transient", "failed", "all"] = _f(
+        "transient", "on refresh, fetch again: rows that failed transiently (retry_errors, below max_attempts), "
+        "every failed row, or every row")
+    retry_errors: list[str] = _f(["timeout", "dns", "connection", "protocol", "http_429", "http_5xx", "shard_failed"],
+                                 "error classes a refresh fetches again")
+    max_attempts: int = _f(3, "fetches of one row across refreshes before a transient failure is final", minimum=1)
+    shard_retries: int = _f(3, "times a shard task is rerun after its worker dies or it raises", minimum=0)
+    max_failed_shards: int = _f(0, "shards allowed to fail after their retries; their rows are written with "
+                                "error_class shard_failed. More fail the stage, naming them", minimum=0)
     allow_networks: list[str] = _f([], "CIDRs allowed although non-public (e.g. 127.0.0.0/8 for a loopback demo)")
     deny_networks: list[str] = _f([], "CIDRs refused in addition to all non-public addresses")
 
@@ -50,10 +69,10 @@ class CrawlConfig:
             raise ValueError("input: expected at least one path or glob")
         from pipelines.stages.crawl.schema import CRAWLED
 
-        clash = [c for c in self.passthrough if c in CRAWLED.names]
+        clash = [c for c in self.passthrough if c.startswith("source_") and c.removeprefix("source_") in CRAWLED.names]
         if clash:
-            raise ValueError(f"passthrough: {', '.join(clash)} would overwrite the crawl's own output column(s) "
-                             f"of that name; rename them in the input or leave them out")
+            raise ValueError(f"passthrough: {', '.join(clash)} would clash with the name a passthrough column "
+                             f"named like a crawl column is written as; rename it in the input")
         for key in ("allow_networks", "deny_networks"):
             for cidr in getattr(self, key):
                 try:

@@ -1,14 +1,16 @@
 """Read URL lists of any format from any fsspec path and stage them as fixed-size input shards.
 
 The driver streams each file in chunks (never the whole list in memory), keeps the URL, caption and
-passthrough columns, and writes `_inputs/shard-NNNNN.parquet` of `samples_per_shard` rows each.  A
-`_SUCCESS.json` written last makes the staged inputs reusable when an interrupted crawl resumes.
+passthrough columns, and writes `_inputs/shard-NNNNN.parquet` of `samples_per_shard` rows each, then
+`_inputs/plan.parquet`: every row's action (fetch, reuse an earlier result, or duplicate; see plan.py).
+A `_SUCCESS.json` written last makes the staged inputs and their plan reusable when an interrupted crawl
+resumes, so a resumed crawl decides exactly as the interrupted one did.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -18,7 +20,8 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.stages.crawl.config import CrawlConfig
-from pipelines.stages.crawl.schema import uid
+from pipelines.stages.crawl.plan import Planner, Prior
+from pipelines.stages.crawl.schema import CRAWLED, uid
 
 URL_COLS = ("url", "URL")
 CAPTION_COLS = ("caption", "TEXT", "text")
@@ -113,9 +116,8 @@ def rows(cfg: CrawlConfig) -> Iterator[pd.DataFrame]:
                     "source": path,
                     "source_row": range(offset, offset + len(chunk)),
                 })
-                for c in cfg.passthrough:
-                    if c not in out:
-                        out[c] = chunk[c].to_numpy()
+                for c in cfg.passthrough:  # DataComp's own uid, say, becomes source_uid
+                    out[f"source_{c}" if c in CRAWLED.names else c] = chunk[c].to_numpy()
                 offset += len(chunk)
                 yield out
         except InputError:
@@ -124,12 +126,17 @@ def rows(cfg: CrawlConfig) -> Iterator[pd.DataFrame]:
             raise InputError(f"crawl input {path}: cannot read it as {fmt}: {exc}") from exc
 
 
-def stage(cfg: CrawlConfig, inputs_dir: str) -> list[dict[str, Any]]:
-    """Write the input shards (or reuse them if a previous attempt finished staging); return their list."""
+def stage(cfg: CrawlConfig, inputs_dir: str, find_prior: Callable[[], Prior | None]) -> dict[str, Any]:
+    """Write the input shards and their plan (or reuse them if a previous attempt finished staging).
+
+    Returns `shards` (id, url, rows), `rows`, `plan` (its URL), `counts` (rows_new, rows_retried,
+    rows_reused) and `prior` (the output refreshed from, or None)."""
     done_url = storage.join(inputs_dir, "_SUCCESS.json")
     if storage.exists(done_url):
-        return storage.read_json(done_url)["shards"]
+        return storage.read_json(done_url)
     storage.remove_tree(inputs_dir)
+    prior = find_prior()
+    planner = Planner()
     shards: list[dict[str, Any]] = []
     pending: list[pd.DataFrame] = []
     pending_rows = 0
@@ -142,6 +149,7 @@ def stage(cfg: CrawlConfig, inputs_dir: str) -> list[dict[str, Any]]:
         shards.append({"id": len(shards), "url": url, "rows": len(frame)})
 
     for chunk in rows(cfg):
+        planner.add(chunk["uid"].tolist(), chunk["source"].iat[0] if len(chunk) else "", chunk["source_row"].to_numpy())
         pending.append(chunk)
         pending_rows += len(chunk)
         while pending_rows >= cfg.samples_per_shard:
@@ -151,5 +159,10 @@ def stage(cfg: CrawlConfig, inputs_dir: str) -> list[dict[str, Any]]:
             pending, pending_rows = ([rest] if len(rest) else []), len(rest)
     if pending_rows:
         flush(pd.concat(pending, ignore_index=True))
-    storage.write_json(done_url, {"shards": shards, "rows": sum(s["rows"] for s in shards)})
-    return shards
+    table, counts = planner.decide(cfg, prior)
+    plan_url = storage.join(inputs_dir, "plan.parquet")
+    storage.write_parquet(plan_url, table)
+    staged = {"shards": shards, "rows": sum(s["rows"] for s in shards), "plan": plan_url, "counts": counts,
+              "prior": prior.to_json() if prior else None}
+    storage.write_json(done_url, staged)
+    return staged

@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-STATUSES = ("success", "failed_to_download", "failed_to_resize", "opted_out", "blocked", "invalid")
+STATUSES = ("success", "failed_to_download", "failed_to_resize", "opted_out", "blocked", "invalid", "duplicate")
 
 CRAWLED = pa.schema(
     [
@@ -16,7 +16,8 @@ CRAWLED = pa.schema(
         pa.field("status", pa.string(), nullable=False, metadata={"doc": " | ".join(STATUSES)}),
         pa.field("error_class", pa.string(), metadata={
             "doc": "invalid_url, missing_caption, ssrf, dns, connection, timeout, tls, redirect, protocol, "
-                   "http_4xx, http_429, http_5xx, http_other, too_large, too_many_pixels, decode, opted_out"}),
+                   "http_4xx, http_429, http_5xx, http_other, too_large, too_many_pixels, decode, opted_out, duplicate, "
+                   "shard_failed"}),
         pa.field("error_message", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("image", pa.binary(), metadata={"doc": "encoded image bytes"}),
@@ -27,6 +28,8 @@ CRAWLED = pa.schema(
         pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string(), metadata={"doc": "sha256 of the encoded image bytes"}),
         pa.field("fetched_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("attempts", pa.int32(), metadata={
+            "doc": "fetches of this (url, caption) so far, across refreshes; 0 if never fetched"}),
         pa.field("source", pa.string(), nullable=False, metadata={"doc": "input file the row came from"}),
         pa.field("source_row", pa.int64(), nullable=False, metadata={"doc": "0-based row index in that file"}),
     ]

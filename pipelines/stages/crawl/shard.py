@@ -1,8 +1,10 @@
-"""One crawl shard, run as a Ray task: fetch every row with a thread pool, resize, write one Parquet file.
+"""One crawl shard, run as a Ray task: fetch its rows with a thread pool, resize, write one Parquet file.
 
-Per-row problems become a status and an error class in the row, never an exception: only a failure
-to read the input shard or write the output shard fails the task (and Ray or the runner retries it).
-The output is written atomically under its final name, so a task killed half-way leaves nothing.
+The shard's plan (plan.py) says which rows to fetch, which earlier results to copy from the output a
+refresh starts from, and which rows are duplicates.  Per-row problems become a status and an error class
+in the row, never an exception: only a failure to read the inputs or write the output fails the task
+(and Ray retries it, `shard_retries` times).  The output is written atomically under its final name,
+so a task killed half-way leaves nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from PIL import Image
 from pipelines import storage
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
+from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE
 from pipelines.stages.crawl.schema import CRAWLED
+
+# the columns a crawl writes for a row; the others (uid, url, caption, source, source_row) come from the input
+RESULT_COLUMNS = [n for n in CRAWLED.names if n not in ("uid", "url", "caption", "source", "source_row")]
 
 Image.MAX_IMAGE_PIXELS = None  # we check max_pixels ourselves, from the header, before any decode
 
@@ -51,9 +57,9 @@ class ShardCrawler:
 
     def one(self, url: str | None, caption: str | None) -> dict[str, Any]:
         now = dt.datetime.now(dt.timezone.utc)
-        if caption is None:
-            return {"status": "invalid", "error_class": "missing_caption", "error_message": "no caption",
-                    "fetched_at": None}
+        if self.cfg.require_caption and (caption is None or not caption.strip()):
+            return {"status": "invalid", "error_class": "missing_caption", "fetched_at": None,
+                    "error_message": "no caption" if caption is None else "blank caption"}
         got = self.fetcher.fetch(url)
         row: dict[str, Any] = {"status": got.status, "error_class": got.error_class,
                                "error_message": got.error_message, "http_status": got.http_status,
@@ -79,15 +85,62 @@ class ShardCrawler:
         return row
 
 
-def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str) -> dict[str, Any]:
+def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
+                prior_urls: list[str]) -> dict[str, Any]:
     """Crawl one staged input shard into out_url; return its shard record and status counts."""
-    fs, path = storage.filesystem(in_url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = _read(in_url)
     urls, caps = table.column("url").to_pylist(), table.column("caption").to_pylist()
+    action = plan.column("action").to_pylist()
+    attempts = plan.column("attempts").to_pylist()
+    results: list[dict[str, Any]] = [{} for _ in action]
+    todo = [i for i, a in enumerate(action) if a == FETCH]
     crawler = ShardCrawler(cfg)
     with ThreadPoolExecutor(max_workers=cfg.threads) as pool:
-        results = list(pool.map(crawler.one, urls, caps))
+        for i, row in zip(todo, pool.map(lambda i: crawler.one(urls[i], caps[i]), todo)):
+            row["attempts"] = attempts[i] + (row.get("fetched_at") is not None)
+            results[i] = row
+    _copy_reused(plan, prior_urls, results)
+    for i in (i for i, a in enumerate(action) if a == DUPLICATE):
+        results[i] = {"status": "duplicate", "error_class": "duplicate", "attempts": 0,
+                      "error_message": plan.column("duplicate_of")[i].as_py()}
+    record = write_shard(assemble(table, results), out_url)
+    record["fetched_success"] = sum(results[i].get("status") == "success" for i in todo)
+    return record
+
+
+def failed_shard(in_url: str, out_url: str, plan: pa.Table, error: str) -> dict[str, Any]:
+    """A shard whose task kept failing, written by the driver with every row `shard_failed` (a refresh
+    retries them), so that the output still accounts for each input row."""
+    attempts = plan.column("attempts").to_pylist()
+    results = [{"status": "failed_to_download", "error_class": "shard_failed", "attempts": a,
+                "error_message": f"the shard task failed after its retries: {error}"[:500]} for a in attempts]
+    return write_shard(assemble(_read(in_url), results), out_url)
+
+
+def _read(url: str) -> pa.Table:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _copy_reused(plan: pa.Table, prior_urls: list[str], results: list[dict[str, Any]]) -> None:
+    """Fill in the rows whose result an earlier output already holds, reading each of its shards once."""
+    action = plan.column("action").to_numpy()
+    shards, rows = plan.column("prior_shard").to_numpy(), plan.column("prior_row").to_numpy()
+    for shard in sorted(set(shards[action == REUSE].tolist())):
+        mine = [i for i in range(len(action)) if action[i] == REUSE and shards[i] == shard]
+        fs, path = storage.filesystem(prior_urls[shard])
+        with fs.open(path, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+            prior = pq.read_table(f, columns=[c for c in RESULT_COLUMNS if c in names])
+        for i, row in zip(mine, prior.take(pa.array(rows[mine])).to_pylist()):
+            if row.get("attempts") is None:  # written before attempts were counted
+                row["attempts"] = int(row["status"] not in ("invalid", "duplicate"))
+            results[i] = row
+
+
+def assemble(table: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
+    """The crawled-schema table of an input shard and its rows' results (passthrough columns last)."""
     columns: dict[str, Any] = {}
     for name in CRAWLED.names:
         if name in table.column_names:
@@ -96,8 +149,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str) -> dict[str, Any]:
             columns[name] = pa.array([r.get(name) for r in results], type=CRAWLED.field(name).type)
     extra = [c for c in table.column_names if c not in CRAWLED.names]
     out = pa.table({**columns, **{c: table.column(c) for c in extra}})
-    out = out.cast(pa.schema([CRAWLED.field(n) for n in CRAWLED.names] + [out.schema.field(c) for c in extra]))
-    return write_shard(out, out_url)
+    return out.cast(pa.schema([CRAWLED.field(n) for n in CRAWLED.names] + [out.schema.field(c) for c in extra]))
 
 
 def _counts(table: pa.Table) -> dict[str, Any]:
