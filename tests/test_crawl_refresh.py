@@ -34,7 +34,8 @@ def test_malformed_rows_are_kept_and_duplicates_crawled_once(tmp_path, web, ray_
     pd.DataFrame({"url": [img, img, img, None, "ftp://127.0.0.1/x.jpg", web.url("img", 30001), web.url("img", 30002)],
                   "caption": ["a red square", "a red square", "a blue circle", "no url", "ftp", "", "   "]}
                  ).to_json(a, orient="records", lines=True)
-    pd.DataFrame({"url": [img, web.url("img", 30003)], "caption": ["a red square", "a green star"]}).to_csv(b, index=False)
+    pd.DataFrame({"url": [img, web.url("img", 30003), web.url("busy", 30004)],  # busy: one 429, Retry-After 1
+                  "caption": ["a red square", "a green star", "a host that asks to wait"]}).to_csv(b, index=False)
     job = spec.load(write_job(tmp_path, {"crawl": crawl_stage([str(a), str(b)], samples_per_shard=4)}))
     (o,) = run_job(job, progress=False)
     out = read_output(o.manifest).sort_values(["source", "source_row"])
@@ -44,14 +45,15 @@ def test_malformed_rows_are_kept_and_duplicates_crawled_once(tmp_path, web, ray_
         ("a.jsonl", 0, "success", "-"), ("a.jsonl", 1, "duplicate", "duplicate"), ("a.jsonl", 2, "success", "-"),
         ("a.jsonl", 3, "invalid", "invalid_url"), ("a.jsonl", 4, "invalid", "invalid_url"),
         ("a.jsonl", 5, "invalid", "missing_caption"), ("a.jsonl", 6, "invalid", "missing_caption"),
-        ("b.csv", 0, "duplicate", "duplicate"), ("b.csv", 1, "success", "-"),
+        ("b.csv", 0, "duplicate", "duplicate"), ("b.csv", 1, "success", "-"), ("b.csv", 2, "success", "-"),
     ]
     dups = out[out["status"] == "duplicate"]
     assert set(dups["error_message"]) == {f"same url and caption as row 0 of {a}"}
     assert dups["image"].isna().all() and (dups["attempts"] == 0).all()
     assert web.hits["/img/30000"] == 2  # once per distinct caption, not once per row
     assert "/img/30001" not in web.hits and "/img/30002" not in web.hits  # blank captions: not fetched
-    assert o.manifest.counts["duplicate"] == 2 and o.manifest.counts["rows_new"] == 7
+    assert o.manifest.counts["duplicate"] == 2 and o.manifest.counts["rows_new"] == 8
+    assert o.manifest.metrics["http_retries"] == 1 and web.hits["/busy/30004"] == 2  # waited, then succeeded
 
 
 def test_datacomp_and_laion5b_columns_pass_through(tmp_path, web, ray_local):

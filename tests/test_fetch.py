@@ -26,6 +26,8 @@ def test_image_is_fetched(web):
     ("missing", "failed_to_download", "http_4xx", 404),
     ("error", "failed_to_download", "http_5xx", 500),
     ("optout", "opted_out", "opted_out", 200),
+    ("busy", "failed_to_download", "http_429", 429),  # not retried: http_retries defaults to 0
+    ("unavailable", "failed_to_download", "http_5xx", 503),
 ])
 def test_http_failures_are_classified(web, kind, status, error_class, http_status):
     got = fetcher().fetch(web.url(kind, 7))

@@ -4,13 +4,23 @@ Routes (all GET): `/img/<i>` an image; `/missing/<i>` 404; `/error/<i>` 500; `/h
 instead of an image; `/optout/<i>` an image sent with `X-Robots-Tag: noai`; `/slow/<i>` holds the
 response until the server stops, `release` is set, or `slow_seconds` pass; `/redirect/<i>?to=URL` answers
 302 to URL (without `to` starts a chain of i redirects that ends at an image); `/bomb/<i>` a PNG whose
-header claims 20,000 x 20,000 pixels; `/nolength/<i>` an image without Content-Length.
+header claims 20,000 x 20,000 pixels; `/nolength/<i>` an image without Content-Length; `/busy/<i>?n=1&s=1`
+answers 429 to the first n requests to its path, then the image, with `Retry-After: s` (`s=date`: an
+HTTP-date at least 1 s ahead, `s=none`: no Retry-After); `/unavailable/<i>` the same with 503.
+
+For tests that judge a crawler's politeness from the server's side, the server records under its lock
+every request's (path, monotonic arrival time) in `arrivals`, the requests now in flight in `in_flight`
+(from arrival until the response starts, so a client cannot see a response before it is counted out)
+and their maximum in `max_in_flight`; `changed` (a Condition on that lock) is notified on each change.
 """
 
 from __future__ import annotations
 
+import email.utils
+import math
 import struct
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,9 +28,10 @@ import pandas as pd
 
 from pipelines.demo import web
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
-KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb", "nolength")
+KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb", "nolength", "busy", "unavailable")
+REFUSALS = {"busy": (429, b"too many requests"), "unavailable": (503, b"service unavailable")}
 
 
 def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -36,6 +47,7 @@ def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     server: DemoServer
     protocol_version = "HTTP/1.1"
+    _in_flight = False  # this request still counts in server.in_flight
 
     def log_message(self, *args) -> None:  # keep test and demo output clean
         pass
@@ -46,13 +58,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        self._answered()
         self.end_headers()
         self.wfile.write(body)
+
+    def _answered(self) -> None:
+        """Count this request out of `in_flight` (once), before any byte of its response leaves."""
+        if self._in_flight:
+            self._in_flight = False
+            with self.server.lock:
+                self.server.in_flight -= 1
+                self.server.changed.notify_all()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         split = urlsplit(self.path)
         with self.server.lock:
             self.server.hits[split.path] = self.server.hits.get(split.path, 0) + 1
+            self.server.arrivals.append((split.path, time.monotonic()))
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+            self.server.changed.notify_all()
+        self._in_flight = True
+        try:
+            self._route(split)
+        finally:
+            self._answered()
+
+    def _route(self, split: SplitResult) -> None:
         parts = split.path.strip("/").split("/")
         if len(parts) != 2 or parts[0] not in KINDS or not parts[1].isdigit():
             return self._send(404, b"not found", "text/plain")
@@ -67,11 +99,25 @@ class _Handler(BaseHTTPRequestHandler):
             chain = f"/redirect/{index - 1}" if index > 1 else "/img/0"  # n hops before the image
             target = parse_qs(split.query).get("to", [chain])[0]
             return self._send(302, b"", "text/plain", {"Location": target})
+        if kind in REFUSALS:
+            query = parse_qs(split.query)
+            n, s = query.get("n", ["1"])[0], query.get("s", ["1"])[0]
+            if not (n.isascii() and n.isdigit()) or not (s.isascii() and s.isdigit() or s in ("date", "none")):
+                return self._send(400, b"n: a count; s: seconds, date or none", "text/plain")
+            with self.server.lock:
+                refuse = self.server.hits[split.path] <= int(n)
+            if refuse:
+                code, text = REFUSALS[kind]
+                # an HTTP-date has whole seconds: round up, so the date is at least 1 s ahead
+                after = {"none": None, "date": email.utils.formatdate(math.ceil(time.time()) + 1, usegmt=True)}
+                wait = after.get(s, s)
+                return self._send(code, text, "text/plain", {"Retry-After": wait} if wait else None)
         if kind == "nolength":  # body delimited by closing the connection, as HTTP/1.0 servers do
             body, ctype = web.encoded(self.server.seed, index, self.server.size)
             self.send_response(200)
             self.send_header("Content-Type", ctype)
             self.send_header("Connection", "close")
+            self._answered()
             self.end_headers()
             self.wfile.write(body)
             self.close_connection = True
@@ -99,7 +145,11 @@ class DemoServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.release = threading.Event()  # set: slow routes answer at once
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when arrivals or in_flight change
         self.hits: dict[str, int] = {}
+        self.arrivals: list[tuple[str, float]] = []  # (path, time.monotonic()) per request, in order
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._thread: threading.Thread | None = None
 
     @property

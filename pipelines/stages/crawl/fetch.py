@@ -4,6 +4,7 @@ Every connection urllib opens - the first request and each redirect hop - resolv
 refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
 connects to the address it checked, so DNS cannot answer differently between check and connect.
 Proxies from the environment are ignored: through a proxy the check would see the proxy, not the host.
+Politeness per host (a connection cap, a rate, pauses and retries on 429/503) lives in polite.py.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import string
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote, urlsplit
 
 from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
 
 from pipelines import __version__
+from pipelines.stages.crawl.polite import HostLimiter, HostPaused, NoSlot, host_key, retry_after
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -147,14 +149,35 @@ class Fetched:
     error_class: str | None = None
     error_message: str | None = None
     http_status: int | None = None
+    retries: int = 0  # 429/503 answers retried after their Retry-After (or a backoff)
+
+
+_REFUSALS = (429, 503)  # "not now": the host asks us to come back later
 
 
 class Fetcher:
-    """Thread-safe: one opener shared by a shard's download threads."""
+    """Thread-safe: one opener and one HostLimiter shared by a shard's download threads.
+
+    Politeness, per host (lowercased host:port of the requested URL) and per Fetcher, i.e. per shard
+    task: at most `per_host_connections` requests in flight (0: no cap), starts at least
+    1/`per_host_rate` s apart (0: no limit). A 429 or 503 pauses the host for every thread for its
+    Retry-After, or without one for a backoff of 1, 2, 4 ... s per consecutive refusal; the request is
+    retried after the pause up to `http_retries` times, unless the wait is longer than `max_retry_wait`
+    or than the request has left, in which case it gives up at once (a refresh retries such rows).
+
+    Every fetch returns within `budget` = 3*timeout*(1 + http_retries) + max_retry_wait*http_retries
+    seconds of its start (plus DNS resolution, which the resolver bounds): each attempt gets at most
+    3*timeout, each retry wait at most max_retry_wait, and waits for a connection slot, a rate slot or a
+    pause count against the same deadline - a request that cannot start in time fails as a timeout.
+    """
 
     def __init__(self, *, timeout: float, max_bytes: int, max_redirects: int, policy: AddressPolicy,
-                 user_agent_token: str, contact: str | None, disallowed: list[str]) -> None:
+                 user_agent_token: str, contact: str | None, disallowed: list[str], per_host_connections: int = 0,
+                 per_host_rate: float = 0.0, http_retries: int = 0, max_retry_wait: float = 60.0) -> None:
         self.timeout, self.max_bytes = timeout, max_bytes
+        self.http_retries, self.max_retry_wait = http_retries, max_retry_wait
+        self.budget = 3 * timeout * (1 + http_retries) + max_retry_wait * http_retries
+        self.limiter = HostLimiter(per_host_connections, per_host_rate)
         # img2dataset's parser lowercases the header's token before comparing it with ours
         self.token, self.disallowed = user_agent_token.lower(), [d.lower() for d in disallowed]
         extra = f"; +{contact}" if contact else ""
@@ -175,45 +198,95 @@ class Fetcher:
         except (ValueError, UnicodeError) as exc:
             return Fetched(status="invalid", error_class="invalid_url",
                            error_message=f"expected an http(s) URL, got {url!r}: {exc}"[:500])
-        deadline = time.monotonic() + 3 * self.timeout  # the whole request, not each socket operation
+        host, deadline = host_key(parts), time.monotonic() + self.budget
+        retries, got = 0, None
+        while True:
+            try:
+                # the slot is held for the request only: a retry's wait happens in slot(), holding none
+                with self.limiter.slot(host, deadline, max_pause=self.max_retry_wait) as started:
+                    got, asked = self._attempt(url, min(started + 3 * self.timeout, deadline))
+                    refused = got.status == "failed_to_download" and got.http_status in _REFUSALS
+                    wait = 0.0
+                    if refused:
+                        backoff = self.limiter.refused(host, started)
+                        wait = backoff if asked is None else asked
+                        self.limiter.pause(host, wait, got.http_status)  # before the slot frees: no one slips in
+                    elif got.status == "success":
+                        self.limiter.succeeded(host)
+            except HostPaused as exc:  # a refusal paused the host for longer than this request may wait
+                why = f"not {'retried' if got else 'requested'}: {exc}, longer than this request may wait"
+                if got is not None:
+                    return replace(got, error_message=f"{got.error_message}; {why}"[:500], retries=retries)
+                return Fetched(status="failed_to_download", error_class=_http_class(exc.status or 503),
+                               error_message=why[:500])
+            except NoSlot as exc:
+                if got is not None:
+                    return replace(got, error_message=f"{got.error_message}; not retried: {exc}"[:500],
+                                   retries=retries)
+                return Fetched(status="failed_to_download", error_class="timeout",
+                               error_message=f"not requested: {exc}"[:500])
+            got.retries = retries
+            if not refused or retries >= self.http_retries:
+                return got
+            said = f"Retry-After {wait:g} s" if asked is not None else f"backoff {wait:g} s"
+            if wait > self.max_retry_wait:
+                return replace(got, error_message=f"HTTP {got.http_status}: {said} is longer than max_retry_wait "
+                                                  f"{self.max_retry_wait:g} s; not retried in this run"[:500])
+            if time.monotonic() + wait >= deadline:
+                return replace(got, error_message=f"HTTP {got.http_status}: {said} is longer than this request "
+                                                  f"has left of its {self.budget:g} s; not retried in this run"[:500])
+            retries += 1
+
+    def _attempt(self, url: str, deadline: float) -> tuple[Fetched, float | None]:
+        """One request, redirects followed, finished by `deadline`; with a refusal's Retry-After in seconds."""
         try:
             req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
-            with self.opener.open(req, timeout=self.timeout) as resp:
+            timeout = max(min(self.timeout, deadline - time.monotonic()), 0.001)
+            with self.opener.open(req, timeout=timeout) as resp:
                 if self.disallowed and is_disallowed(resp.headers, self.token, self.disallowed):
+                    tags = ", ".join(resp.headers.get_all("X-Robots-Tag"))
                     return Fetched(status="opted_out", error_class="opted_out", http_status=resp.status,
-                                   error_message=f"X-Robots-Tag: {', '.join(resp.headers.get_all('X-Robots-Tag'))}")
+                                   error_message=f"X-Robots-Tag: {tags}"), None
                 length = resp.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > self.max_bytes:
                     raise TooLarge(f"Content-Length {length} exceeds max_bytes {self.max_bytes}")
                 data = self._read(resp, deadline)
-                return Fetched(data=data, http_status=resp.status)
+                return Fetched(data=data, http_status=resp.status), None
         except urllib.error.HTTPError as exc:
             code = exc.code
-            cls = ("redirect" if 300 <= code < 400 else "http_429" if code == 429 else
-                   "http_4xx" if 400 <= code < 500 else "http_5xx" if 500 <= code < 600 else "http_other")
-            return Fetched(status="failed_to_download", error_class=cls, http_status=code,
-                           error_message=f"HTTP {code}: {exc.reason}"[:500])
+            wait = retry_after(exc.headers.get("Retry-After")) if code in _REFUSALS and exc.headers else None
+            exc.close()
+            return Fetched(status="failed_to_download", error_class=_http_class(code), http_status=code,
+                           error_message=f"HTTP {code}: {exc.reason}"[:500]), wait
         except TooLarge as exc:
-            return Fetched(status="failed_to_download", error_class="too_large", error_message=str(exc))
+            return Fetched(status="failed_to_download", error_class="too_large", error_message=str(exc)), None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             cls = classify(reason)
             status = {"ssrf": "blocked", "invalid_url": "invalid"}.get(cls, "failed_to_download")
             return Fetched(status=status, error_class=cls,
-                           error_message=f"{type(reason).__name__}: {reason}"[:500])
-
+                           error_message=f"{type(reason).__name__}: {reason}"[:500]), None
 
     def _read(self, resp, deadline: float) -> bytes:
-        """The body, cut off past max_bytes, and abandoned past the deadline (a slow-drip server)."""
+        """The body, cut off past max_bytes, and abandoned past the deadline (a slow-drip server).
+
+        read1 does at most one socket read, each bounded by the timeout, so a server that drips a byte
+        at a time cannot hold the thread for a whole 64 KiB block's worth of timeouts.
+        """
         chunks, size = [], 0
-        while block := resp.read(min(1 << 16, self.max_bytes + 1 - size)):
+        while block := resp.read1(min(1 << 16, self.max_bytes + 1 - size)):
             chunks.append(block)
             size += len(block)
             if size > self.max_bytes:
                 raise TooLarge(f"body exceeds max_bytes {self.max_bytes}; cut off")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"body not complete after {3 * self.timeout:g} s")
+                raise TimeoutError(f"body not complete within 3 x timeout ({3 * self.timeout:g} s)")
         return b"".join(chunks)
+
+
+def _http_class(code: int) -> str:
+    return ("redirect" if 300 <= code < 400 else "http_429" if code == 429 else
+            "http_4xx" if 400 <= code < 500 else "http_5xx" if 500 <= code < 600 else "http_other")
 
 
 def classify(exc: object) -> str:

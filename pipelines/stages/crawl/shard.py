@@ -49,6 +49,8 @@ class ShardCrawler:
             timeout=cfg.timeout, max_bytes=cfg.max_bytes, max_redirects=cfg.max_redirects,
             policy=AddressPolicy.from_cidrs(cfg.allow_networks, cfg.deny_networks),
             user_agent_token=cfg.user_agent_token, contact=cfg.contact, disallowed=cfg.disallowed_header_directives,
+            per_host_connections=cfg.per_host_connections, per_host_rate=cfg.per_host_rate,
+            http_retries=cfg.http_retries, max_retry_wait=cfg.max_retry_wait,
         )
         self.resizer = Resizer(
             image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -63,7 +65,7 @@ class ShardCrawler:
         got = self.fetcher.fetch(url)
         row: dict[str, Any] = {"status": got.status, "error_class": got.error_class,
                                "error_message": got.error_message, "http_status": got.http_status,
-                               "fetched_at": now if got.status != "invalid" else None}
+                               "fetched_at": now if got.status != "invalid" else None, "retries": got.retries}
         if got.data is None:
             return row
         size = _header_size(got.data)
@@ -105,6 +107,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
                       "error_message": plan.column("duplicate_of")[i].as_py()}
     record = write_shard(assemble(table, results), out_url)
     record["fetched_success"] = sum(results[i].get("status") == "success" for i in todo)
+    record["http_retries"] = sum(results[i].get("retries", 0) for i in todo)
     return record
 
 

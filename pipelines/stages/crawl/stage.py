@@ -86,7 +86,7 @@ class CrawlStage(Stage):
         pending: dict[Any, tuple[dict[str, Any], str]] = {}  # in-flight task -> (shard, output URL)
         queue = list(todo)
         failed: dict[int, str] = {}
-        fetched_ok = 0
+        fetched_ok = http_retries = 0
 
         def shard_plan(s: dict[str, Any]) -> Any:  # a copy: a pickled slice could carry the whole plan's buffers
             part = plan_table.slice(offsets[s["id"]], s["rows"])
@@ -112,6 +112,7 @@ class CrawlStage(Stage):
                 status.update(rec["status"])
                 errors.update(rec["errors"])
                 fetched_ok += rec.get("fetched_success", 0)
+                http_retries += rec.get("http_retries", 0)
                 bar.update(rec["rows"])
                 bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
                 ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
@@ -155,6 +156,7 @@ class CrawlStage(Stage):
             "success_rate": status["success"] / total if total else 0.0,
             "images_per_sec": fetched_ok / elapsed if todo and elapsed > 0 else 0.0,
             "shards_resumed": resumed,
+            "http_retries": http_retries,  # 429/503 answers retried after their Retry-After or a backoff
         }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_"))})
         out_shards = [{"path": r.get("path", f"part-{i:05d}.parquet"), "rows": r["rows"], "bytes": r["bytes"],
