@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 import tests.probe  # noqa: F401  (registers the test-only `probe` stage)
 from pipelines import cli, manifest, spec, storage
@@ -138,6 +139,12 @@ def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local)
     assert sorted(data["source_row"]) == list(range(40))
     assert (data["status"] == "success").all()
     assert not [p for p in os.listdir(out) if p.startswith(storage.TMP_MARK)]
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
+def test_every_shipped_job_is_valid(job, capsys):
+    assert cli.main(["validate", str(REPO / "jobs" / job)]) == 0
+    assert f"valid job {yaml.safe_load((REPO / 'jobs' / job).read_text())['name']!r}" in capsys.readouterr().out
 
 
 def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
