@@ -42,7 +42,7 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 class ShardCrawler:
     def __init__(self, cfg: CrawlConfig) -> None:
-        from img2dataset.resizer import Resizer  # heavy import (cv2, albumentations): only in workers
+        from pipelines.stages.crawl.resize import Resizer  # cv2: imported in workers only
 
         self.cfg = cfg
         self.fetcher = Fetcher(
@@ -78,7 +78,7 @@ class ShardCrawler:
             row.update(status="failed_to_resize", error_class="too_many_pixels",
                        error_message=f"{size[0]}x{size[1]} exceeds max_pixels {self.cfg.max_pixels}")
             return row
-        img, w, h, ow, oh, err = self.resizer(io.BytesIO(got.data))
+        img, w, h, ow, oh, err = self.resizer(got.data)
         if err is not None or img is None:
             row.update(status="failed_to_resize", error_class="decode", error_message=str(err)[:500])
             return row

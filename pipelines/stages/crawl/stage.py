@@ -29,7 +29,7 @@ def _read_table(url: str) -> Any:
 class CrawlStage(Stage):
     kind = "crawl"
     Config = CrawlConfig
-    dependencies = ("img2dataset", "opencv-python-headless", "albumentations", "pillow", "pyarrow")
+    dependencies = ("img2dataset", "opencv-python-headless", "pillow", "pyarrow")
 
     def input_identity(self) -> dict[str, Any]:
         return inputs.identity(self.config)
