@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -90,7 +91,7 @@ class ShardCrawler:
 def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
                 prior_urls: list[str]) -> dict[str, Any]:
     """Crawl one staged input shard into out_url; return its shard record and status counts."""
-    table = _read(in_url)
+    table = read_table(in_url)
     urls, caps = table.column("url").to_pylist(), table.column("caption").to_pylist()
     action = plan.column("action").to_pylist()
     attempts = plan.column("attempts").to_pylist()
@@ -117,10 +118,11 @@ def failed_shard(in_url: str, out_url: str, plan: pa.Table, error: str) -> dict[
     attempts = plan.column("attempts").to_pylist()
     results = [{"status": "failed_to_download", "error_class": "shard_failed", "attempts": a,
                 "error_message": f"the shard task failed after its retries: {error}"[:500]} for a in attempts]
-    return write_shard(assemble(_read(in_url), results), out_url)
+    return write_shard(assemble(read_table(in_url), results), out_url)
 
 
-def _read(url: str) -> pa.Table:
+def read_table(url: str) -> pa.Table:
+    """One Parquet file, whole, from any fsspec URL."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
@@ -131,12 +133,12 @@ def _copy_reused(plan: pa.Table, prior_urls: list[str], results: list[dict[str, 
     action = plan.column("action").to_numpy()
     shards, rows = plan.column("prior_shard").to_numpy(), plan.column("prior_row").to_numpy()
     for shard in sorted(set(shards[action == REUSE].tolist())):
-        mine = [i for i in range(len(action)) if action[i] == REUSE and shards[i] == shard]
+        mine = np.flatnonzero((action == REUSE) & (shards == shard))
         fs, path = storage.filesystem(prior_urls[shard])
         with fs.open(path, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
             prior = pq.read_table(f, columns=[c for c in RESULT_COLUMNS if c in names])
-        for i, row in zip(mine, prior.take(pa.array(rows[mine])).to_pylist()):
+        for i, row in zip(mine.tolist(), prior.take(pa.array(rows[mine])).to_pylist()):
             if row.get("attempts") is None:  # written before attempts were counted
                 row["attempts"] = int(row["status"] not in ("invalid", "duplicate"))
             results[i] = row

@@ -7,7 +7,6 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines import storage
@@ -16,13 +15,6 @@ from pipelines.stages.crawl import inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.schema import STATUSES
 from pipelines.tracking import log_bar_chart
-
-
-def _read_table(url: str) -> Any:
-
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
 
 
 @register
@@ -37,7 +29,7 @@ class CrawlStage(Stage):
     def run(self, ctx: StageContext, upstream: dict) -> StageResult:
         import ray
 
-        from pipelines.stages.crawl.shard import crawl_shard, describe_shard, failed_shard
+        from pipelines.stages.crawl.shard import crawl_shard, describe_shard, failed_shard, read_table
 
         cfg: CrawlConfig = self.config
         inputs_dir = storage.join(ctx.output, "_inputs")
@@ -48,11 +40,12 @@ class CrawlStage(Stage):
         if prior:
             ctx.log.info("refreshing from %s: %s", prior["location"],
                          ", ".join(f"{k.removeprefix('rows_')} {v}" for k, v in staged["counts"].items()))
+        width = self._width()
         if cfg.per_host_connections or cfg.per_host_rate:
             ctx.log.info("per-host limits (%s connections, %s requests/s) apply within each shard task; up to %d "
                          "tasks run at once, so one host may see that many times the limit",
-                         cfg.per_host_connections or "no cap on", cfg.per_host_rate or "no limit on", self._width())
-        plan_table = _read_table(staged["plan"])
+                         cfg.per_host_connections or "no cap on", cfg.per_host_rate or "no limit on", width)
+        plan_table = read_table(staged["plan"])
         offsets = [0]
         for s in shards:
             offsets.append(offsets[-1] + s["rows"])
@@ -92,7 +85,6 @@ class CrawlStage(Stage):
             part = plan_table.slice(offsets[s["id"]], s["rows"])
             return pa.Table.from_pylist(part.to_pylist(), schema=part.schema)
 
-        width = self._width()
 
         try:
             while queue or pending:
