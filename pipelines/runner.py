@@ -87,7 +87,7 @@ def fingerprint(st: StageSpec, upstream: dict[str, Manifest], external: dict[str
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _external(st: StageSpec) -> dict[str, Any]:

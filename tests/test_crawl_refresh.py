@@ -202,3 +202,25 @@ def test_worker_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path, ray_loca
     assert web.hits["/slow/34007"] >= 2  # the shard was redone
     assert json.loads(Path(o.manifest.location, "_manifest.json").read_text())["counts"]["success"] == 20
     assert storage.exists(o.manifest.location)
+
+
+def test_refresh_starts_from_the_newest_version_when_outputs_finish_in_the_same_instant(tmp_path):
+    """CI once saw two refreshes finish within one second: the choice must not fall to glob order."""
+    import dataclasses
+    import logging
+
+    from pipelines import manifest
+    from pipelines.stages.crawl.config import CrawlConfig
+    from pipelines.stages.crawl.plan import find_prior
+
+    cfg = CrawlConfig(input="urls.parquet", allow_networks=["127.0.0.0/8"])
+    stage_dir = tmp_path / "job" / "crawl"
+    # a-: the older version, listed first; b-: the newer; c-: newest but made with other image parameters
+    for name, version in (("a000000000000000", 1), ("b000000000000000", 2), ("c000000000000000", 3)):
+        params = dataclasses.asdict(cfg) | ({"image_size": 40} if name.startswith("c") else {})
+        manifest.write(str(stage_dir / name), manifest.Manifest(
+            job="job", stage="crawl", uses="crawl", fingerprint=name, code_version="x", params=params, inputs={},
+            shards=[], counts={}, metrics={}, started_at="2026-01-01T00:00:00.000+00:00",
+            finished_at="2026-01-01T00:00:01.000+00:00", extra={"version": version}))
+    prior = find_prior(cfg, str(stage_dir / "d000000000000000"), logging.getLogger("test"))
+    assert prior is not None and prior.location == str(stage_dir / "b000000000000000") and prior.version == 2

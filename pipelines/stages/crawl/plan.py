@@ -91,7 +91,9 @@ def find_prior(cfg: CrawlConfig, output: str, log: logging.Logger) -> Prior | No
         candidates.append(m)
     if not candidates:
         return None
-    return _prior(max(candidates, key=lambda m: m.finished_at))
+    # The newest version of the chain; finished_at only breaks ties between independent crawls (two runs can
+    # finish within one timestamp, and glob order is no order).
+    return _prior(max(candidates, key=lambda m: (int(m.extra.get("version", 1)), m.finished_at)))
 
 
 def _prior(m: manifest.Manifest) -> Prior:
