@@ -1,0 +1,156 @@
+"""`clipline submit / status / logs` against a real Ray head started with `ray start --head` on 127.0.0.1.
+
+The head runs with token authentication (a token of this test's own, not ~/.ray's) and every Ray server bound
+to loopback (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray keep 127.0.0.1 as the node address instead of
+swapping in the machine's own). The CLI runs as a subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines import spec
+from pipelines.demo.run import DEMO_JOB, write_url_list
+from pipelines.runner import plan
+from tests.conftest import REPO, mlflow_runs
+
+pytestmark = pytest.mark.slow
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(token: Path) -> dict[str, str]:
+    return dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-node Ray cluster on 127.0.0.1; yields its dashboard URL and the environment that reaches it."""
+    tmp = tmp_path_factory.mktemp("head")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = _env(token)
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+           dashboard.rsplit(":", 1)[1], "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+           "--disable-usage-stats"]
+    log = open(tmp / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # the client reads the token from the environment: check from a subprocess with it, not this process
+        probe = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+                 f"JobSubmissionClient({dashboard!r})\n")
+        deadline, err = time.monotonic() + 180, ""
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"ray start exited {proc.returncode}: {(tmp / 'ray-start.log').read_text()}"
+            r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                break
+            err = r.stderr[-500:]
+        else:
+            pytest.fail(f"the Ray head at {dashboard} did not answer in 180 s: {err}")
+        yield dashboard, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the graceful stop left behind
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _clipline(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+DEMO_SMALL = ["stages.train.with.epochs=1", "stages.train.with.batch_size=16",
+              "stages.evaluate.with.datasets.0.limit=36", "stages.evaluate.with.datasets.1.limit=40"]
+
+
+def test_submit_runs_the_demo_job_on_the_cluster_and_reports_it(head, web, tmp_path):
+    dashboard, env = head
+    store = tmp_path / "store"
+    write_url_list(f"{store}/demo-web/urls.parquet", web.base_url, 240)
+    sets = [w for s in DEMO_SMALL for w in ("--set", s)]
+    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(store), *sets, "--wait")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sid = r.stdout.splitlines()[0]
+    assert sid.startswith("clipline-demo-"), r.stdout[:500]
+    assert "evaluate" in r.stdout and "SUCCEEDED" in r.stderr  # the followed logs, then the final state
+
+    # the outputs are there and complete: every stage is now a cache hit for the same spec
+    job = spec.load(DEMO_JOB, DEMO_SMALL, str(store))
+    states = {row["stage"]: row["state"] for row in plan(job)}
+    assert states == {"crawl": "cached", "curate": "cached", "train": "cached", "evaluate": "cached"}
+    crawl = next(row for row in plan(job) if row["stage"] == "crawl")
+    assert crawl["rows"] == 240
+
+    runs = mlflow_runs(store)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["clipline.stage"] for c in children) == ["crawl", "curate", "evaluate", "train"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    evaluate = next(c for c in children if c.data.tags["clipline.stage"] == "evaluate")
+    assert 0.0 <= evaluate.data.metrics["eval/demo_heldout/acc1"] <= 1.0
+
+    r = _clipline(env, "status", sid, "--address", dashboard, timeout=120)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout and "driver_exit_code  0" in r.stdout, r.stdout + r.stderr
+    r = _clipline(env, "logs", sid, "--address", dashboard, timeout=120)
+    assert r.returncode == 0 and "crawl: done" in r.stdout and "evaluate: done" in r.stdout, r.stderr[-2000:]
+
+    # the code ran from the uploaded package and the spec from the uploaded working dir
+    r = subprocess.run([sys.executable, "-c", f"from ray.job_submission import JobSubmissionClient as C\n"
+                        f"e = C({dashboard!r}).get_job_info({sid!r}).runtime_env\n"
+                        "print(e['working_dir'], e['py_modules'])"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.count("gcs://") == 2, r.stdout + r.stderr
+
+
+def test_a_failing_job_is_exit_code_1_and_a_bad_spec_never_reaches_the_cluster(head, tmp_path):
+    dashboard, env = head
+    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(tmp_path / "s"), "--wait")
+    # no URL list under this storage: the crawl stage fails on the cluster, and so does the submission
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "urls.parquet" in r.stdout and "FAILED" in r.stderr
+
+    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--set", "stages.crawl.with.image_size=big")
+    assert r.returncode == 2 and "stages.crawl.with.image_size: expected integer" in r.stderr
+    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard)  # storage ./clipline-data
+    assert r.returncode == 2 and "relative to the job's working directory" in r.stderr
+
+    r = _clipline(env, "status", "clipline-no-such-job", "--address", dashboard, timeout=120)
+    assert r.returncode == 1 and "clipline-no-such-job" in r.stderr
+
+
+def test_an_address_that_does_not_answer_and_a_missing_token_are_named(tmp_path):
+    closed = f"http://127.0.0.1:{_free_port()}"
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    r = _clipline(_env(token), "submit", str(DEMO_JOB), "--address", closed, "--storage", str(tmp_path), timeout=180)
+    assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr, r.stderr[-2000:]
+    r = _clipline(_env(tmp_path / "absent"), "logs", "x", "--address", closed, timeout=180)
+    assert r.returncode == 1 and "wants its auth token: RAY_AUTH_TOKEN_PATH is set but file cannot be opened" \
+        in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
