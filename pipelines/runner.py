@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +152,10 @@ def _probe(address: str, timeout: float = 10.0) -> None:
 
 def init_ray(job: JobSpec) -> bool:
     """Start or join Ray as the job says; True if this call started it (and should shut it down)."""
+    if job.ray_address == "local" and "ray" not in sys.modules:
+        # Ray swaps a loopback node address for the machine's own and listens on every interface; a local
+        # instance has no peers, so keep all of its servers on 127.0.0.1 (read once, when ray is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports ray: keep every Ray server these tests start on 127.0.0.1 (Ray otherwise replaces a
+# loopback node address with the machine's own and listens on all interfaces); Ray reads this once, at import.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

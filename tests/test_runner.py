@@ -172,3 +172,26 @@ def test_unreachable_ray_address_fails_fast_and_names_it(tmp_path, web):
     assert done.returncode == cli.EXIT_STAGE_FAILED
     assert (f"stage 'crawl' failed: RuntimeError: ray.address 'ray://127.0.0.1:{port}' does not answer: "
             "[Errno 111] Connection refused") in done.stderr
+
+
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
+    """`ray.address: local` starts a Ray with no peers: none of its servers may listen beyond 127.0.0.1."""
+    path = write_job(tmp_path, {"crawl": crawl_stage(str(tmp_path / "urls.parquet"))})
+    script = (
+        "import subprocess\n"
+        "from pipelines import spec\nfrom pipelines.runner import init_ray\n"
+        f"assert init_ray(spec.load({str(path)!r}))\n"
+        "import psutil, ray  # psutil: the copy ray puts on sys.path\n"
+        "ray.get(ray.remote(lambda: 1).remote())  # a worker process too\n"
+        "me = psutil.Process()\n"
+        "pids = {p.pid for p in me.children(recursive=True)} | {me.pid}\n"
+        "rows = [l for l in subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout.splitlines()\n"
+        "        if any(f'pid={p},' in l for p in pids)]\n"
+        "print(len(rows)); print('\\n'.join(l for l in rows if l.split()[3].rsplit(':', 1)[0] not in\n"
+        "                                    ('127.0.0.1', '[::ffff:127.0.0.1]')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    listening, *beyond_loopback = r.stdout.strip().splitlines()
+    assert int(listening) >= 4 and beyond_loopback == []  # GCS, raylet, object manager, agents: all on loopback
