@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import storage
+from pipelines.metrics import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
 from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE
@@ -89,8 +90,9 @@ class ShardCrawler:
 
 
 def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
-                prior_urls: list[str]) -> dict[str, Any]:
-    """Crawl one staged input shard into out_url; return its shard record and status counts."""
+                prior_urls: list[str], metrics: StageMetrics | None = None) -> dict[str, Any]:
+    """Crawl one staged input shard into out_url; return its shard record and status counts.  Each fetched
+    row counts in `metrics` (CRAWL_FETCHED) as it comes back, so the fetch rate is live while the shard runs."""
     table = read_table(in_url)
     urls, caps = table.column("url").to_pylist(), table.column("caption").to_pylist()
     action = plan.column("action").to_pylist()
@@ -102,6 +104,8 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
         for i, row in zip(todo, pool.map(lambda i: crawler.one(urls[i], caps[i]), todo)):
             row["attempts"] = attempts[i] + (row.get("fetched_at") is not None)
             results[i] = row
+            if metrics is not None:
+                metrics.inc(CRAWL_FETCHED, status=row["status"])
     _copy_reused(plan, prior_urls, results)
     for i in (i for i, a in enumerate(action) if a == DUPLICATE):
         results[i] = {"status": "duplicate", "error_class": "duplicate", "attempts": 0,

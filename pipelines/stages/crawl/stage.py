@@ -10,6 +10,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipelines import storage
+from pipelines.metrics import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig
@@ -56,6 +57,7 @@ class CrawlStage(Stage):
             memory=ctx.resources.get("memory"), max_retries=cfg.shard_retries, retry_exceptions=True,
             name="crawl_shard",
         )
+        prom = StageMetrics.of(ctx)
         records: dict[int, dict[str, Any]] = {}
         todo = []
         for s in shards:
@@ -90,7 +92,7 @@ class CrawlStage(Stage):
             while queue or pending:
                 while queue and len(pending) < width:
                     s, out_url = queue.pop(0)
-                    pending[remote.remote(cfg, s["url"], out_url, shard_plan(s), prior_urls)] = (s, out_url)
+                    pending[remote.remote(cfg, s["url"], out_url, shard_plan(s), prior_urls, prom)] = (s, out_url)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 s, out_url = pending.pop(ready[0])
                 try:
@@ -103,6 +105,7 @@ class CrawlStage(Stage):
                 records[s["id"]] = rec
                 status.update(rec["status"])
                 errors.update(rec["errors"])
+                prom.inc_each(CRAWL_ROWS, rec["status"], "status")
                 fetched_ok += rec.get("fetched_success", 0)
                 http_retries += rec.get("http_retries", 0)
                 bar.update(rec["rows"])
@@ -135,6 +138,7 @@ class CrawlStage(Stage):
             records[i] = rec
             status.update(rec["status"])
             errors.update(rec["errors"])
+            prom.inc_each(CRAWL_ROWS, rec["status"], "status")
 
         written = sum(r["rows"] for r in records.values())
         if written != total or len(records) != len(shards):

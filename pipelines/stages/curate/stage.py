@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.manifest import Manifest
+from pipelines.metrics import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig
@@ -129,6 +130,10 @@ class CurateStage(Stage):
             raise RuntimeError(f"curate accounting: {rows_in} rows in, {dict(reasons)} decided, "
                                f"{counts['rows_out']} written")
         metrics["kept_fraction"] = counts["rows_out"] / rows_in if rows_in else 0.0
+        prom = StageMetrics.of(ctx)  # the funnel for Prometheus, once its accounting holds
+        prom.inc(CURATE_ROWS_IN, rows_in)
+        prom.inc_each(CURATE_DROPPED, {r: counts[f"dropped_{r}"] for r in funnel_reasons(cfg)}, "reason")
+        prom.inc(CURATE_ROWS_OUT, counts["rows_out"])
         self._plots(ctx, cfg, counts, work)
         ledger = [{"path": s["path"], "rows": s["rows_ledger"], "bytes": s["bytes"], "sha256": s["sha256"]}
                   for s in summaries]

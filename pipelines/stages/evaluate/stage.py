@@ -17,6 +17,7 @@ import torch
 
 from pipelines import pairs, storage
 from pipelines.manifest import Manifest
+from pipelines.metrics import EVAL_AVERAGE, EVAL_METRIC, StageMetrics
 from pipelines.models import ModelRef
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.evaluate import datasets, metrics
@@ -94,6 +95,7 @@ class EvaluateStage(Stage):
         size = preprocess_cfg(ref.arch)["size"] if not ref.model_uri else 224
         size = size[0] if isinstance(size, (tuple, list)) else size
         shards, summary, flat = [], [], {}
+        prom = StageMetrics.of(ctx)
         for ds_cfg in cfg.datasets:
             data = load(ds_cfg, size)
             if not data.images:
@@ -122,12 +124,15 @@ class EvaluateStage(Stage):
                 shards.append({"path": rel, "rows": len(data.images), "bytes": len(blob),
                                "sha256": storage.sha256_bytes(blob)})
                 flat.update({mlflow_key(data.name, k): v for k, v in m.items()})
+                for k, v in m.items():
+                    prom.set(EVAL_METRIC, v, dataset=data.name, task=TASKS[task], metric=k)
                 summary.append({"dataset": data.name, "task": TASKS[task], "images": len(data.images),
                                 "main_metric": "acc1" if task == "zeroshot" else "mean_recall@1",
                                 "value": main_metric(task, m)})
                 ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
         average = float(np.mean([s["value"] for s in summary]))
         flat["eval/average"] = average
+        prom.set(EVAL_AVERAGE, average)
         ctx.tracker.log_metrics(flat, prefix="")  # `eval/<dataset>/<metric>` exactly; NaN (acc5 < 5 classes) left out
         self._summary(ctx, summary, average)
         return StageResult(shards=shards, counts={"datasets": len(cfg.datasets)},

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.metrics import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
 from pipelines.stages.train import engine
 from pipelines.stages.train.config import TrainConfig
 
@@ -37,6 +38,8 @@ class Plan:
     planned_steps: int
     tracking_uri: str
     run_id: str
+    job: str = ""  # the labels of rank 0's Prometheus metrics
+    stage: str = ""
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> float | None:
@@ -163,6 +166,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = engine.load(d, model, opt, sched)
     log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every) if rank == 0 else None
+    prom = StageMetrics(plan.job, plan.stage) if rank == 0 else None
     if log is not None and ckpt is not None:
         log.client.set_tag(plan.run_id, "clipline.train.restored_from_step", str(state["step"]))
     monitor = None
@@ -214,6 +218,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     metrics.update(scores if rank == 0 else {})
                 if log is not None:
                     log.add(step, metrics)
+                if prom is not None:  # every step, recomputed ones too: the counters measure work done
+                    prom.inc(TRAIN_STEPS)
+                    prom.inc(TRAIN_SAMPLES, global_batch)
+                    prom.set(TRAIN_LOSS, metrics["train/loss"])
+                    prom.set(TRAIN_DATA_WAIT, metrics["train/data_wait_fraction"])
                 if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
                     _checkpoint(model, opt, sched, rank, log, plan, {
                         "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,

@@ -69,7 +69,7 @@ class TrainStage(Stage):
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
                                                         planned_steps=planned, tracking_uri=ctx.tracker.uri,
-                                                        run_id=ctx.tracker.run_id)},
+                                                        run_id=ctx.tracker.run_id, job=ctx.job, stage=ctx.stage)},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=ray_dir,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
