@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench schemas clean
+.PHONY: install system-deps demo test test-fast bench schemas clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/clipline demo
 
-test: install
+# The browser and promtool that the UI and dashboard tests drive (Debian's packages; root installs them).
+system-deps:
+	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium prometheus >/dev/null; \
+	  else echo "make: the UI and dashboard tests need: sudo apt-get install chromium prometheus"; fi; }
+
+test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
