@@ -1,4 +1,4 @@
-"""`clipline`: validate, run, status, demo, ui and schemas."""
+"""`clipline`: validate, run, status, submit, logs, demo, ui, report, schemas and render."""
 
 from __future__ import annotations
 
@@ -51,8 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute the selected stages even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("status", help="each stage: cached, incomplete or missing, with row counts")
+    p = sub.add_parser("status", help="each stage: cached, incomplete or missing, with row counts; or, with "
+                                      "--address, a submission's state on a cluster")
     _job_args(p)
+    p.add_argument("--address", help="Ray dashboard URL (http://HEAD:8265): JOB is then a submission id")
+
+    p = sub.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
+    _job_args(p)
+    p.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS "
+                                     "or RAY_ADDRESS)")
+    p.add_argument("--wait", action="store_true", help="follow the logs and exit with the job's exit code")
+    p.add_argument("--deps", choices=["installed", "pip"], default="installed",
+                   help="installed: the cluster's Python has clipline's dependencies (cluster/ sets it up); "
+                        "pip: ship the pinned dependencies in the runtime env (Ray builds a virtualenv per job)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job, e.g. MLFLOW_TRACKING_URI=...; not for secrets: Ray "
+                        "shows a job's runtime env on its dashboard")
+    p.add_argument("--submission-id", help="default: clipline-<job>-<time>-<random>")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="from_", metavar="STAGE")
+    group.add_argument("--until", metavar="STAGE")
+    group.add_argument("--only", action="append", default=[], metavar="STAGE")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("logs", help="a submitted job's logs")
+    p.add_argument("submission_id")
+    p.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
 
     p = sub.add_parser("demo", help="serve a synthetic web on 127.0.0.1 and run jobs/demo.yaml against it")
     p.add_argument("--storage", default="./clipline-data", help="where outputs and the MLflow store go")
@@ -66,9 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (MLflow's default of 4 takes ~30 s to start on 2 cores)")
+
+    p = sub.add_parser("report", help="write a job run's HTML report (funnel, images, curves, evaluation) and log "
+                                      "it to MLflow")
+    _job_args(p)
+    p.add_argument("--run-id", help="the job run (MLflow parent run) to report on; default: the latest")
+    p.add_argument("-o", "--output", metavar="DIR", help="directory (any fsspec URL) for report-<run id>.html; "
+                                                        "default: {storage}/{job}/_reports")
+    p.add_argument("--images", type=int, default=48, help="at most this many kept and dropped images in the grid")
 
     p = sub.add_parser("schemas", help="write or check schemas/*.json against the code that defines them")
     p.add_argument("--check", action="store_true", help="exit 1 if a file differs from the code")
+
+    p = sub.add_parser("render", help="write deployment manifests for a job spec")
+    targets = p.add_subparsers(dest="target", required=True)
+    p = targets.add_parser("kuberay", help="a ConfigMap with the spec and a KubeRay RayJob that runs it")
+    _job_args(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--image", help="container image with clipline installed (cluster/kuberay/Dockerfile)")
+    p.add_argument("--namespace", help="metadata.namespace of the manifests (default: kubectl's)")
     return parser
 
 
@@ -122,6 +166,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines import spec
     from pipelines.runner import StageFailed, plan
 
+    if args.address:
+        return _submission_status(args)
     job = spec.load(args.job, args.overrides, args.storage)
     try:
         rows = plan(job)
@@ -134,6 +180,68 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{row['stage']:<16} {row['state']:<13} {rows:<12} {counts}")
         if row["path"]:
             print(f"{'':<16} {row['path']}")
+    return 0
+
+
+def _submission_status(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    try:
+        d = submit.describe(submit.client(args.address), args.job)
+    except submit.SubmitError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    for key in ("submission_id", "status", "message", "start", "end", "driver_exit_code", "entrypoint"):
+        print(f"{key:<17} {d[key] if d[key] is not None else '-'}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import spec, submit
+
+    job = spec.load(args.job, args.overrides, args.storage)  # a bad spec fails here, before the cluster is asked
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"clipline: --env {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return EXIT_BAD_SPEC
+        env[key] = value
+    run_args = (["--from", args.from_] if args.from_ else []) + (["--until", args.until] if args.until else [])
+    run_args += [w for s in args.only for w in ("--only", s)] + (["--force"] if args.force else [])
+    try:
+        sid = submit.submit(job, Path(args.job), args.address, overrides=args.overrides, storage_url=args.storage,
+                            run_args=run_args, deps=args.deps, env=env, submission_id=args.submission_id,
+                            entrypoint_num_cpus=args.entrypoint_num_cpus)
+        print(sid)
+        print(f"clipline: submitted {job.name!r} as {sid}; `clipline logs {sid} --address ...` follows it",
+              file=sys.stderr)
+        if not args.wait:
+            return 0
+        jobs = submit.client(args.address)
+        d = submit.follow(jobs, sid)
+    except ValueError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except submit.SubmitError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    print(f"clipline: {sid} {d['status']}: {d['message']}", file=sys.stderr)
+    return submit.exit_code(d)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    try:
+        jobs = submit.client(args.address)
+        if args.follow:
+            return submit.exit_code(submit.follow(jobs, args.submission_id))
+        submit.describe(jobs, args.submission_id)  # an unknown id is an error that names it
+        sys.stdout.write(jobs.get_job_logs(args.submission_id))
+    except submit.SubmitError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
     return 0
 
 
@@ -151,12 +259,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
     job = spec.load(args.job, [], args.storage)
     uri = resolve_uri(job.tracking_uri, job.storage)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", str(args.workers)]
     if storage.is_local(job.storage):
         cmd += ["--default-artifact-root", Path(job.storage, "mlartifacts").resolve().as_uri()]
     print(f"clipline: MLflow UI for {uri} at http://{args.host}:{args.port}", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0  # not reached
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines import spec
+    from pipelines.report import ReportError, build_report
+
+    job = spec.load(args.job, args.overrides, args.storage)
+    try:
+        out, _ = build_report(job, args.run_id, args.output, args.images)
+    except ReportError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    print(out)  # build_report logs the run and the MLflow artifact
+    return 0
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
@@ -172,8 +294,28 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "demo": cmd_demo, "ui": cmd_ui,
-             "schemas": cmd_schemas}
+def cmd_render(args: argparse.Namespace) -> int:
+    from pipelines import kuberay
+
+    out = kuberay.render(args.job, args.overrides, args.storage, image=args.image or kuberay.DEFAULT_IMAGE,
+                         namespace=args.namespace)
+    for line in out.warnings:
+        print(f"clipline: warning: {line}", file=sys.stderr)
+    if args.output:
+        try:
+            Path(args.output).write_text(out.to_yaml())
+        except OSError as exc:
+            print(f"clipline: -o {args.output}: cannot write: {exc.strerror}", file=sys.stderr)
+            return EXIT_BAD_SPEC
+        print(f"clipline: wrote {args.output}: ConfigMap {out.configmap['metadata']['name']}, "
+              f"RayJob {out.rayjob['metadata']['name']}", file=sys.stderr)
+    else:
+        sys.stdout.write(out.to_yaml())
+    return 0
+
+
+_COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "submit": cmd_submit, "logs": cmd_logs,
+             "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "schemas": cmd_schemas, "render": cmd_render}
 
 if __name__ == "__main__":
     raise SystemExit(main())
