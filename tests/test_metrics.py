@@ -352,14 +352,20 @@ def test_a_job_exports_every_dashboard_metric_to_prometheus_through_ray(tmp_path
         waits = [float(v) for r in prom.query_range(f"ray_clipline_train_data_wait_fraction{sel % 'train'}",
                                                     start, end) for _, v in r["values"]]
         assert waits and all(0 <= w <= 1 for w in waits)
-        got = {(r["metric"]["dataset"], r["metric"]["task"], r["metric"]["metric"]): float(r["value"][1])
-               for r in prom.query(f"last_over_time(ray_clipline_eval_metric{sel % 'evaluate'}[10m])")}
         want = {}
         for f in Path(evaluate["location"]).glob("*.json"):
             if not f.name.startswith("_"):
                 rec = json.loads(f.read_text())
                 want |= {(rec["dataset"], rec["task"], k): v for k, v in rec["metrics"].items() if math.isfinite(v)}
         assert {k[2] for k in want} >= {"acc1", "mean_per_class_recall", "image_retrieval_recall@5"}
+
+        def eval_gauges() -> dict[tuple[str, str, str], float] | None:
+            got = {(r["metric"]["dataset"], r["metric"]["task"], r["metric"]["metric"]): float(r["value"][1])
+                   for r in prom.query(f"last_over_time(ray_clipline_eval_metric{sel % 'evaluate'}[10m])")}
+            return got if got.keys() == want.keys() else None
+
+        # the evaluate driver sets them last, moments before the job ends: wait for Ray's next report
+        got = _wait("every evaluation result", eval_gauges, 40)
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want)
         assert prom.by(f"last_over_time(ray_clipline_eval_average{sel % 'evaluate'}[10m])", "") == {
             "": pytest.approx(evaluate["metrics"]["average"], abs=1e-9)}

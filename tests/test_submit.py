@@ -50,6 +50,8 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
            dashboard.rsplit(":", 1)[1], "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+           # the job agent's HTTP port is fixed (52365) by default: the suite's other local Ray has it
+           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
            "--disable-usage-stats"]
     log = open(tmp / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -70,7 +72,7 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(45)
+            proc.wait(5)  # a head given SIGTERM drains for up to 30 s; nothing here needs that
         except subprocess.TimeoutExpired:
             pass
         try:
