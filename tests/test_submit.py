@@ -156,3 +156,17 @@ def test_an_address_that_does_not_answer_and_a_missing_token_are_named(tmp_path)
     r = _clipline(_env(tmp_path / "absent"), "logs", "x", "--address", closed, timeout=180)
     assert r.returncode == 1 and "wants its auth token: RAY_AUTH_TOKEN_PATH is set but file cannot be opened" \
         in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_deps_pip_ships_every_dependency_at_the_locked_version(tmp_path):
+    from pipelines.submit import runtime_env
+
+    env = runtime_env(DEMO_JOB, tmp_path, "pip", {"K": "v"})
+    pins = env["pip"]["packages"]
+    lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
+    assert "ray[data,train,default]==2.60.0" in pins and "torch==2.14.1" in pins
+    assert all("==" in p for p in pins) and all(lock[p.split("==")[0].split("[")[0]] == p.split("==")[1]
+                                                for p in pins if p.split("==")[0].split("[")[0] in lock)
+    assert (tmp_path / "job.yaml").read_text() == DEMO_JOB.read_text() and env["env_vars"] == {"K": "v"}
+    with pytest.raises(ValueError, match="--deps: expected installed or pip"):
+        runtime_env(DEMO_JOB, tmp_path, "conda", {})
