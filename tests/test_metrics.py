@@ -374,8 +374,11 @@ def test_a_job_exports_every_dashboard_metric_to_prometheus_through_ray(tmp_path
         scraped = set(_get(f"{prom.base}/api/v1/label/__name__/values")["data"])
         assert metrics.prometheus_names() <= scraped, metrics.prometheus_names() - scraped
         window = f"{int(time.time() - start) + 30}s"
+        # query steps fall on start + k seconds: a sample scraped in the last second before now lies after the
+        # last step that is <= now, so the range runs a few seconds past now (as a Grafana panel refreshing does)
+        end = time.time() + 5
         for title, expr in dashboard_targets(json.loads(DASHBOARD.read_text())):
-            result = prom.query_range(concrete(expr, "t", rate="5s", range_=window), start, time.time())
+            result = prom.query_range(concrete(expr, "t", rate="5s", range_=window), start, end)
             assert result and any(r["values"] for r in result), (title, expr)
 
         # the pinned Ray dashboards are the ones this Ray wrote into its session
