@@ -1,4 +1,4 @@
-"""`clipline`: validate, run, status, submit, logs, demo, ui, report, schemas and render."""
+"""`clipline`: validate, run, status, submit, logs, demo, ui, report, replay, schemas and render."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from pipelines import __version__
 
 REPO = Path(__file__).resolve().parents[1]
-EXIT_STAGE_FAILED, EXIT_BAD_SPEC = 1, 2
+EXIT_STAGE_FAILED, EXIT_BAD_SPEC, EXIT_UNAVAILABLE = 1, 2, 3  # 3: tracking server or storage unusable at start
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "default: {storage}/{job}/_reports")
     p.add_argument("--images", type=int, default=48, help="at most this many kept and dropped images in the grid")
 
+    p = sub.add_parser("replay", help="send the MLflow records a job wrote to its local spool while the tracking "
+                                      "server was down")
+    p.add_argument("job", nargs="?", help="job spec YAML: its storage's spool goes to its tracking URI")
+    p.add_argument("--storage", help="override the job's storage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--spool", metavar="DIR", help="the spool directory (default: the job's)")
+    p.add_argument("--uri", help="tracking URI to send to (default: the job's)")
+
     p = sub.add_parser("schemas", help="write or check schemas/*.json against the code that defines them")
     p.add_argument("--check", action="store_true", help="exit 1 if a file differs from the code")
 
@@ -144,6 +152,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import spec
     from pipelines.runner import Selection, StageFailed, run_job
+    from pipelines.spool import TrackingUnavailable
+    from pipelines.storage import StorageError
 
     job = spec.load(args.job, args.overrides, args.storage)
     select = Selection(from_=args.from_, until=args.until, only=args.only, force=args.force)
@@ -153,6 +163,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"clipline: {exc}\nclipline: completed stages are kept; run the same command again to resume.",
               file=sys.stderr)
         return EXIT_STAGE_FAILED
+    except (TrackingUnavailable, StorageError) as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except ValueError as exc:
         print(f"clipline: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
@@ -281,6 +294,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipelines import spec, spool
+    from pipelines.tracking import resolve_uri
+
+    if args.job is None and not (args.spool and args.uri):
+        print("clipline: replay needs a job spec, or both --spool and --uri", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    job = spec.load(args.job, args.overrides, args.storage) if args.job else None
+    directory = args.spool or spool.default_dir(job.storage)
+    uri = args.uri or resolve_uri(job.tracking_uri, job.storage)
+    waiting = spool.pending(directory)
+    if not waiting:
+        print(f"{directory}: nothing to replay")
+        return 0
+    try:
+        counts = spool.replay(directory, uri)
+    except spool.TrackingUnavailable as exc:
+        print(f"clipline: {exc}; the spool is kept", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(f"{directory} -> {uri}: sent {sum(counts.values())} records from {len(waiting)} files (" +
+          ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + ")")
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from pipelines.schemas import check, write
 
@@ -315,7 +352,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "submit": cmd_submit, "logs": cmd_logs,
-             "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "schemas": cmd_schemas, "render": cmd_render}
+             "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "replay": cmd_replay,
+             "schemas": cmd_schemas, "render": cmd_render}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -22,7 +22,7 @@ from pipelines import __version__, manifest, storage
 from pipelines.manifest import Manifest
 from pipelines.spec import JobSpec, StageSpec
 from pipelines.stage import StageContext, StageResult
-from pipelines.tracking import Tracker, git_sha, resolve_uri
+from pipelines.tracking import Tracker, git_sha, resolve_uri, scrub
 
 log = logging.getLogger("clipline")
 
@@ -179,7 +179,8 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
     """Run the selected stages; raise StageFailed naming the stage if one fails."""
     select = select or Selection()
     chosen = select.stages(job)
-    tracker = Tracker(resolve_uri(job.tracking_uri, job.storage), job.experiment, job.storage)
+    tracker = Tracker(resolve_uri(job.tracking_uri, job.storage), job.experiment, job.storage,
+                      required=job.tracking_required)
     parent = tracker.start_job(job.name, job.raw, {"clipline.spec": job.source})
     started_ray = False
 
@@ -208,16 +209,23 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
                     f"it needs stage {ups!r}, which has no complete output for its current parameters; "
                     f"run {ups!r} first (drop --from/--only)",
                 )
-            outcome = _run_stage(job, st, ups, tracker, select.force, progress, need_ray)
+            try:
+                outcome = _run_stage(job, st, ups, tracker, select.force, progress, need_ray)
+            except storage.StorageError as exc:  # unwritable or full: the message names the path
+                raise StageFailed(name, exc) from exc
             done[name] = outcome.manifest
             outcomes.append(outcome)
         ok = True
         return outcomes
     except StageFailed as exc:
-        tracker.client.set_tag(parent, "clipline.error", str(exc)[:5000])
+        tracker.safely("the job's error", tracker.client.set_tag, parent, "clipline.error", str(exc)[:5000])
         raise
     finally:
-        tracker.end(parent, ok)
+        tracker.safely("the job run's end", tracker.end, parent, ok)
+        if tracker.offline:
+            log.warning("MLflow at %s was offline: %d records of this job run wait in %s; send them with "
+                        "`clipline replay %s` once the server answers", scrub(tracker.uri), tracker.client.records,
+                        tracker.client.path, job.source)
         if started_ray:
             import ray
 
@@ -266,11 +274,12 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
                 log.warning("%s: attempt %d/%d failed (%s: %s); retrying, completed shards are kept",
                             st.name, attempt + 1, st.retries + 1, type(exc).__name__, exc)
                 continue
-            tracker.client.set_tag(child.run_id, "clipline.error", f"{type(exc).__name__}: {exc}"[:5000])
-            tracker.end(child.run_id, False)
+            tracker.safely("the stage's error", tracker.client.set_tag, child.run_id, "clipline.error",
+                           f"{type(exc).__name__}: {exc}"[:5000])
+            tracker.safely("the stage run's end", tracker.end, child.run_id, False)
             raise StageFailed(st.name, exc) from exc
         except BaseException:
-            tracker.client.set_terminated(child.run_id, status="KILLED")
+            tracker.safely("the stage run's end", tracker.client.set_terminated, child.run_id, status="KILLED")
             raise
     assert result is not None
     seconds = time.perf_counter() - t0

@@ -25,6 +25,15 @@ from pipelines.stage import Stage, registry
 
 SCHEMA_ID = "https://clipline.dev/schemas/job.schema.json"
 _NAME = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A real spec is a few levels deep and has hundreds of values; the limits stop a YAML alias bomb (a few
+# lines whose aliases expand to billions of values) before the schema validator walks every expansion.
+MAX_DEPTH, MAX_VALUES = 64, 100_000
+# JSON Schema counts 64.0 as an integer; a stage given `image_size: 64.0` would then get a float
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, inst: isinstance(inst, int) and not isinstance(inst, bool)),
+)
 
 
 class SpecError(ValueError):
@@ -98,6 +107,12 @@ def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
                         "description": "MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite under storage",
                     },
                     "experiment": {"type": ["string", "null"], "default": None, "description": "defaults to the job name"},
+                    "required": {
+                        "type": "boolean",
+                        "default": True,
+                        "description": "true: a tracking server that does not answer at start fails the job before "
+                                       "any work; false: the run is written to a local spool for `clipline replay`",
+                    },
                 },
                 "default": {},
             },
@@ -154,6 +169,7 @@ class JobSpec:
     name: str
     storage: str
     tracking_uri: str | None
+    tracking_required: bool
     experiment: str
     ray_address: str
     runtime_env: dict[str, Any]
@@ -213,12 +229,53 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return err.message
 
 
+def _data_errors(raw: Any) -> list[str]:
+    """What JSON Schema cannot check or see: keys that are not strings, NaN (it passes every bound), a YAML
+    alias that contains itself, and nesting or size past MAX_DEPTH and MAX_VALUES."""
+    errors: list[str] = []
+    seen = 0
+
+    def walk(value: Any, path: list[Any], parents: tuple[int, ...]) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_VALUES:
+            return
+        where = dotted(path)
+        if isinstance(value, float) and value != value:
+            errors.append(f"{where}: expected a number, got nan")
+        if not isinstance(value, (dict, list)):
+            return
+        if id(value) in parents:
+            errors.append(f"{where}: a YAML alias that contains itself")
+            return
+        if len(parents) >= MAX_DEPTH:
+            errors.append(f"{where}: nested more than {MAX_DEPTH} levels deep")
+            return
+        inner = (*parents, id(value))
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, [*path, i], inner)
+            return
+        for key, item in value.items():
+            if isinstance(key, str):
+                walk(item, [*path, key], inner)
+            else:
+                errors.append(f"{where}: the key {key!r} is {type(key).__name__}; keys must be strings (quote it)")
+
+    walk(raw, [], ())
+    if seen > MAX_VALUES:
+        errors.append(f"(top level): more than {MAX_VALUES} values (YAML aliases included); a job spec is smaller")
+    return errors
+
+
 def validate(raw: Any, source: str, schema: dict[str, Any] | None = None) -> None:
     """Raise SpecError listing every schema violation as `file: field.path: what was expected`."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if problems := _data_errors(raw):  # before the schema, whose validator assumes JSON-like data
+        raise SpecError("invalid job spec:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
     schema = schema or job_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     # if/then branches report the same problem twice (once per branch); keep the most specific ones
     leaves = [e for e in errors if e.validator not in ("allOf", "if", "then")]
@@ -234,7 +291,9 @@ def _schema_at(schema: dict[str, Any], raw: dict[str, Any], path: list[str]) -> 
     if path[0] == "stages" and len(path) >= 2:
         node, rest = defs["stage"], path[2:]
         if rest and rest[0] == "with":
-            uses = raw.get("stages", {}).get(path[1], {}).get("uses")
+            stages = raw.get("stages")  # not yet validated: any YAML value
+            stage = stages.get(path[1]) if isinstance(stages, dict) else None
+            uses = stage.get("uses") if isinstance(stage, dict) else None
             node = defs.get(uses) if isinstance(uses, str) else None
             rest = rest[1:]
     else:
@@ -242,7 +301,7 @@ def _schema_at(schema: dict[str, Any], raw: dict[str, Any], path: list[str]) -> 
     for key in rest:
         if node is None:
             return None
-        node = node.get("items") if key.isdigit() else node.get("properties", {}).get(key)
+        node = node.get("items") if _is_index(key) else node.get("properties", {}).get(key)
     return node
 
 
@@ -254,11 +313,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
     schema = schema or job_schema()
     for item in overrides:
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.crawl.with.image_size=32")
+            raise SpecError(f"{source}: --set {item!r}: expected KEY=VALUE, e.g. stages.crawl.with.image_size=32")
         key, text = item.split("=", 1)
         path = key.strip().split(".")
         if not all(path):
-            raise SpecError(f"--set {item!r}: empty part in the key {key!r}")
+            raise SpecError(f"{source}: --set {item!r}: empty part in the key {key!r}")
         target = _schema_at(schema, raw, path)
         types_ = target.get("type") if target else None
         types_ = [types_] if isinstance(types_, str) else (types_ or [])
@@ -268,12 +327,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
             try:
                 value = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise SpecError(f"--set {key}: cannot parse {text!r}: {exc}") from None
+                raise SpecError(f"{source}: --set {key}: cannot parse {text!r}: {exc}") from None
+            except RecursionError:
+                raise SpecError(f"{source}: --set {key}: the value is nested too deeply to parse") from None
             if "string" in types_ and not isinstance(value, (str, type(None))) and "integer" not in types_:
                 value = text
         node: Any = raw
         for part, nxt in zip(path[:-1], path[1:], strict=True):
-            node = _step(node, part, nxt.isdigit(), key, source)
+            node = _step(node, part, _is_index(nxt), key, source)
         if isinstance(node, list):
             _step(node, path[-1], False, key, source)  # checks the index
             node[int(path[-1])] = value
@@ -282,10 +343,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
     return raw
 
 
+def _is_index(part: str) -> bool:
+    # ASCII only: str.isdigit() is true for '²', which int() refuses
+    return part.isascii() and part.isdigit()
+
+
 def _step(node: Any, part: str, list_next: bool, key: str, source: str) -> Any:
     """One step down an override's path: into a mapping (created when missing) or a list item."""
     if isinstance(node, list):
-        if not part.isdigit() or int(part) >= len(node):
+        if not _is_index(part) or int(part) >= len(node):
             raise SpecError(f"--set {key}: {part!r} is not an index into the {len(node)} items of the list in {source}")
         return node[int(part)]
     if not isinstance(node, dict):
@@ -322,7 +388,10 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
     top = _fill_defaults(schema, raw)
     tracking = _fill_defaults(schema["properties"]["tracking"], top["tracking"])
     ray_cfg = _fill_defaults(schema["properties"]["ray"], top["ray"])
-    store = storage.resolve(storage_override or top["storage"])
+    store_url, store_field = (storage_override, "--storage") if storage_override else (top["storage"], "storage")
+    if "\0" in store_url:  # os.path.expanduser raises on it; no filesystem takes it
+        raise SpecError(f"{source}: {store_field}: a path cannot contain a NUL character, got {store_url!r}")
+    store = storage.resolve(store_url)
     variables = {"storage": store, "job": top["name"]}
 
     stages_raw = top["stages"]
@@ -362,6 +431,7 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
         name=top["name"],
         storage=store,
         tracking_uri=tracking["uri"],
+        tracking_required=tracking["required"],
         experiment=tracking["experiment"] or top["name"],
         ray_address=ray_cfg["address"],
         runtime_env=ray_cfg["runtime_env"],
@@ -376,13 +446,17 @@ def load(path: str | Path, overrides: list[str] | None = None, storage_override:
     """Read, override, validate and resolve a job spec file."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{source}: cannot read the job spec: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{source}: not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise SpecError(f"{source}: not valid YAML: nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     schema = job_schema()

@@ -59,19 +59,38 @@ def file_keys(files: list[str]) -> dict[str, Any]:
     return keys
 
 
+class StorageError(OSError):
+    """Storage refused a write (unwritable, full, gone); the message names the path."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def atomic_write(url: str, data: bytes) -> None:
     """Write bytes so that the final name appears only once the whole content is there."""
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/{TMP_MARK}{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)  # atomic on POSIX, even over an existing file
-    else:
-        # object stores: the copy is one PUT, readers only trust names listed in a manifest
-        fs.mv(tmp, path)
+    try:
+        fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, path)  # atomic on POSIX, even over an existing file
+        else:
+            # object stores: the copy is one PUT, readers only trust names listed in a manifest
+            fs.mv(tmp, path)
+    except OSError as exc:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)  # a partial temp file takes space a full disk needs; it was never visible as `url`
+        except OSError:
+            pass
+        raise StorageError(f"cannot write {url} ({len(data)} bytes): {exc.strerror or exc}", exc.errno) from exc
 
 
 def write_parquet(url: str, table: Any, compression: str = "zstd") -> dict[str, Any]:

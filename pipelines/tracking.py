@@ -18,12 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import __version__, storage
+from pipelines import spool as spooling
 
 log = logging.getLogger("clipline.tracking")
 
 _SECRET = re.compile(r"(pass(word)?|secret|token|access[_-]?key|api[_-]?key|credential|auth|private[_-]?key)", re.I)
 _SECRET_PARENTS = ("env_vars",)  # runtime_env.env_vars: values are credentials more often than not
 REDACTED = "***"
+# inside a value: a URL's password (scheme://user:PASSWORD@host) and signed or keyed query parameters
+_USERINFO = re.compile(r"(?<=://)([^/@\s:]*):[^/@\s]+@")
+_SIGNED = re.compile(r"(?<=[?&])((?:x-amz-|x-goog-)?(?:signature|sig|credential|security-token|token|key|"
+                     r"api[_-]?key|access[_-]?token|password|secret)=)[^&#\s\"]+", re.I)
+
+
+def scrub(text: str) -> str:
+    """A value with the credentials a URL can carry replaced by ***: the password of its user info and
+    signed query parameters (S3 and GCS presigned URLs, Azure SAS `sig=`, `?token=`)."""
+    return _SIGNED.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1:{REDACTED}@", text))
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -38,7 +49,11 @@ def resolve_uri(job_uri: str | None, store: str) -> str:
             f"storage {store!r} is not local, so there is no default sqlite tracking store: set tracking.uri "
             "in the job or MLFLOW_TRACKING_URI"
         )
-    os.makedirs(store, exist_ok=True)
+    try:
+        os.makedirs(store, exist_ok=True)
+    except OSError as exc:
+        raise storage.StorageError(f"storage {store!r}: cannot create the directory for the tracking store: "
+                                   f"{exc.strerror or exc}") from None
     return f"sqlite:///{store}/mlflow.db"
 
 
@@ -60,7 +75,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}.{i}"))
     else:
         text = obj if isinstance(obj, str) else json.dumps(obj)
-        out[prefix] = text[:_MAX_PARAM]
+        out[prefix] = scrub(text)[:_MAX_PARAM]
     return out
 
 
@@ -132,23 +147,49 @@ def log_bar_chart(tracker: StageTracker, items: list[tuple[str, float]], title: 
 
 
 class Tracker:
-    """The job-run level: creates the experiment, the parent run and the child runs."""
+    """The job-run level: creates the experiment, the parent run and the child runs.
 
-    def __init__(self, uri: str, experiment: str, store: str) -> None:
+    Writes go through a `SpoolingClient`: if the server stops answering mid-run, the rest of the run is written
+    to a local spool (and said so) for `clipline replay`. A server that does not answer at start is an error
+    before any work, unless `required` is False: then the whole run goes to the spool."""
+
+    def __init__(self, uri: str, experiment: str, store: str, required: bool = True, spool: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-        from mlflow import MlflowClient
-
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = None
-            if uri.startswith("sqlite:") and storage.is_local(store):
-                artifacts = Path(store, "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.spool = spool or spooling.default_dir(store)
+        why = ""
+        try:
+            spooling.probe(uri)
+        except spooling.TrackingUnavailable as exc:
+            if required:
+                raise spooling.TrackingUnavailable(
+                    f"{exc}: nothing was run. Start it, or set tracking.required: false in the job to record this "
+                    f"run under {self.spool} and send it later with `clipline replay JOB`") from None
+            why = str(exc)
+        self.client = spooling.SpoolingClient(uri, self.spool, offline=bool(why), why=why)
+        self.experiment_id = self._experiment(experiment, store) if not why else (
+            spooling.OFFLINE + "experiment:" + experiment)
         self.parent_id: str | None = None
+
+    def _experiment(self, name: str, store: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifacts = None
+        if self.uri.startswith("sqlite:") and storage.is_local(store):
+            artifacts = Path(store, "mlartifacts").resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=artifacts)
+
+    @property
+    def offline(self) -> bool:
+        return self.client.offline
+
+    def safely(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        """A tracking write on a failure path: its own failure is logged, never hides the error being reported."""
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the stage's own error is the one to raise
+            log.warning("could not record %s in MLflow (%s: %s)", what, type(exc).__name__, str(exc)[:300])
 
     def start_job(self, job: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(
@@ -187,9 +228,16 @@ class Tracker:
         if not storage.exists(marker):
             return None
         run_id = storage.read_json(marker)["mlflow_run_id"]
+        if self.offline or run_id.startswith(spooling.OFFLINE):
+            log.warning("stage run %s (from %s) cannot be continued while MLflow is offline: a new run goes to the "
+                        "spool", run_id, marker)
+            return None
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
+            if spooling.unreachable(exc):
+                self.client.go_offline(f"reading run {run_id}: {str(exc)[:300]}")
+                return None
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise  # the store is there but failing: do not fork the stage's history into a new run
             log.warning("stage run %s (from %s) is not in this tracking store: starting a new run", run_id, marker)

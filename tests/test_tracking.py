@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from pipelines.tracking import REDACTED, flatten, resolve_uri
+from pipelines.tracking import REDACTED, flatten, resolve_uri, scrub
 from tests.conftest import REPO
 
 
@@ -30,6 +31,21 @@ def test_params_are_flattened_and_secrets_redacted():
                 "ray.runtime_env.env_vars.REGION", "storage.AWS_SECRET_ACCESS_KEY"):
         assert params[key] == REDACTED, key
     assert not {"k-123", "hunter2", "AKIA", "s3cr3t"} & set(params.values())
+
+
+def test_credentials_inside_urls_are_redacted():
+    params = flatten({
+        "tracking": {"uri": "https://ci:hunter2@mlflow.example.org/"},
+        "input": ["s3://b/urls.parquet?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&part=2",
+                  "https://acct.blob.core.windows.net/c/u.csv?sv=2024&sig=s1gn%3D", "https://h/x?token=t0k&page=1"],
+        "storage": "gs://bucket/dir",
+    })
+    assert params["tracking.uri"] == f"https://ci:{REDACTED}@mlflow.example.org/"
+    assert params["input"] == json.dumps([
+        f"s3://b/urls.parquet?X-Amz-Credential={REDACTED}&X-Amz-Signature={REDACTED}&part=2",
+        f"https://acct.blob.core.windows.net/c/u.csv?sv=2024&sig={REDACTED}", f"https://h/x?token={REDACTED}&page=1"])
+    assert params["storage"] == "gs://bucket/dir"
+    assert scrub("ftp://user@host/p and http://a:b@c") == f"ftp://user@host/p and http://a:{REDACTED}@c"
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):

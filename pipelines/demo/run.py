@@ -60,7 +60,7 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
         size = f"{m.counts['steps']} steps" if "steps" in m.counts else f"{m.rows} rows"
         print(f"{o.stage:<10} {o.state:<8} {size}  {m.location}")
         if "weights" in m.extra.get("model", {}):  # a trained model
-            print(f"{'':<19} model: {m.extra['model'].get('registry_uri') or m.extra['model']['model_uri']}")
+            print(f"{'':<19} model: {m.extra['model'].get('registry_uri') or m.extra['model']['model_uri'] or 'not logged (MLflow was offline)'}")
         for row in m.extra.get("summary", []):  # evaluation results
             print(f"{'':<19} {row['dataset']} {row['task']}: {row['main_metric']} {row['value']:.3f}")
     print(f"\nOutputs under {store}/{job.name}/. Browse the runs with:  clipline ui --storage {store}\n"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.spool import SpoolingClient, unreachable
 from pipelines.metrics import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
 from pipelines.stages.train import engine
 from pipelines.stages.train.config import TrainConfig
@@ -40,6 +41,8 @@ class Plan:
     run_id: str
     job: str = ""  # the labels of rank 0's Prometheus metrics
     stage: str = ""
+    spool: str = ""  # where rank 0 writes its MLflow records if the server is down (pipelines.spool)
+    offline: bool = False  # the driver's tracking was already offline when training started
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> float | None:
@@ -72,11 +75,16 @@ def flops_per_sample(model: torch.nn.Module, loss_kind: str, image_size: int, co
 class StepLog:
     """Rank 0's MLflow writer: batches metrics, skips steps the run already has (a recomputed stretch)."""
 
-    def __init__(self, uri: str, run_id: str, every: int) -> None:
-        from mlflow import MlflowClient
-
-        self.client, self.run_id, self.every = MlflowClient(tracking_uri=uri), run_id, every
-        history = self.client.get_metric_history(run_id, METRIC)
+    def __init__(self, uri: str, run_id: str, every: int, spool: str, offline: bool = False) -> None:
+        self.client = SpoolingClient(uri, spool, offline=offline, why="offline when training started")
+        self.run_id, self.every, history = run_id, every, []
+        if not self.client.offline:
+            try:
+                history = self.client.get_metric_history(run_id, METRIC)
+            except Exception as exc:  # noqa: BLE001 - a server that is down spools; anything else is raised
+                if not unreachable(exc):
+                    raise
+                self.client.go_offline(f"reading the run's loss history: {str(exc)[:300]}")
         self.logged = max((m.step for m in history), default=0)
         self.pending: list[Any] = []
 
@@ -165,12 +173,12 @@ def train_loop(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = engine.load(d, model, opt, sched)
-    log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every) if rank == 0 else None
+    log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every, plan.spool, plan.offline) if rank == 0 else None
     prom = StageMetrics(plan.job, plan.stage) if rank == 0 else None
     if log is not None and ckpt is not None:
         log.client.set_tag(plan.run_id, "clipline.train.restored_from_step", str(state["step"]))
     monitor = None
-    if rank == 0 and cfg.system_metrics:
+    if rank == 0 and cfg.system_metrics and not log.client.offline:  # MLflow's monitor has no spool
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=True,

@@ -17,6 +17,7 @@ from pipelines import storage
 from pipelines.manifest import Manifest
 from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
 from pipelines.stage import Stage, StageContext, StageResult, register
+from pipelines.spool import unreachable
 from pipelines.stages.train import data, engine
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.loop import Plan, train_loop
@@ -69,7 +70,9 @@ class TrainStage(Stage):
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
                                                         planned_steps=planned, tracking_uri=ctx.tracker.uri,
-                                                        run_id=ctx.tracker.run_id, job=ctx.job, stage=ctx.stage)},
+                                                        run_id=ctx.tracker.run_id, job=ctx.job, stage=ctx.stage,
+                                                        spool=ctx.tracker.client.spool_dir,
+                                                        offline=ctx.tracker.client.offline)},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=ray_dir,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -110,9 +113,22 @@ class TrainStage(Stage):
             shards.append({"path": fname, "rows": 0, "bytes": len(blob), "sha256": storage.sha256_bytes(blob)})
         reg = cfg.register
         registered = (reg.name or f"{ctx.job}-{ctx.stage}") if reg.enabled else None
-        info = log_model(model, cfg.model.arch, name="model", registered_model_name=registered,
-                         run_id=ctx.tracker.run_id, tracking_uri=ctx.tracker.uri)
-        out: dict[str, Any] = {"arch": name, "weights": WEIGHTS_FILE, "config": CONFIG_FILE, "model_uri": info.model_uri}
+        out: dict[str, Any] = {"arch": name, "weights": WEIGHTS_FILE, "config": CONFIG_FILE, "model_uri": None}
+        client = ctx.tracker.client
+        if not client.offline:
+            try:
+                info = log_model(model, cfg.model.arch, name="model", registered_model_name=registered,
+                                 run_id=ctx.tracker.run_id, tracking_uri=ctx.tracker.uri)
+                out["model_uri"] = info.model_uri
+            except Exception as exc:  # noqa: BLE001 - a server that is down is reported below; others raise
+                if not unreachable(exc):
+                    raise
+                client.go_offline(f"logging the model: {str(exc)[:300]}")
+        if client.offline:
+            ctx.log.warning("MLflow is offline: the model is not logged%s (models are not spooled); its weights "
+                            "and config are in %s, and a later --force run of this stage logs it",
+                            f" nor registered as {registered}" if registered else "", ctx.output)
+            return shards, out
         if registered:
             from mlflow import MlflowClient
 

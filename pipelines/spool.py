@@ -1,0 +1,315 @@
+"""MLflow writes that outlive the tracking server: a local spool, and its replay.
+
+`SpoolingClient` wraps `MlflowClient`. A write the server cannot take (it does not answer, or answers 5xx,
+after MLflow's own retries) turns the client offline for the rest of the process: that write and every
+later one is appended, in order, to a JSON-lines file in the spool directory, with the files a figure, text
+or artifact needs copied beside it, and the stage goes on. Runs created while offline get ids of the form
+`offline-<hex>`. `replay` sends a spool directory to a tracking server in the order it was written (all
+processes' files merged by time), maps offline ids to the runs it creates, and remembers what it has sent,
+so a replay that fails half way continues where it stopped.
+
+Staying offline once offline keeps the order of a run's writes (a status set while offline is never
+overtaken by a later write that reached the server). Model logging and registration are not spooled: the
+train stage skips them offline and says so; the model's weights are in the stage output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+log = logging.getLogger("clipline.tracking")
+
+OFFLINE = "offline-"
+PROGRESS = "_replayed.json"  # in the spool directory: offline id -> real id, lines sent per file
+# Short retries before a write is spooled (MLflow's defaults retry for minutes); the user's settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_DOWN = re.compile(r"failed with exception|failed with error code 5\d\d|Max retries exceeded|Connection refused"
+                   r"|Connection aborted|Read timed out|RemoteDisconnected|Name or service not known")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer and the job requires it."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow call failed because the server is down or failing (not because of what was sent)."""
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, urllib.error.URLError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    return type(exc).__name__ in ("MlflowException", "RestException") and bool(_DOWN.search(str(exc)))
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def probe(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable unless the tracking server at `uri` answers its health check."""
+    if not is_remote(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # the job's own tracking server
+            if r.status == 200:
+                return
+            why = f"HTTP {r.status}"
+    except urllib.error.HTTPError as exc:
+        why = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        why = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({url}: {why})")
+
+
+def default_dir(store: str) -> str:
+    """Where a job's spool goes: beside its outputs when storage is local, else under the user's cache."""
+    from pipelines import storage
+
+    if storage.is_local(store):
+        return os.path.join(storage.resolve(store), "_mlflow_spool")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", store)[-120:]
+    return os.path.join(os.path.expanduser("~/.cache/clipline/mlflow-spool"), safe)
+
+
+def _entity(x: Any) -> list[Any]:
+    return [x.key, x.value, x.timestamp, x.step] if hasattr(x, "step") else [x.key, x.value]
+
+
+class SpoolingClient:
+    """An MlflowClient whose writes fall back to a local spool when the server is down; reads pass through."""
+
+    def __init__(self, uri: str, spool: str, offline: bool = False, why: str = "") -> None:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        self.uri, self.spool_dir, self.offline = uri, spool, False
+        self._client = MlflowClient(tracking_uri=uri)
+        self.path = os.path.join(spool, f"{time.strftime('%Y%m%dT%H%M%S')}-{socket.gethostname()}-{os.getpid()}"
+                                        f"-{uuid.uuid4().hex[:6]}.jsonl")
+        self.records = 0
+        if offline:
+            self.go_offline(why)
+
+    def __getattr__(self, name: str) -> Any:  # reads and calls clipline does not spool go straight to MLflow
+        return getattr(self._client, name)
+
+    # -- the writes ------------------------------------------------------------------------------------------
+    def create_run(self, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None) -> Any:
+        if not self.offline and not str(experiment_id).startswith(OFFLINE):
+            try:
+                return self._client.create_run(experiment_id, run_name=run_name, tags=tags)
+            except Exception as exc:
+                self._fail(exc)
+        run_id = OFFLINE + uuid.uuid4().hex
+        self._append({"op": "create_run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
+                      "tags": tags or {}})
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
+
+    def log_batch(self, run_id: str, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+        self._write(run_id, lambda: self._client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags)),
+                    {"op": "log_batch", "run_id": run_id, "metrics": [_entity(m) for m in metrics],
+                     "params": [_entity(p) for p in params], "tags": [_entity(t) for t in tags]})
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        self._write(run_id, lambda: self._client.set_tag(run_id, key, value),
+                    {"op": "set_tag", "run_id": run_id, "key": key, "value": str(value)})
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._write(run_id, lambda: self._client.delete_tag(run_id, key), {"op": "delete_tag", "run_id": run_id, "key": key})
+
+    def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
+        self._write(run_id, lambda: self._client.update_run(run_id, status=status, name=name),
+                    {"op": "update_run", "run_id": run_id, "status": status, "name": name})
+
+    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        end_time = end_time or int(time.time() * 1000)
+        self._write(run_id, lambda: self._client.set_terminated(run_id, status=status, end_time=end_time),
+                    {"op": "set_terminated", "run_id": run_id, "status": status, "end_time": end_time})
+
+    def log_inputs(self, run_id: str, datasets: list[Any]) -> None:
+        self._write(run_id, lambda: self._client.log_inputs(run_id, datasets=datasets), {
+            "op": "log_inputs", "run_id": run_id, "datasets": [
+                {"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
+                 "source": d.dataset.source, "profile": d.dataset.profile, "tags": [_entity(t) for t in d.tags]}
+                for d in datasets]})
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self._write(run_id, lambda: self._client.log_artifact(run_id, local_path, artifact_path),
+                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": artifact_path,
+                             "file": self._keep(Path(local_path).name, lambda dst: shutil.copyfile(local_path, dst))})
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        self._write(run_id, lambda: self._client.log_figure(run_id, figure, artifact_file),
+                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": _parent(artifact_file),
+                             "file": self._keep(Path(artifact_file).name, figure.savefig)})
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._write(run_id, lambda: self._client.log_text(run_id, text, artifact_file),
+                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": _parent(artifact_file),
+                             "file": self._keep(Path(artifact_file).name,
+                                                lambda dst: Path(dst).write_text(text, encoding="utf-8"))})
+
+    # -- the machinery ---------------------------------------------------------------------------------------
+    def _write(self, run_id: str, call: Any, record: dict[str, Any] | Any) -> None:
+        """Make the call, or append the record (a dict, or a function that makes it) to the spool."""
+        if not self.offline and not run_id.startswith(OFFLINE):
+            try:
+                call()
+                return
+            except Exception as exc:
+                self._fail(exc)
+        self._append(record if isinstance(record, dict) else record())
+
+    def _fail(self, exc: Exception) -> None:
+        if not unreachable(exc):
+            raise exc
+        self.go_offline(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def go_offline(self, why: str) -> None:
+        if self.offline:
+            return
+        from pipelines.tracking import scrub  # tracking imports this module
+
+        self.offline = True
+        os.makedirs(self.spool_dir, exist_ok=True)
+        uri = scrub(self.uri)
+        log.warning("MLflow at %s is not taking writes (%s): this process writes its runs, metrics and artifacts to "
+                    "%s from now on; send them with `clipline replay JOB` (or `clipline replay --spool %s --uri %s`) "
+                    "once the server is back", uri, scrub(why), self.path, self.spool_dir, uri)
+
+    def _keep(self, name: str, save: Any) -> str:
+        """A copy of an artifact's file in the spool directory, named relative to it."""
+        rel = os.path.join("files", uuid.uuid4().hex[:12], name)
+        dst = os.path.join(self.spool_dir, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        save(dst)
+        return rel
+
+    def _append(self, record: dict[str, Any]) -> None:
+        os.makedirs(self.spool_dir, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"t": time.time(), **record}, default=str) + "\n")
+        self.records += 1
+
+
+def _parent(artifact_file: str) -> str | None:
+    parent = os.path.dirname(artifact_file)
+    return parent or None
+
+
+def pending(spool: str) -> dict[str, int]:
+    """Spool files with records not yet replayed, and how many."""
+    sent = _progress(spool)["lines"]
+    out = {}
+    for f in sorted(Path(spool).glob("*.jsonl")) if os.path.isdir(spool) else []:
+        n = sum(1 for _ in f.open(encoding="utf-8")) - sent.get(f.name, 0)
+        if n > 0:
+            out[f.name] = n
+    return out
+
+
+def _progress(spool: str) -> dict[str, Any]:
+    path = os.path.join(spool, PROGRESS)
+    if os.path.exists(path):
+        return json.loads(Path(path).read_text())
+    return {"ids": {}, "lines": {}}
+
+
+def replay(spool: str, uri: str) -> dict[str, int]:
+    """Send a spool directory's records to the tracking server at `uri`, in the order they were written.
+
+    Returns counts by operation. Safe to run again: what was sent is recorded in `_replayed.json`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+    if not os.path.isdir(spool):
+        raise FileNotFoundError(f"no MLflow spool at {spool}")
+    probe(uri)
+    client = MlflowClient(tracking_uri=uri)
+    state = _progress(spool)
+    ids, lines = state["ids"], state["lines"]
+    records = []
+    for f in sorted(Path(spool).glob("*.jsonl")):
+        for i, line in enumerate(f.open(encoding="utf-8")):
+            if i >= lines.get(f.name, 0) and line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a process killed mid-line: nothing after it in that file
+                    log.warning("%s line %d: cut short, not replayed", f, i + 1)
+                    break
+                records.append((rec["t"], f.name, i, rec))
+    records.sort(key=lambda r: r[:3])
+    experiments: dict[str, str] = {}
+
+    def real(run_id: str) -> str:
+        if not run_id.startswith(OFFLINE):
+            return run_id
+        if run_id not in ids:
+            raise ValueError(f"{spool}: run {run_id} is used before the record that creates it")
+        return ids[run_id]
+
+    def experiment(eid: str) -> str:
+        if not eid.startswith(OFFLINE):
+            return eid
+        if eid not in experiments:
+            name = eid[len(OFFLINE + "experiment:"):]
+            exp = client.get_experiment_by_name(name)
+            experiments[eid] = exp.experiment_id if exp else client.create_experiment(name)
+        return experiments[eid]
+
+    counts: dict[str, int] = {}
+    save = os.path.join(spool, PROGRESS)
+    try:
+        for _, fname, i, rec in records:
+            op = rec["op"]
+            if op == "create_run":
+                run = client.create_run(experiment(rec["experiment_id"]), run_name=rec["run_name"],
+                                        tags={k: (real(v) if k == "mlflow.parentRunId" and v else v)
+                                              for k, v in rec["tags"].items()})
+                ids[rec["run_id"]] = run.info.run_id
+            elif op == "log_batch":
+                client.log_batch(real(rec["run_id"]), metrics=[Metric(*m) for m in rec["metrics"]],
+                                 params=[Param(*p) for p in rec["params"]], tags=[RunTag(*t) for t in rec["tags"]])
+            elif op == "set_tag":
+                value = real(rec["value"]) if rec["key"] == "mlflow.parentRunId" and rec["value"] else rec["value"]
+                client.set_tag(real(rec["run_id"]), rec["key"], value)
+            elif op == "delete_tag":
+                client.delete_tag(real(rec["run_id"]), rec["key"])
+            elif op == "update_run":
+                client.update_run(real(rec["run_id"]), status=rec["status"], name=rec["name"])
+            elif op == "set_terminated":
+                client.set_terminated(real(rec["run_id"]), status=rec["status"], end_time=rec["end_time"])
+            elif op == "log_inputs":
+                client.log_inputs(real(rec["run_id"]), datasets=[
+                    DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+                                 [InputTag(*t) for t in d["tags"]]) for d in rec["datasets"]])
+            elif op == "log_artifact":
+                client.log_artifact(real(rec["run_id"]), os.path.join(spool, rec["file"]), rec["artifact_path"])
+            else:
+                raise ValueError(f"{spool}/{fname} line {i + 1}: unknown operation {op!r}")
+            lines[fname] = i + 1
+            counts[op] = counts.get(op, 0) + 1
+    finally:
+        tmp = save + ".tmp"
+        Path(tmp).write_text(json.dumps({"ids": ids, "lines": lines}, indent=1))
+        os.replace(tmp, save)
+    return counts

@@ -1,0 +1,209 @@
+"""Outages: the MLflow server down at start or lost mid-stage, storage unwritable or full, Ray not answering.
+
+The tracking server is a real `mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts; the job
+runs as `python -m pipelines.cli run` in its own process, as a scheduler would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines import cli, spool, storage
+from pipelines.demo.server import DemoServer
+from tests.conftest import REPO, crawl_stage, write_job
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over root/mlflow.db and root/artifacts, until the block ends."""
+    port = port or _port()
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", (root / "artifacts").as_uri()],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=(root / f"mlflow-{port}.log").open("a"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (root / f"mlflow-{port}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:  # loopback
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)  # polling for the server to accept, with a deadline
+        yield uri
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker, gone at once, as in a crash
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def run_cli(job: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *extra, str(job)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_tracking_server_down_at_start_fails_before_any_work_and_names_it(tmp_path, web, capsys):
+    uri = f"http://127.0.0.1:{_port()}"  # nothing listens there
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [web.url("img", 0)], "caption": ["a picture"]}).to_csv(urls, index=False)
+    job = write_job(tmp_path, {"crawl": crawl_stage(str(urls))}, tracking={"uri": uri})
+    t0 = time.monotonic()
+    assert cli.main(["run", str(job)]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {uri} does not answer" in err and "nothing was run" in err
+    assert "tracking.required: false" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 30  # the health check answers at once, not MLflow's minutes of retries
+    assert not (tmp_path / "store" / "t").exists()  # no stage started
+
+
+@pytest.mark.slow
+def test_tracking_not_required_spools_the_whole_run_and_replay_sends_it(tmp_path, web, ray_local, capsys):
+    uri = f"http://127.0.0.1:{_port()}"
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [web.url("img", i) for i in range(6)] + [web.url("missing", 0)],
+                  "caption": [f"picture {i}" for i in range(7)]}).to_csv(urls, index=False)
+    job = write_job(tmp_path, {"crawl": crawl_stage(str(urls))}, tracking={"uri": uri, "required": False})
+    assert cli.main(["run", "--no-progress", str(job)]) == 0
+    err = capsys.readouterr().err
+    directory = spool.default_dir(str(tmp_path / "store"))
+    assert f"MLflow at {uri} is not taking writes" in err and directory in err and "clipline replay" in err
+    waiting = spool.pending(directory)
+    assert len(waiting) == 1 and sum(waiting.values()) >= 8  # experiment-less runs, params, metrics, artifact, ends
+
+    with mlflow_server(tmp_path / "server", int(uri.rsplit(":", 1)[1])):
+        assert cli.main(["replay", str(job)]) == 0
+        out = capsys.readouterr().out
+        assert f"-> {uri}: sent {sum(waiting.values())} records from 1 files" in out
+        assert cli.main(["replay", str(job)]) == 0  # sent once: a second replay has nothing to do
+        assert "nothing to replay" in capsys.readouterr().out
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "t"]
+        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+        assert set(runs) == {"t", "crawl"}
+        parent, crawl = runs["t"], runs["crawl"]
+        assert crawl.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert parent.info.status == crawl.info.status == "FINISHED"
+        assert crawl.data.metrics["crawl/rows"] == 7 and crawl.data.metrics["crawl/success"] == 6
+        assert crawl.data.params["input"].endswith("urls.csv\"]")
+        assert [a.path for a in client.list_artifacts(crawl.info.run_id, "manifest")] == ["manifest/_manifest.json"]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_the_run(tmp_path):
+    """The server is killed while the crawl waits on a held request; the crawl finishes, its writes go to the
+    spool, and once the server is back the replay makes the run whole: params from before, metrics after."""
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    port = _port()
+    with DemoServer(port=0, seed=0, slow_seconds=120) as web:
+        urls = tmp_path / "urls.csv"
+        rows = [web.url("img", i) for i in range(8)] + [web.url("slow", 0)]
+        pd.DataFrame({"url": rows, "caption": [f"picture {i}" for i in range(9)]}).to_csv(urls, index=False)
+        job = write_job(tmp_path, {"crawl": crawl_stage(str(urls), timeout=120)},
+                        tracking={"uri": f"http://127.0.0.1:{port}"}, ray={"num_cpus": 2})
+        with mlflow_server(server_root, port) as uri:
+            proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--no-progress", str(job)],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                with web.lock:  # the crawl is mid-stage: it is waiting on the held request
+                    assert web.changed.wait_for(lambda: web.hits.get("/slow/0", 0) >= 1 or proc.poll() is not None,
+                                                timeout=300), "the crawl never asked for /slow/0"
+                assert proc.poll() is None, proc.communicate()
+            except BaseException:
+                proc.kill()
+                raise
+        # the server is gone (SIGKILL on leaving the block); now let the crawl finish
+        web.release.set()
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"MLflow at {uri} is not taking writes" in err and "clipline replay" in err, err[-3000:]
+    directory = spool.default_dir(str(tmp_path / "store"))
+    assert sum(spool.pending(directory).values()) > 0
+    manifest_rows = out.split()
+    assert "crawl" in manifest_rows and "ran" in manifest_rows
+
+    with mlflow_server(server_root, port):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "t"]
+        (before,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "crawl"]
+        assert before.info.status == "RUNNING" and "crawl/rows" not in before.data.metrics  # the server missed these
+        result = run_cli(job, "replay", timeout=120)
+        assert result.returncode == 0, result.stderr
+        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+        assert set(runs) == {"t", "crawl"}  # the spooled writes landed in the runs created before the outage
+        crawl = runs["crawl"]
+        assert crawl.info.run_id == before.info.run_id and crawl.info.status == "FINISHED"
+        assert runs["t"].info.status == "FINISHED"
+        assert crawl.data.params["input"].endswith("urls.csv\"]")  # logged before the outage
+        assert crawl.data.metrics["crawl/rows"] == 9 and crawl.data.metrics["crawl/success"] == 9
+        assert [a.path for a in client.list_artifacts(crawl.info.run_id, "manifest")] == ["manifest/_manifest.json"]
+
+
+def test_storage_that_cannot_be_created_is_an_error_naming_the_path(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/x.jpg,a\n")
+    job = write_job(tmp_path, {"crawl": crawl_stage(str(urls))})
+    assert cli.main(["run", "--storage", str(tmp_path / "file" / "store"), str(job)]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"storage '{tmp_path / 'file' / 'store'}'" in err and "Not a directory" in err and "Traceback" not in err
+
+
+def test_a_write_that_fails_names_the_path_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "out" / "shard.parquet"
+    target.mkdir(parents=True)  # the final rename onto a directory fails after the temp file was written
+    with pytest.raises(storage.StorageError, match=rf"cannot write {target} \(3 bytes\): Is a directory"):
+        storage.atomic_write(str(target), b"abc")
+    assert [p.name for p in target.parent.iterdir()] == ["shard.parquet"]  # the temp file is gone
+
+
+@pytest.mark.slow
+def test_full_storage_fails_the_stage_with_an_error_naming_the_path(tmp_path, web):
+    """Storage on a 64 KiB tmpfs (mounted in a private mount namespace of the job's process): the crawl's
+    shards do not fit."""
+    store = tmp_path / "store"
+    store.mkdir()
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [web.url("img", i) for i in range(200)],
+                  "caption": [f"picture {i}" for i in range(200)]}).to_csv(urls, index=False)
+    job = write_job(tmp_path, {"crawl": crawl_stage(str(urls), image_size=64)},
+                    tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    mount = f"mount -t tmpfs -o size=64k tmpfs {store} && exec {sys.executable} -m pipelines.cli run --no-progress {job}"
+    full = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == cli.EXIT_STAGE_FAILED, full.stderr[-3000:]
+    assert "stage 'crawl' failed" in full.stderr and "No space left on device" in full.stderr, full.stderr[-3000:]
+    assert f"cannot write {store}/t/crawl/" in full.stderr and "Traceback" not in full.stderr
