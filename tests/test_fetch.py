@@ -111,6 +111,8 @@ def test_spaces_in_urls_are_encoded_not_protocol_errors(web):
     ("2002:a00:1::", True),  # 6to4 of 10.0.0.1
     ("::10.0.0.1", True),  # IPv4-compatible
     ("64:ff9b::808:808", False),  # NAT64 to 8.8.8.8
+    ("192.0.0.192", True), ("::ffff:192.0.0.192", True),  # Oracle Cloud's legacy metadata; Python calls it global
+    ("192.0.0.9", True),  # the rest of 192.0.0.0/24 (IETF protocol assignments) too
 ])
 def test_address_policy_sees_through_ipv6_forms(address, refused):
     assert AddressPolicy().refuses(address) is refused

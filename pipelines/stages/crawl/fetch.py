@@ -4,6 +4,9 @@ Every connection urllib opens - the first request and each redirect hop - resolv
 refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
 connects to the address it checked, so DNS cannot answer differently between check and connect.
 Proxies from the environment are ignored: through a proxy the check would see the proxy, not the host.
+Every read on those connections waits at most until the request's deadline, so a server that drips its
+status line, headers or body a byte at a time (each read well inside the timeout) cannot hold a thread
+past it, and a redirect's body is never read.
 Politeness per host (a connection cap, a rate, pauses and retries on 429/503) lives in polite.py.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import functools
 import http.client
 import ipaddress
+import math
 import socket
 import ssl
 import string
@@ -59,12 +63,15 @@ class AddressPolicy:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip not in _GLOBAL_UNICAST_V6 and ip not in _NAT64:
             return True  # site-local fec0::/10, IPv4-compatible ::a.b.c.d and other legacy space
+        if isinstance(ip, ipaddress.IPv4Address) and ip in _IETF_V4:
+            return True  # Python counts some of it global; Oracle Cloud's legacy metadata service is 192.0.0.192
         # not global: loopback, private, link-local (cloud metadata), shared, reserved, unspecified
         return not ip.is_global or ip.is_multicast
 
 
 _GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IETF_V4 = ipaddress.ip_network("192.0.0.0/24")  # IETF protocol assignments: anycast relays, no web servers
 
 
 def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -76,7 +83,53 @@ def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ip
     return out
 
 
-def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+class _Deadline:
+    """A socket mixin: each read waits at most its timeout and at most until `deadline` (time.monotonic()).
+
+    A timeout bounds one read only: a server that sends a byte of its status line or headers every half
+    second keeps http.client reading them for ever, and a flood of `100 Continue` responses never pauses
+    at all. A read that would start at or past the deadline raises instead.
+    """
+
+    deadline: float = math.inf
+    read_timeout: float | None = None  # the timeout of one read; None: block (the connection's own setting)
+
+    def _arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(self._LATE)
+        limit = left if self.read_timeout is None else min(left, self.read_timeout)
+        self.settimeout(None if limit == math.inf else limit)
+
+    def _within(self, read, *args, **kwargs):
+        self._arm()
+        try:
+            return read(*args, **kwargs)
+        except TimeoutError:
+            if time.monotonic() >= self.deadline:  # the deadline cut this read short, not its own timeout
+                raise TimeoutError(self._LATE) from None
+            raise
+
+    _LATE = ("response not complete by the request's deadline (3 x timeout): the server sends too slowly "
+             "or without end")
+
+    def recv_into(self, *args, **kwargs):
+        return self._within(super().recv_into, *args, **kwargs)
+
+    def recv(self, *args, **kwargs):
+        return self._within(super().recv, *args, **kwargs)
+
+
+class _DeadlineSocket(_Deadline, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+    pass
+
+
+def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
+                     *, deadline: float = math.inf):
     host, port = address
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     for *_, sockaddr in infos:
@@ -85,10 +138,12 @@ def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFA
                                  "(add its network to allow_networks to crawl it)")
     last: OSError | None = None
     for family, socktype, proto, _, sockaddr in infos:
-        sock = socket.socket(family, socktype, proto)
+        sock = _DeadlineSocket(family, socktype, proto)
         try:
+            sock.deadline = deadline
             if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
+                sock.read_timeout = timeout
+            sock._arm()  # the connect, too, waits at most the timeout and until the deadline
             sock.connect(sockaddr)
             return sock
         except OSError as exc:
@@ -98,15 +153,24 @@ def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFA
 
 
 class _GuardedHTTP(http.client.HTTPConnection):
-    def __init__(self, *args, policy: AddressPolicy, **kwargs):
+    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connect, policy)
+        self._create_connection = functools.partial(_guarded_connect, policy, deadline=deadline)
 
 
 class _GuardedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, *args, policy: AddressPolicy, **kwargs):
+    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connect, policy)
+        self._deadline = deadline
+        self._create_connection = functools.partial(_guarded_connect, policy, deadline=deadline)
+
+    def connect(self):
+        super().connect()  # TCP through _guarded_connect, then the TLS handshake, within the timeout it left
+        self.sock.deadline, self.sock.read_timeout = self._deadline, self.timeout  # a _DeadlineSSLSocket
+
+
+def _deadline(req: urllib.request.Request) -> float:
+    return getattr(req, "deadline", math.inf)  # set by Fetcher._attempt and carried over redirects
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
@@ -115,16 +179,18 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         self.policy = policy
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTP, policy=self.policy), req)
+        return self.do_open(functools.partial(_GuardedHTTP, policy=self.policy, deadline=_deadline(req)), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, policy: AddressPolicy):
-        super().__init__(context=ssl.create_default_context())
+        context = ssl.create_default_context()
+        context.sslsocket_class = _DeadlineSSLSocket
+        super().__init__(context=context)
         self.policy = policy
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTPS, policy=self.policy), req,
+        return self.do_open(functools.partial(_GuardedHTTPS, policy=self.policy, deadline=_deadline(req)), req,
                             context=self._context)
 
 
@@ -139,7 +205,21 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
                                          headers, fp)
         if urlsplit(newurl).scheme not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl!r}", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.deadline = _deadline(req)
+            # urllib reads a redirect's body to its end before it follows: without a bound on size or time
+            fp.close()
+        return new
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        try:
+            return super().http_error_302(req, fp, code, msg, headers)
+        except ValueError as exc:  # an unparsable Location such as http://[::1/x: the answer is bad, not the URL
+            raise urllib.error.HTTPError(req.full_url, code, f"redirect to an unusable Location: {exc}", headers,
+                                         fp) from None
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 @dataclass
@@ -241,6 +321,7 @@ class Fetcher:
         """One request, redirects followed, finished by `deadline`; with a refusal's Retry-After in seconds."""
         try:
             req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
+            req.deadline = deadline  # every read of every hop's connection ends by it (_Deadline)
             timeout = max(min(self.timeout, deadline - time.monotonic()), 0.001)
             with self.opener.open(req, timeout=timeout) as resp:
                 if self.disallowed and is_disallowed(resp.headers, self.token, self.disallowed):
@@ -270,8 +351,8 @@ class Fetcher:
     def _read(self, resp, deadline: float) -> bytes:
         """The body, cut off past max_bytes, and abandoned past the deadline (a slow-drip server).
 
-        read1 does at most one socket read, each bounded by the timeout, so a server that drips a byte
-        at a time cannot hold the thread for a whole 64 KiB block's worth of timeouts.
+        read1 does at most one socket read, each bounded by the timeout and the deadline (_Deadline), so
+        a server that drips a byte at a time cannot hold the thread for a whole 64 KiB block's worth of reads.
         """
         chunks, size = [], 0
         while block := resp.read1(min(1 << 16, self.max_bytes + 1 - size)):
@@ -281,6 +362,8 @@ class Fetcher:
                 raise TooLarge(f"body exceeds max_bytes {self.max_bytes}; cut off")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"body not complete within 3 x timeout ({3 * self.timeout:g} s)")
+        if resp.length:  # read1 ends quietly where the connection closed short of the Content-Length
+            raise http.client.IncompleteRead(b"".join(chunks), resp.length)
         return b"".join(chunks)
 
 
