@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,6 +141,75 @@ def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local)
     assert sorted(data["source_row"]) == list(range(40))
     assert (data["status"] == "success").all()
     assert not [p for p in os.listdir(out) if p.startswith(storage.TMP_MARK)]
+
+
+def _run_killed_when(path, ready, what: str) -> None:
+    """`clipline run` in its own process group, SIGKILLed (driver, local Ray and workers) once ready() holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None, f"the job ended before {what}:\n" + proc.stdout.read().decode()[-4000:]
+            assert time.monotonic() < deadline, f"no {what} in 300 s"
+            time.sleep(0.05)  # polling the file system for a condition, with a deadline
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _tree(directory) -> dict[str, str]:
+    """Every data file under a stage's output, by relative path, with its content's digest."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): storage.sha256_file(str(p)) for p in sorted(root.rglob("*.parquet"))}
+
+
+def test_a_driver_killed_mid_curate_reruns_it_whole_and_keeps_the_crawl(tmp_path, web, ray_local):
+    """SIGKILL the job's driver while curate writes its ledger; the re-run takes the crawl from cache and
+    finishes curate with exactly the files an uninterrupted run writes."""
+    url_list(web.base_url, 300).to_parquet(tmp_path / "urls.parquet")
+    stages = {"crawl": crawl_stage(str(tmp_path / "urls.parquet"), samples_per_shard=20),
+              "curate": {"uses": "curate", "needs": ["crawl"],
+                         "with": {"rules": ["basic", "dedup_image", "dedup_text"], "basic": {"min_side": 32},
+                                  "shard_rows": 40}}}
+    path = write_job(tmp_path, stages, ray={"num_cpus": 2})
+    job = spec.load(path)
+
+    def curate_dir() -> str | None:  # known once the crawl is complete: its digest is part of the fingerprint
+        return {r["stage"]: r["path"] for r in plan(job)}["curate"]
+
+    def writing_ledger() -> bool:
+        return (d := curate_dir()) is not None and bool(list(Path(d).glob("ledger/part-*.parquet")))
+
+    _run_killed_when(path, writing_ledger, "curate ledger file")
+    crawl_dir, curate_dir = {r["stage"]: r["path"] for r in plan(job)}["crawl"], curate_dir()
+    crawl_files = _tree(crawl_dir)
+    partial = _tree(curate_dir)
+    assert manifest.read(crawl_dir) is not None and manifest.read(curate_dir) is None
+    assert partial and {r["stage"]: r["state"] for r in plan(spec.load(path))} == {"crawl": "cached",
+                                                                                   "curate": "incomplete"}
+
+    outcomes = run_job(spec.load(path), progress=False)
+    assert [(o.stage, o.state) for o in outcomes] == [("crawl", "cached"), ("curate", "ran")]
+    assert _tree(crawl_dir) == crawl_files  # the crawl was not redone
+    m = outcomes[1].manifest
+    assert m.counts["rows_in"] == 300 and m.inputs["crawl"]["digest"] == outcomes[0].manifest.digest
+    assert not [p for p in Path(curate_dir).rglob("*") if p.name.startswith(storage.TMP_MARK)]
+
+    # an uninterrupted curate of the same crawl output elsewhere writes the same bytes: nothing partial was kept
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    other = write_job(clean, stages, ray={"num_cpus": 2})
+    shutil.copytree(crawl_dir, {r["stage"]: r["path"] for r in plan(spec.load(other))}["crawl"])
+    crawled, fresh = run_job(spec.load(other), progress=False)
+    assert crawled.state == "cached" and fresh.state == "ran"
+    assert _tree(curate_dir) == _tree(fresh.manifest.location)
+    listed = {s["path"] for s in m.shards} | {s["path"] for s in m.extra["ledger"]}
+    assert set(_tree(curate_dir)) == listed  # no file of the killed attempt is left beside the listed ones
+    runs = [r for r in mlflow_runs(tmp_path / "store") if r.info.run_name == "curate"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["clipline.attempts"] == "2"
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
