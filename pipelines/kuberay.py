@@ -132,6 +132,9 @@ def ray_cluster_spec(image: str, gpu_workers: int, spec_configmap: str | None = 
         })
     return {
         "rayVersion": RAY_VERSION,
+        # Ray token auth (KubeRay >= 1.5.1): the operator creates a Secret with a random token and sets
+        # RAY_AUTH_MODE and RAY_AUTH_TOKEN in every Ray container; the dashboard and Jobs API require it
+        "authOptions": {"mode": "token"},
         # the in-tree autoscaler adds pods for pending tasks and removes idle ones
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"idleTimeoutSeconds": 300},

@@ -178,6 +178,7 @@ def test_kuberay_manifests_match_the_crds(name, kind):
     check_ray_manifest(docs[0])
     cs = cluster_specs(docs[0])
     assert cs["rayVersion"] == LOCK["ray"]
+    assert cs["authOptions"] == {"mode": "token"}  # the dashboard is reachable in the cluster: a token guards it
     assert cs["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in cs["workerGroupSpecs"]}
     assert groups["cpu"]["minReplicas"] == 0 and groups["cpu"]["maxReplicas"] >= 4
@@ -230,6 +231,7 @@ def test_render_writes_a_valid_rayjob(job, tmp_path, capsys):
     assert head["volumes"] == [{"name": "clipline-job", "configMap": {"name": configmap["metadata"]["name"]}}]
     mount = head["containers"][0]["volumeMounts"][0]["mountPath"]
     assert rayjob["spec"]["entrypoint"] == f"clipline run {mount}/{name}.yaml --no-progress"
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert {c["image"] for g in [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]]
             + rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
             for c in g["template"]["spec"]["containers"]} == {"reg.example/clipline:1"}
@@ -305,7 +307,10 @@ def test_cluster_launcher_config_is_what_ray_up_accepts(cloud):
     setup = " && ".join(prepared["setup_commands"])
     assert f"torch=={LOCK['torch']}" in setup and f"torchvision=={LOCK['torchvision']}" in setup
     assert "-c /home/ray/clipline/requirements.lock -e /home/ray/clipline" in setup
-    assert prepared["file_mounts"] == {"/home/ray/clipline": "."}
+    # Ray token auth on every node, with the operator's own token (the one `clipline submit` sends)
+    assert prepared["file_mounts"] == {"/home/ray/clipline": ".", "/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+    for cmd in prepared["head_start_ray_commands"][1:] + prepared["worker_start_ray_commands"][1:]:
+        assert cmd.index("export RAY_AUTH_MODE=token;") < cmd.index("ray start"), cmd
     assert prepared["head_setup_commands"][:len(prepared["setup_commands"])] == prepared["setup_commands"]
 
 
