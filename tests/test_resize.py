@@ -223,6 +223,29 @@ def test_alpha_is_matted_on_white():
     assert (out[:20, :20] == 255).all()  # fully transparent corner
 
 
+def test_matting_in_bands_is_the_formula_to_the_bit_with_bounded_temporaries():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2048, 1500, 4), dtype=np.uint8)  # 3 Mpx: one go would take ~200 MB
+    alpha = img[:, :, 3, np.newaxis]
+    whole = np.rint((alpha / 255 * img[..., :3] + 255 - alpha).clip(min=0, max=255)).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        banded = resize.matte(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(banded, whole)
+    # the 9 MB output plus one band's float64 temporaries (~2.6e5 pixels x ~70 bytes)
+    assert peak < banded.nbytes + 24 * (1 << 20), peak
+    assert np.array_equal(resize.matte(img[:1, :1]), whole[:1, :1])  # a band larger than the image
+    wide = rng.integers(0, 256, (3, resize.MATTE_BAND + 7, 4), dtype=np.uint8)  # rows wider than a band
+    a = wide[:, :, 3, np.newaxis]
+    assert np.array_equal(resize.matte(wide),
+                          np.rint((a / 255 * wide[..., :3] + 255 - a).clip(min=0, max=255)).astype(np.uint8))
+
+
 def test_border_pads_white_and_centered():
     img, w, h, *_, err = Resizer(image_size=224, resize_mode="border", resize_only_if_bigger=False,
                                  encode_format="png", encode_quality=3)(image("large_jpeg"))
