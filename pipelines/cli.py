@@ -308,10 +308,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not waiting:
         print(f"{directory}: nothing to replay")
         return 0
+    from mlflow.exceptions import MlflowException
+
     try:
         counts = spool.replay(directory, uri)
     except spool.TrackingUnavailable as exc:
         print(f"clipline: {exc}; the spool is kept", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (MlflowException, ValueError, OSError) as exc:  # the server lost or refusing a record mid-replay
+        print(f"clipline: replay of {directory} stopped: {type(exc).__name__}: {str(exc)[:1000]}; what was sent "
+              f"is recorded, the rest is kept: run it again", file=sys.stderr)
         return EXIT_UNAVAILABLE
     print(f"{directory} -> {uri}: sent {sum(counts.values())} records from {len(waiting)} files (" +
           ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + ")")

@@ -218,7 +218,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
         ok = True
         return outcomes
     except StageFailed as exc:
-        tracker.safely("the job's error", tracker.client.set_tag, parent, "clipline.error", str(exc)[:5000])
+        tracker.safely("the job's error", tracker.client.set_tag, parent, "clipline.error", scrub(str(exc))[:5000])
         raise
     finally:
         tracker.safely("the job run's end", tracker.end, parent, ok)
@@ -254,12 +254,22 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     except RuntimeError as exc:  # Ray unreachable: an infrastructure error naming ray.address
         raise StageFailed(st.name, exc) from exc
     resuming = storage.exists(out)
-    child = tracker.resume_stage(storage.join(out, RUN_MARKER)) if resuming else None
+    child = tracker.resume_stage(storage.join(out, RUN_MARKER), st.name) if resuming else None
+
+    def failed(exc: BaseException) -> None:  # the stage run ends FAILED with the error, whatever failed
+        tracker.safely("the stage's error", tracker.client.set_tag, child.run_id, "clipline.error",
+                       scrub(f"{type(exc).__name__}: {exc}")[:5000])
+        tracker.safely("the stage run's end", tracker.end, child.run_id, False)
+
     if child is None:
         child = tracker.start_stage(job.name, st.name, st.uses, fp,
                                     {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
         child.log_params(st.params)
-        storage.write_json(storage.join(out, RUN_MARKER), {"mlflow_run_id": child.run_id})
+        try:
+            storage.write_json(storage.join(out, RUN_MARKER), {"mlflow_run_id": child.run_id})
+        except storage.StorageError as exc:
+            failed(exc)
+            raise
     log.info("%s: running (%s)%s", st.name, out, " - resuming from completed shards" if resuming else "")
     ctx = StageContext(job=job.name, stage=st.name, output=out, tracker=child, log=log.getChild(st.name),
                        resources=st.resources, progress=progress)
@@ -274,9 +284,7 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
                 log.warning("%s: attempt %d/%d failed (%s: %s); retrying, completed shards are kept",
                             st.name, attempt + 1, st.retries + 1, type(exc).__name__, exc)
                 continue
-            tracker.safely("the stage's error", tracker.client.set_tag, child.run_id, "clipline.error",
-                           f"{type(exc).__name__}: {exc}"[:5000])
-            tracker.safely("the stage run's end", tracker.end, child.run_id, False)
+            failed(exc)
             raise StageFailed(st.name, exc) from exc
         except BaseException:
             tracker.safely("the stage run's end", tracker.client.set_terminated, child.run_id, status="KILLED")
@@ -292,8 +300,12 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
         started_at=started, finished_at=_now(), clipline_version=__version__, git_sha=git_sha(),
         mlflow_run_id=child.run_id, extra=result.extra,
     )
-    _clean_temp(out)
-    manifest.write(out, m)
+    try:
+        _clean_temp(out)
+        manifest.write(out, m)
+    except storage.StorageError as exc:
+        failed(exc)
+        raise
     _log_stage(tracker, child, st, ups, m, params=False)
     tracker.end(child.run_id, True)
     log.info("%s: done in %.1fs: %d rows in %d shards", st.name, seconds, m.rows, len(m.shards))

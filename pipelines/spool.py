@@ -15,6 +15,7 @@ train stage skips them offline and says so; the model's weights are in the stage
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import shutil
 import socket
 import time
 import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,20 +63,26 @@ def is_remote(uri: str) -> bool:
 
 
 def probe(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingUnavailable unless the tracking server at `uri` answers its health check."""
+    """Raise TrackingUnavailable unless the tracking server at `uri` answers its health check.
+
+    Asked through MLflow's own HTTP client, so the request carries what every later call will: user info in
+    the URI, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, MLFLOW_TRACKING_INSECURE_TLS, a server certificate."""
     if not is_remote(uri):
         return
-    url = uri.rstrip("/") + "/health"
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    from pipelines.tracking import scrub  # tracking imports this module
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # the job's own tracking server
-            if r.status == 200:
-                return
-            why = f"HTTP {r.status}"
-    except urllib.error.HTTPError as exc:
-        why = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        why = str(getattr(exc, "reason", exc))
-    raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({url}: {why})")
+        r = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=timeout,
+                         raise_on_status=False)
+        if r.status_code == 200:
+            return
+        why = f"HTTP {r.status_code}"
+    except Exception as exc:  # noqa: BLE001 - whatever the reason, the server cannot be used
+        why = f"{type(exc).__name__}: {scrub(str(exc))[:300]}"
+    raise TrackingUnavailable(f"MLflow tracking server {scrub(uri)} does not answer (GET /health: {why})")
 
 
 def default_dir(store: str) -> str:
@@ -110,6 +116,8 @@ class SpoolingClient:
             self.go_offline(why)
 
     def __getattr__(self, name: str) -> Any:  # reads and calls clipline does not spool go straight to MLflow
+        if name.startswith("__") or name == "_client":  # copy and pickle probe for these before __init__ ran
+            raise AttributeError(name)
         return getattr(self._client, name)
 
     # -- the writes ------------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ class SpoolingClient:
                 self._fail(exc)
         run_id = OFFLINE + uuid.uuid4().hex
         self._append({"op": "create_run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
-                      "tags": tags or {}})
+                      "tags": tags or {}, "start_time": int(time.time() * 1000)})
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
 
     def log_batch(self, run_id: str, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
@@ -216,15 +224,44 @@ def _parent(artifact_file: str) -> str | None:
     return parent or None
 
 
+def _records(path: Path, start: int) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a spool file from line `start` on, up to a line cut short by a killed process."""
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < start or not line.strip():
+                continue
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError:  # a process killed mid-line: nothing after it in that file
+                log.warning("%s line %d: cut short, not replayed", path, i + 1)
+                break
+    return out
+
+
 def pending(spool: str) -> dict[str, int]:
     """Spool files with records not yet replayed, and how many."""
     sent = _progress(spool)["lines"]
     out = {}
     for f in sorted(Path(spool).glob("*.jsonl")) if os.path.isdir(spool) else []:
-        n = sum(1 for _ in f.open(encoding="utf-8")) - sent.get(f.name, 0)
-        if n > 0:
+        if n := len(_records(f, sent.get(f.name, 0))):
             out[f.name] = n
     return out
+
+
+def last_step(spool: str, run_id: str, key: str) -> int:
+    """The highest step of metric `key` for `run_id` in the spool's records not yet replayed (0 if none)."""
+    sent, top = _progress(spool)["lines"], 0
+    for f in sorted(Path(spool).glob("*.jsonl")) if os.path.isdir(spool) else []:
+        for _, rec in _records(f, sent.get(f.name, 0)):
+            if rec["op"] == "log_batch" and rec["run_id"] == run_id:
+                top = max([top, *(m[3] for m in rec["metrics"] if m[0] == key)])
+    return top
+
+
+def real_id(spool: str, run_id: str) -> str | None:
+    """The server's id of a run created offline, once a replay has sent it; else None."""
+    return _progress(spool)["ids"].get(run_id)
 
 
 def _progress(spool: str) -> dict[str, Any]:
@@ -240,6 +277,7 @@ def replay(spool: str, uri: str) -> dict[str, int]:
     Returns counts by operation. Safe to run again: what was sent is recorded in `_replayed.json`."""
     from mlflow import MlflowClient
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     if not os.path.isdir(spool):
         raise FileNotFoundError(f"no MLflow spool at {spool}")
@@ -247,17 +285,11 @@ def replay(spool: str, uri: str) -> dict[str, int]:
     client = MlflowClient(tracking_uri=uri)
     state = _progress(spool)
     ids, lines = state["ids"], state["lines"]
-    records = []
-    for f in sorted(Path(spool).glob("*.jsonl")):
-        for i, line in enumerate(f.open(encoding="utf-8")):
-            if i >= lines.get(f.name, 0) and line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a process killed mid-line: nothing after it in that file
-                    log.warning("%s line %d: cut short, not replayed", f, i + 1)
-                    break
-                records.append((rec["t"], f.name, i, rec))
-    records.sort(key=lambda r: r[:3])
+    # one process's records in the order it wrote them (a clock that stepped back cannot reorder them),
+    # the processes' files interleaved by time
+    files = [[(rec["t"], f.name, i, rec) for i, rec in _records(f, lines.get(f.name, 0))]
+             for f in sorted(Path(spool).glob("*.jsonl"))]
+    records = list(heapq.merge(*files, key=lambda r: r[0]))
     experiments: dict[str, str] = {}
 
     def real(run_id: str) -> str:
@@ -278,11 +310,21 @@ def replay(spool: str, uri: str) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     save = os.path.join(spool, PROGRESS)
+
+    def remember() -> None:  # after every record: a replay killed at any point resumes after the last one sent
+        tmp = save + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"ids": ids, "lines": lines}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, save)
+
     try:
         for _, fname, i, rec in records:
             op = rec["op"]
             if op == "create_run":
                 run = client.create_run(experiment(rec["experiment_id"]), run_name=rec["run_name"],
+                                        start_time=rec.get("start_time", int(rec["t"] * 1000)),
                                         tags={k: (real(v) if k == "mlflow.parentRunId" and v else v)
                                               for k, v in rec["tags"].items()})
                 ids[rec["run_id"]] = run.info.run_id
@@ -293,7 +335,11 @@ def replay(spool: str, uri: str) -> dict[str, int]:
                 value = real(rec["value"]) if rec["key"] == "mlflow.parentRunId" and rec["value"] else rec["value"]
                 client.set_tag(real(rec["run_id"]), rec["key"], value)
             elif op == "delete_tag":
-                client.delete_tag(real(rec["run_id"]), rec["key"])
+                try:
+                    client.delete_tag(real(rec["run_id"]), rec["key"])
+                except MlflowException as exc:  # deleted offline, not knowing whether the run had it
+                    if "No tag with name" not in str(exc):
+                        raise
             elif op == "update_run":
                 client.update_run(real(rec["run_id"]), status=rec["status"], name=rec["name"])
             elif op == "set_terminated":
@@ -308,8 +354,7 @@ def replay(spool: str, uri: str) -> dict[str, int]:
                 raise ValueError(f"{spool}/{fname} line {i + 1}: unknown operation {op!r}")
             lines[fname] = i + 1
             counts[op] = counts.get(op, 0) + 1
+            remember()
     finally:
-        tmp = save + ".tmp"
-        Path(tmp).write_text(json.dumps({"ids": ids, "lines": lines}, indent=1))
-        os.replace(tmp, save)
+        remember()
     return counts

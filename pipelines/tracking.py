@@ -25,16 +25,18 @@ log = logging.getLogger("clipline.tracking")
 _SECRET = re.compile(r"(pass(word)?|secret|token|access[_-]?key|api[_-]?key|credential|auth|private[_-]?key)", re.I)
 _SECRET_PARENTS = ("env_vars",)  # runtime_env.env_vars: values are credentials more often than not
 REDACTED = "***"
-# inside a value: a URL's password (scheme://user:PASSWORD@host) and signed or keyed query parameters
-_USERINFO = re.compile(r"(?<=://)([^/@\s:]*):[^/@\s]+@")
-_SIGNED = re.compile(r"(?<=[?&])((?:x-amz-|x-goog-)?(?:signature|sig|credential|security-token|token|key|"
-                     r"api[_-]?key|access[_-]?token|password|secret)=)[^&#\s\"]+", re.I)
+# inside a value: a URL's user info (user:password@, or a token as the user) and signed or keyed query parameters
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+_SIGNED = re.compile(r"(?<=[?&;#])([\w.-]*(?:signature|sig|credential|token|key|secret|password|passwd|auth)=)"
+                     r"[^&#;\s\"]+", re.I)
 
 
 def scrub(text: str) -> str:
-    """A value with the credentials a URL can carry replaced by ***: the password of its user info and
-    signed query parameters (S3 and GCS presigned URLs, Azure SAS `sig=`, `?token=`)."""
-    return _SIGNED.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1:{REDACTED}@", text))
+    """A value with the credentials a URL can carry replaced by ***: its user info (`user:password@`, or a
+    token as the user, as in `git+https://TOKEN@host/...`) and query or fragment parameters whose key ends
+    in signature, sig, credential, token, key, secret, password or auth (S3 and GCS presigned URLs, Azure
+    SAS `sig=`, `?token=`, `#access_token=`)."""
+    return _SIGNED.sub(rf"\1{REDACTED}", _USERINFO.sub(f"{REDACTED}@", text))
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -166,6 +168,13 @@ class Tracker:
                     f"{exc}: nothing was run. Start it, or set tracking.required: false in the job to record this "
                     f"run under {self.spool} and send it later with `clipline replay JOB`") from None
             why = str(exc)
+        if not why and (waiting := spooling.pending(self.spool)):
+            # before this run writes anything: a stage run that an earlier process finished offline must not
+            # be continued here and then overwritten by its older, spooled end
+            log.warning("MLflow at %s answers again: sending the %d records spooled in %s first",
+                        scrub(uri), sum(waiting.values()), self.spool)
+            counts = spooling.replay(self.spool, uri)
+            log.info("replayed %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         self.client = spooling.SpoolingClient(uri, self.spool, offline=bool(why), why=why)
         self.experiment_id = self._experiment(experiment, store) if not why else (
             spooling.OFFLINE + "experiment:" + experiment)
@@ -219,7 +228,7 @@ class Tracker:
         )
         return StageTracker(self.client, run.info.run_id, stage, self.uri)
 
-    def resume_stage(self, marker: str) -> StageTracker | None:
+    def resume_stage(self, marker: str, stage: str = "") -> StageTracker | None:
         """Continue the stage run an interrupted attempt started (its id is in `marker`), under this job run.
 
         One MLflow run per stage output, however many attempts it took; None when there is nothing to continue."""
@@ -228,16 +237,20 @@ class Tracker:
         if not storage.exists(marker):
             return None
         run_id = storage.read_json(marker)["mlflow_run_id"]
-        if self.offline or run_id.startswith(spooling.OFFLINE):
-            log.warning("stage run %s (from %s) cannot be continued while MLflow is offline: a new run goes to the "
-                        "spool", run_id, marker)
+        if run_id.startswith(spooling.OFFLINE):  # created offline: a replay may have sent it since
+            run_id = spooling.real_id(self.spool, run_id) or run_id
+        if run_id.startswith(spooling.OFFLINE) and not self.offline:
+            log.warning("stage run %s (from %s) was created offline and has not been replayed: starting a new "
+                        "run", run_id, marker)
             return None
+        if self.offline:
+            return self._resume_offline(run_id, marker, stage)
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
             if spooling.unreachable(exc):
                 self.client.go_offline(f"reading run {run_id}: {str(exc)[:300]}")
-                return None
+                return self._resume_offline(run_id, marker, stage)
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise  # the store is there but failing: do not fork the stage's history into a new run
             log.warning("stage run %s (from %s) is not in this tracking store: starting a new run", run_id, marker)
@@ -254,6 +267,17 @@ class Tracker:
             self.client.set_tag(run_id, key, value)
         log.info("%s: continuing MLflow run %s (attempt %d)", run.data.tags.get("clipline.stage"), run_id, attempts)
         return StageTracker(self.client, run_id, run.data.tags.get("clipline.stage", ""), self.uri)
+
+    def _resume_offline(self, run_id: str, marker: str, stage: str) -> StageTracker:
+        """Continue the stage run with its writes spooled; its earlier tags cannot be read, so the attempt count is
+        not raised (the replay sends the rest)."""
+        log.warning("%s: continuing MLflow run %s (from %s) while MLflow is offline: its writes are spooled",
+                    stage, run_id, marker)
+        self.client.delete_tag(run_id, "clipline.error")
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in {"mlflow.parentRunId": self.parent_id or "", "clipline.resumed": "true"}.items():
+            self.client.set_tag(run_id, key, value)
+        return StageTracker(self.client, run_id, stage, self.uri)
 
     def log_file_artifact(self, run_id: str, url: str, artifact_path: str | None = None) -> None:
         """Copy a file from storage (any fsspec URL) into the run's artifacts."""

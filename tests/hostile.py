@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-DRIP = 0.5  # seconds between the bytes of a slow-drip response: shorter than any read timeout a crawl uses
+DRIP = 0.25  # seconds between the bytes of a slow-drip response: shorter than any read timeout a crawl uses
 ENDLESS = 256 << 20  # the most an "endless" response sends
 # formats the crawl's decoder (OpenCV 4.14, as requirements.lock pins it) reads; MPO is a JPEG to it
 DECODED = frozenset({"AVIF", "BMP", "GIF", "JPEG", "JPEG2000", "MPO", "PNG", "PPM", "TIFF", "WEBP"})
@@ -399,14 +399,20 @@ class HostileServer(ThreadingHTTPServer):
         assert name in self.cases, name
         return f"{self.base_url}/case/{name}"
 
-    def wait_served(self, name: str, timeout: float) -> Served | None:
-        """The first finished response to case `name`, waiting up to `timeout` s for it; None if none."""
-        def first() -> Served | None:
-            return next((s for s in self.served if s.name == name), None)
+    def count(self, name: str) -> int:
+        """How many responses to case `name` have finished so far."""
+        with self.changed:
+            return sum(s.name == name for s in self.served)
+
+    def wait_served(self, name: str, timeout: float, after: int = 0) -> Served | None:
+        """The finished response to case `name` after the first `after` ones, waiting up to `timeout` s for
+        it; None if none came."""
+        def nth() -> Served | None:
+            return next(iter([s for s in self.served if s.name == name][after:]), None)
 
         with self.changed:
-            self.changed.wait_for(first, timeout)
-            return first()
+            self.changed.wait_for(nth, timeout)
+            return nth()
 
     def __enter__(self) -> HostileServer:
         threading.Thread(target=self.serve_forever, name="hostile-web", daemon=True).start()

@@ -29,7 +29,7 @@ from tests import hostile
 from tests.conftest import crawl_stage, read_output, write_job
 from tests.procmem import ray_workers_peak_rss
 
-TIMEOUT = 1.0  # the crawl's read timeout: twice the drip interval, so no single read of a drip times out
+TIMEOUT = 1.0  # the crawl's read timeout: 4 x the drip interval, so no single read of a drip times out
 DEADLINE = 3 * TIMEOUT  # what a request may take in all (Fetcher: 3 x timeout per attempt)
 SLACK = 1.0  # scheduling and the last read's own wait, on a loaded machine
 
@@ -53,9 +53,12 @@ def fetcher(**kw) -> Fetcher:
 
 
 def timed_fetch(server, name: str, **kw):
+    """The fetch, its seconds, and the server's record of this very response (None if it never finished)."""
+    before = server.count(name)
     t0 = time.monotonic()
     got = fetcher(**kw).fetch(server.url(name))
-    return got, time.monotonic() - t0
+    elapsed = time.monotonic() - t0
+    return got, elapsed, (lambda: server.wait_served(name, timeout=10, after=before))
 
 
 def test_decoded_formats_are_what_the_decoder_reads(corpus):
@@ -70,7 +73,7 @@ def test_decoded_formats_are_what_the_decoder_reads(corpus):
 @pytest.mark.parametrize("name", ["drip_status_line", "drip_headers", "drip_body", "continue_flood",
                                   "trailer_flood", "redirect_into_drip"])
 def test_a_slow_or_endless_response_ends_at_the_deadline(server, name):
-    got, elapsed = timed_fetch(server, name)
+    got, elapsed, served = timed_fetch(server, name)
     assert (got.status, got.error_class) == ("failed_to_download", "timeout"), got.error_message
     assert "deadline" in got.error_message
     assert elapsed < DEADLINE + SLACK
@@ -85,53 +88,54 @@ def test_a_slow_or_endless_response_ends_at_the_deadline(server, name):
     ("length_longer_than_body", "IncompleteRead"),  # read1 alone would hand the short body on as complete
 ])
 def test_malformed_responses_are_protocol_errors_at_once(server, name, message):
-    got, elapsed = timed_fetch(server, name)
+    got, elapsed, served = timed_fetch(server, name)
     assert (got.status, got.error_class) == ("failed_to_download", "protocol")
     assert message in got.error_message and got.data is None
-    assert elapsed < TIMEOUT
+    assert elapsed < DEADLINE  # at once: not held until the deadline
 
 
 def test_the_client_stops_reading_an_endless_status_line(server):
-    got, _ = timed_fetch(server, "status_line_endless")
+    got, _, served = timed_fetch(server, "status_line_endless")
     assert got.error_class == "protocol"
-    served = server.wait_served("status_line_endless", timeout=10)
+    served = served()
     assert served is not None and served.hung_up and served.sent < hostile.ENDLESS // 8
 
 
 @pytest.mark.parametrize("name", ["endless_body", "endless_chunked"])
 def test_an_endless_body_is_cut_at_the_byte_cap(server, name):
-    got, elapsed = timed_fetch(server, name)
+    got, elapsed, served = timed_fetch(server, name)
     assert (got.status, got.error_class) == ("failed_to_download", "too_large") and got.data is None
-    assert elapsed < TIMEOUT
-    served = server.wait_served(name, timeout=10)
+    assert elapsed < DEADLINE  # at once: not held until the deadline
+    served = served()
     # what the server got out: the 1 MiB read plus what the loopback's socket buffers held
     assert served is not None and served.hung_up and served.sent < hostile.ENDLESS // 8
 
 
 @pytest.mark.parametrize("name", ["loop_a", "loop_self"])
 def test_a_redirect_loop_ends_as_a_redirect_error(server, name):
-    got, elapsed = timed_fetch(server, name, max_redirects=20)  # urllib's loop detection, not the hop limit
+    got, elapsed, served = timed_fetch(server, name, max_redirects=20)  # urllib's loop detection, not the hop limit
     assert (got.status, got.error_class, got.http_status) == ("failed_to_download", "redirect", 302)
     assert "infinite loop" in got.error_message
-    assert elapsed < TIMEOUT
+    assert elapsed < DEADLINE  # at once: not held until the deadline
 
 
 @pytest.mark.parametrize("name", ["redirect_endless_body", "redirect_drip_body"])
 def test_a_redirects_body_is_not_read(server, name):
-    got, elapsed = timed_fetch(server, name)
+    got, elapsed, served = timed_fetch(server, name)
     assert got.status == "success" and got.data[:2] == b"\xff\xd8"
-    assert elapsed < TIMEOUT  # urllib would read the body to its end before following the redirect
-    served = server.wait_served(name, timeout=10)
+    assert elapsed < DEADLINE  # urllib would read the body to its end before following the redirect
+    served = served()
     assert served is not None and served.hung_up and served.sent < hostile.ENDLESS // 8
 
 
 def test_an_unusable_location_is_a_redirect_error_not_an_invalid_url(server):
-    got, _ = timed_fetch(server, "redirect_location_garbage")
+    got, _, served = timed_fetch(server, "redirect_location_garbage")
     assert (got.status, got.error_class, got.http_status) == ("failed_to_download", "redirect", 302)
     assert "Invalid IPv6 URL" in got.error_message
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # a hang detector: each row is bounded by 3 x timeout, 8 rows at a time per shard
 def test_crawl_of_the_hostile_corpus_accounts_for_every_row(tmp_path, corpus, server, web, ray_local):
     rows = [{"url": server.url(c.name), "caption": f"hostile case {c.name}", "case": c.name} for c in corpus]
     control = server.url("jpeg_valid")
@@ -192,10 +196,10 @@ def test_crawl_of_the_hostile_corpus_accounts_for_every_row(tmp_path, corpus, se
         served = [s for s in server.served if s.name == name]
         bound = hostile.ENDLESS if name.endswith("_flood") else hostile.ENDLESS // 8
         assert served and all(s.hung_up and s.sent < bound for s in served), (name, served)
-    # a hang detector, not a speed test: each row is bounded by 3 x timeout, and the rows run 8 at a time per shard
-    assert elapsed < 60
+    # the session's Ray workers (this crawl's among them): the bound is loose, a worker imports cv2, Pillow,
+    # pyarrow and the pipeline (~0.7 GB); a hostile image that got decoded whole would pass it
     peaks = ray_workers_peak_rss()
-    if peaks:  # Linux; the bound is loose: a worker imports cv2, Pillow, pyarrow and the pipeline (~0.7 GB)
-        assert max(peaks.values()) < 2 << 30, peaks
+    assert peaks, "no Ray worker process found under this one"
+    assert max(peaks.values()) < 2 << 30, peaks
     print(f"\nhostile crawl: {len(out)} rows in {elapsed:.1f} s; {dict(counts)}; "
           f"Ray workers' peak RSS (MiB): {sorted(v >> 20 for v in peaks.values())}")

@@ -81,8 +81,16 @@ class ThreeNodes:
         self.cluster.shutdown()
 
 
+@pytest.fixture
+def nodes(cluster: ThreeNodes) -> Iterator[ThreeNodes]:
+    """The cluster, with any node a test removed replaced afterwards (as an autoscaler would), pass or fail."""
+    yield cluster
+    while len(cluster.cluster.worker_nodes) < 2:
+        cluster.replace()
+
+
 @pytest.fixture(scope="module")
-def nodes() -> Iterator[ThreeNodes]:
+def cluster() -> Iterator[ThreeNodes]:
     # Ray's Unix socket paths under the session directory may not pass 107 bytes: a short root
     with tempfile.TemporaryDirectory(prefix="nl-", dir="/tmp") as root:
         cluster = ThreeNodes(Path(root))
@@ -93,8 +101,9 @@ def nodes() -> Iterator[ThreeNodes]:
 
 
 def start_driver(job: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(job)], cwd=REPO, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-c", DRIVER, str(job)], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def lose_a_node_running(nodes: ThreeNodes, title: str, driver: subprocess.Popen, log: Path,
@@ -159,7 +168,6 @@ def test_a_node_lost_mid_crawl_loses_and_duplicates_no_row(tmp_path, nodes):
         lose_a_node_running(nodes, "crawl_shard", driver, log)
         web.release.set()  # the held rows answer: the shards of the surviving node and the retried ones finish
         finish(driver, log)
-    nodes.replace()
 
     m = output_of(job, "crawl")
     out = read_output(m)
@@ -186,7 +194,6 @@ def test_a_node_lost_mid_curate_decides_every_row_once(tmp_path, nodes, web):
     # mid-curate: the crawl is complete, and a worker node runs one of curate's Ray Data tasks
     lose_a_node_running(nodes, "MapBatches", driver, log, ready=lambda: manifest.read(crawl_row["path"]) is not None)
     finish(driver, log)
-    nodes.replace()
 
     crawl, curate = output_of(job, "crawl"), output_of(job, "curate")
     crawled = read_output(crawl)
@@ -217,7 +224,6 @@ def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint_in_the_same_r
     lose_a_node_running(nodes, "RayTrainWorker", driver, log, timeout=400,
                         ready=lambda: bool(list(store.glob("t/train/*/ray/train/checkpoint-00000010/state.json"))))
     finish(driver, log)
-    nodes.replace()
 
     m = output_of(job, "train")
     assert m.counts["steps"] == total

@@ -6,6 +6,7 @@ runs as `python -m pipelines.cli run` in its own process, as a scheduler would s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -36,10 +37,12 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over root/mlflow.db and root/artifacts, until the block ends."""
     port = port or _port()
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", (root / "artifacts").as_uri()],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=(root / f"mlflow-{port}.log").open("a"), start_new_session=True)
+    with (root / f"mlflow-{port}.log").open("a") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", (root / "artifacts").as_uri()],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -145,7 +148,11 @@ def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_t
                 raise
         # the server is gone (SIGKILL on leaving the block); now let the crawl finish
         web.release.set()
-        out, err = proc.communicate(timeout=300)
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # its local Ray ends with it (Ray's children get the parent-death signal)
     assert proc.returncode == 0, err[-3000:]
     assert f"MLflow at {uri} is not taking writes" in err and "clipline replay" in err, err[-3000:]
     directory = spool.default_dir(str(tmp_path / "store"))
@@ -170,6 +177,65 @@ def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_t
         assert crawl.data.params["input"].endswith("urls.csv\"]")  # logged before the outage
         assert crawl.data.metrics["crawl/rows"] == 9 and crawl.data.metrics["crawl/success"] == 9
         assert [a.path for a in client.list_artifacts(crawl.info.run_id, "manifest")] == ["manifest/_manifest.json"]
+
+
+def _offline_run(spool_dir: Path, tmp_path: Path) -> str:
+    """A run written wholly to a spool (the client offline from the start): 3 steps, an artifact, 1 step, the end."""
+    from mlflow.entities import Metric
+
+    client = spool.SpoolingClient("http://127.0.0.1:9", str(spool_dir), offline=True, why="a test")  # never called
+    run_id = client.create_run(spool.OFFLINE + "experiment:e", run_name="r", tags={"clipline.stage": "crawl"}).info.run_id
+    client.log_batch(run_id, metrics=[Metric("m", float(i), 0, i) for i in (1, 2, 3)])
+    (tmp_path / "a.txt").write_text("the artifact")
+    client.log_artifact(run_id, str(tmp_path / "a.txt"))
+    client.log_batch(run_id, metrics=[Metric("m", 4.0, 0, 4)])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_a_replay_cut_short_resumes_where_it_stopped_and_sends_each_record_once(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    spool_dir, uri = tmp_path / "spool", f"sqlite:///{tmp_path}/mlflow.db"
+    _offline_run(spool_dir, tmp_path)
+    copied = next((spool_dir / "files").rglob("a.txt"))
+    copied.rename(copied.with_suffix(".gone"))  # the artifact's copy is missing: the replay stops at it
+    assert cli.main(["replay", "--spool", str(spool_dir), "--uri", uri]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert f"replay of {spool_dir} stopped: FileNotFoundError" in err and "run it again" in err
+    client = MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "e"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "m")] == [1, 2, 3]
+    assert run.info.status == "RUNNING" and sum(spool.pending(str(spool_dir)).values()) == 3
+
+    copied.with_suffix(".gone").rename(copied)
+    assert cli.main(["replay", "--spool", str(spool_dir), "--uri", uri]) == 0
+    assert "sent 3 records from 1 files (log_artifact=1, log_batch=1, set_terminated=1)" in capsys.readouterr().out
+    (run,) = client.search_runs([exp.experiment_id])  # the run was not created twice
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "m")) == [1, 2, 3, 4]
+    assert run.info.status == "FINISHED" and run.info.start_time <= run.info.end_time  # the offline start kept
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["a.txt"]
+    assert spool.pending(str(spool_dir)) == {}
+
+
+def test_a_job_that_finds_a_spool_and_a_server_that_answers_replays_it_first(tmp_path):
+    """Before it writes anything, so a stage run it continues is not then overwritten by its older, spooled end;
+    a stage directory's offline run id leads to the run the replay created."""
+    from pipelines.tracking import Tracker
+
+    spool_dir = tmp_path / "spool"
+    offline_id = _offline_run(spool_dir, tmp_path)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "e", str(tmp_path / "store"), spool=str(spool_dir))
+    assert spool.pending(str(spool_dir)) == {}
+    real = spool.real_id(str(spool_dir), offline_id)
+    assert real and tracker.client.get_run(real).info.status == "FINISHED"
+    tracker.start_job("j", {}, {})
+    marker = tmp_path / "_mlflow_run.json"
+    marker.write_text(json.dumps({"mlflow_run_id": offline_id}))
+    resumed = tracker.resume_stage(str(marker), "crawl")
+    assert resumed is not None and resumed.run_id == real
+    assert tracker.client.get_run(real).data.tags["clipline.attempts"] == "2"
 
 
 def test_storage_that_cannot_be_created_is_an_error_naming_the_path(tmp_path, capsys):

@@ -145,12 +145,14 @@ def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local)
 
 def _run_killed_when(path, ready, what: str) -> None:
     """`clipline run` in its own process group, SIGKILLed (driver, local Ray and workers) once ready() holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
-                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = Path(path).with_suffix(".log")
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
+                                cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not ready():
-            assert proc.poll() is None, f"the job ended before {what}:\n" + proc.stdout.read().decode()[-4000:]
+            assert proc.poll() is None, f"the job ended before {what}:\n" + log.read_text()[-4000:]
             assert time.monotonic() < deadline, f"no {what} in 300 s"
             time.sleep(0.05)  # polling the file system for a condition, with a deadline
         os.killpg(proc.pid, signal.SIGKILL)

@@ -39,13 +39,20 @@ def test_credentials_inside_urls_are_redacted():
         "input": ["s3://b/urls.parquet?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&part=2",
                   "https://acct.blob.core.windows.net/c/u.csv?sv=2024&sig=s1gn%3D", "https://h/x?token=t0k&page=1"],
         "storage": "gs://bucket/dir",
+        "pip": ["git+https://ghp_tok3n@github.com/org/repo.git", "https://h/cb#access_token=a1&state=s",
+                "https://h/p?client_secret=cs1&refresh_token=rt1&q=keep"],
     })
-    assert params["tracking.uri"] == f"https://ci:{REDACTED}@mlflow.example.org/"
+    assert params["tracking.uri"] == f"https://{REDACTED}@mlflow.example.org/"
     assert params["input"] == json.dumps([
         f"s3://b/urls.parquet?X-Amz-Credential={REDACTED}&X-Amz-Signature={REDACTED}&part=2",
         f"https://acct.blob.core.windows.net/c/u.csv?sv=2024&sig={REDACTED}", f"https://h/x?token={REDACTED}&page=1"])
     assert params["storage"] == "gs://bucket/dir"
-    assert scrub("ftp://user@host/p and http://a:b@c") == f"ftp://user@host/p and http://a:{REDACTED}@c"
+    assert params["pip"] == json.dumps([
+        f"git+https://{REDACTED}@github.com/org/repo.git", f"https://h/cb#access_token={REDACTED}&state=s",
+        f"https://h/p?client_secret={REDACTED}&refresh_token={REDACTED}&q=keep"])
+    # a password with an @ in it goes whole; a URL without user info, and an e-mail address, are left alone
+    assert scrub("http://u:p@ss@host:5000/x?a=b") == f"http://{REDACTED}@host:5000/x?a=b"
+    assert scrub("ftp://host/p and mailto:crawl@example.org") == "ftp://host/p and mailto:crawl@example.org"
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):

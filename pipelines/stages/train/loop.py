@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.spool import SpoolingClient, unreachable
+from pipelines.spool import SpoolingClient, last_step, unreachable
 from pipelines.metrics import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
 from pipelines.stages.train import engine
 from pipelines.stages.train.config import TrainConfig
@@ -85,7 +85,9 @@ class StepLog:
                 if not unreachable(exc):
                     raise
                 self.client.go_offline(f"reading the run's loss history: {str(exc)[:300]}")
-        self.logged = max((m.step for m in history), default=0)
+        # steps spooled by an earlier attempt while offline count too: a restart recomputes them, and the replay
+        # would otherwise give the run a second value for each
+        self.logged = max(max((m.step for m in history), default=0), last_step(spool, run_id, METRIC))
         self.pending: list[Any] = []
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
