@@ -216,6 +216,7 @@ def test_a_replay_cut_short_resumes_where_it_stopped_and_sends_each_record_once(
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "m")) == [1, 2, 3, 4]
     assert run.info.status == "FINISHED" and run.info.start_time <= run.info.end_time  # the offline start kept
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["a.txt"]
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()  # beside the database, not in the cwd
     assert spool.pending(str(spool_dir)) == {}
 
 
