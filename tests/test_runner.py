@@ -110,19 +110,7 @@ def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local)
                                                          timeout=60)}, ray={"num_cpus": 2})
         (row,) = plan(spec.load(path))
         out = row["path"]
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
-                                cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not storage.exists(f"{out}/part-00000.parquet"):
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.monotonic() < deadline, "no shard was written in 120 s"
-                time.sleep(0.2)  # polling the file system for a condition, with a deadline
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _run_killed_when(path, lambda: storage.exists(f"{out}/part-00000.parquet"), "shard written")
         first_shard = storage.sha256_file(f"{out}/part-00000.parquet")
 
         assert manifest.read(out) is None
