@@ -61,3 +61,24 @@ def mlflow_runs(store: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     exps = client.search_experiments()
     return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 for the whole session, its endpoint and credentials in os.environ.
+
+    Request it before `ray_local` (or any fixture that starts Ray): Ray's workers inherit the environment of
+    the process that started Ray, and this is how they find the store.
+    """
+    from tests.support.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
