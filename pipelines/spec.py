@@ -21,7 +21,8 @@ import yaml
 
 from pipelines import configschema, storage
 from pipelines.configschema import dataclass_schema
-from pipelines.stage import Stage, registry
+from pipelines.stage import Stage, config_class, stage_class
+from pipelines.stage import kinds as stage_kinds
 
 SCHEMA_ID = "https://clipline.dev/schemas/job.schema.json"
 _NAME = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -42,8 +43,7 @@ class SpecError(ValueError):
 
 def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
     """The JSON Schema of a job spec, with one `with:` schema per registered stage kind."""
-    stages = registry()
-    kinds = sorted(stages) if kinds is None else sorted(kinds)
+    kinds = stage_kinds() if kinds is None else sorted(kinds)
     stage_schema: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
@@ -142,7 +142,7 @@ def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
                 "additionalProperties": {"$ref": "#/$defs/stage"},
             },
         },
-        "$defs": {"stage": stage_schema, **{k: dataclass_schema(stages[k].Config) for k in kinds}},
+        "$defs": {"stage": stage_schema, **{k: dataclass_schema(config_class(k)) for k in kinds}},
     }
 
 
@@ -158,7 +158,7 @@ class StageSpec:
 
     @property
     def stage_class(self) -> type[Stage]:
-        return registry()[self.uses]
+        return stage_class(self.uses)
 
     def build(self) -> Stage:
         return self.stage_class(self.config)
@@ -408,14 +408,12 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
     except graphlib.CycleError as exc:
         raise SpecError(f"{source}: stages: the needs form a cycle: {' -> '.join(exc.args[1])}") from None
 
-    kinds = registry()
     stages: dict[str, StageSpec] = {}
     for name in order:
         st = _fill_defaults(schema["$defs"]["stage"], stages_raw[name])
-        cls = kinds[st["uses"]]
         params = _fill_defaults(schema["$defs"][st["uses"]], _interpolate(st["with"], variables))
         try:
-            config = configschema.build(cls.Config, params)
+            config = configschema.build(config_class(st["uses"]), params)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{source}: stages.{name}.with: {exc}") from None
         stages[name] = StageSpec(

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.metadata
 import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipelines.codedigest import digest_files, module_closure
 
 if TYPE_CHECKING:
     from pipelines.manifest import Manifest
@@ -66,14 +69,19 @@ class Stage:
         raise NotImplementedError
 
     @classmethod
+    def code_files(cls) -> list[Path]:
+        """The files of the stage's package and every project module they import (`pipelines.codedigest`)."""
+        here = Path(inspect.getfile(cls)).resolve()
+        package_root = Path(__file__).resolve().parent
+        return module_closure(here.parent.glob("*.py"), package_root.parent, package_root.name)
+
+    @classmethod
     def code_version(cls) -> str:
-        """Digest of the stage package's source and its dependencies' versions: either changing invalidates the cache."""
+        """Digest of every line the stage runs and its dependencies' versions: either changing invalidates the cache."""
         h = hashlib.sha256()
         for dist in cls.dependencies:
             h.update(f"{dist}=={importlib.metadata.version(dist)}".encode())
-        for f in sorted(Path(inspect.getfile(cls)).parent.glob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+        h.update(digest_files(cls.code_files(), Path(__file__).resolve().parents[1]).encode())
         return h.hexdigest()[:16]
 
 
@@ -87,14 +95,46 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def registry() -> dict[str, type[Stage]]:
-    """Registered stages, the built-in ones loaded first."""
-    import pipelines.stages  # noqa: F401  (registers the built-in stages)
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
-    return dict(_REGISTRY)
+
+def kinds() -> list[str]:
+    """Every stage kind a job may use: the built-in ones and any registered by a plugin."""
+    from pipelines.stages import BUILTIN
+
+    return sorted({*BUILTIN, *_REGISTRY})
+
+
+def config_class(kind: str) -> type:
+    """A kind's Config dataclass, without importing its stage driver (validation stays light)."""
+    from pipelines.stages import BUILTIN
+
+    if kind in _REGISTRY:
+        return _REGISTRY[kind].Config
+    if kind in BUILTIN:
+        return _load(BUILTIN[kind][0])
+    raise KeyError(f"no stage kind {kind!r}; expected one of {', '.join(kinds())}")
+
+
+def stage_class(kind: str) -> type[Stage]:
+    """A kind's Stage class; a built-in driver is imported (and so registered) on first use."""
+    from pipelines.stages import BUILTIN
+
+    if kind not in _REGISTRY and kind in BUILTIN:
+        _load(BUILTIN[kind][1])
+    if kind not in _REGISTRY:
+        raise KeyError(f"no stage kind {kind!r}; expected one of {', '.join(kinds())}")
+    return _REGISTRY[kind]
+
+
+def registry() -> dict[str, type[Stage]]:
+    """Every stage class, built-in drivers imported: for tools that need them all, not for validation."""
+    return {kind: stage_class(kind) for kind in kinds()}
 
 
 def builtin_kinds() -> list[str]:
-    import pipelines.stages
+    from pipelines.stages import BUILTIN
 
-    return list(pipelines.stages.BUILTIN)
+    return list(BUILTIN)

@@ -156,3 +156,18 @@ def test_job_schema_with_block_is_the_config_dataclass():
     assert schema["$defs"]["crawl"]["required"] == ["input"]
     assert props["image_size"] == {"type": "integer", "description": "target side in pixels", "minimum": 8,
                                    "default": 256}
+
+
+def test_validate_imports_no_stage_driver_torch_pandas_or_ray():
+    """Validating reads the Config dataclasses only: the registry loads a stage's driver when it is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines import cli; rc = cli.main(['validate', 'jobs/demo.yaml']); "
+            "print(sorted(m for m in ('torch', 'pandas', 'ray', 'open_clip', 'mlflow', 'pipelines.stages.train.stage',"
+            " 'pipelines.stages.crawl.stage') if m in sys.modules)); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "valid job 'demo'" in r.stderr + r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -1,10 +1,15 @@
-"""Built-in stages; importing this package registers them."""
+"""Built-in stages: where each kind's Config and Stage class live, as dotted paths loaded only when needed.
 
-from pipelines.stages.crawl import CrawlStage
-from pipelines.stages.curate import CurateStage
-from pipelines.stages.evaluate import EvaluateStage
-from pipelines.stages.ingest import IngestStage
-from pipelines.stages.train import TrainStage
+Validating a job reads only the Config modules (dataclasses, no torch, pandas or Ray); a stage's driver is
+imported when the stage is built. Each stage package's `__init__` is empty for the same reason: importing
+`pipelines.stages.train.config` must not import the trainer.
+"""
 
-BUILTIN = {"crawl": CrawlStage, "ingest": IngestStage, "curate": CurateStage, "train": TrainStage,
-           "evaluate": EvaluateStage}
+BUILTIN: dict[str, tuple[str, str]] = {
+    "crawl": ("pipelines.stages.crawl.config:CrawlConfig", "pipelines.stages.crawl.stage:CrawlStage"),
+    "ingest": ("pipelines.stages.ingest.config:IngestConfig", "pipelines.stages.ingest.stage:IngestStage"),
+    "curate": ("pipelines.stages.curate.config:CurateConfig", "pipelines.stages.curate.stage:CurateStage"),
+    "train": ("pipelines.stages.train.config:TrainConfig", "pipelines.stages.train.stage:TrainStage"),
+    "evaluate": ("pipelines.stages.evaluate.config:EvaluateConfig",
+                 "pipelines.stages.evaluate.stage:EvaluateStage"),
+}

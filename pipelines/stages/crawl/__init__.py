@@ -1,5 +1,1 @@
 """`uses: crawl`: URL lists in, Parquet shards of fetched and resized images out, every row accounted for."""
-
-from pipelines.stages.crawl.stage import CrawlStage
-
-__all__ = ["CrawlStage"]

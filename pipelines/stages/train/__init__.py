@@ -1,5 +1,1 @@
 """The train stage: sharded open_clip training on Ray Train, fed by Ray Data, logged to MLflow from rank 0."""
-
-from pipelines.stages.train.stage import TrainStage
-
-__all__ = ["TrainStage"]
