@@ -132,6 +132,7 @@ if s["client"]:
     print(f"# Ray client: {s['client']}")
 print(f"cluster/local.sh: {s['nodes']} nodes ({s['cpus_per_node']} CPU each) on 127.0.0.1, "
       f"dashboard {s['dashboard']}, auth {s['auth_mode']}", file=sys.stderr)
+print(f"cluster/local.sh: nodes and submitted jobs run {s['python']}", file=sys.stderr)
 EOF
   echo "cluster/local.sh: logs in $STATE_DIR; stop with: $0 stop --state-dir $STATE_DIR" >&2
 }

@@ -63,6 +63,10 @@ def configure_environment(state_dir: Path) -> None:
     # 0 keeps ray.util.get_node_ip_address() on 127.0.0.1 (1 answers the machine's own address) for these
     # nodes, their workers and the drivers of submitted jobs, all of which inherit this environment
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # this interpreter's bin dir first on PATH: a submitted job's entrypoint (`python -m pipelines.cli ...`)
+    # is a shell command the head runs with the nodes' environment, so it gets this Python, not the
+    # submitter's shell's first `python`
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     # the address file a bare `ray.init()` reads (ray_current_cluster) follows RAY_TMPDIR: keep it in here
     os.environ["RAY_TMPDIR"] = str(state_dir)
     os.environ.pop("RAY_ADDRESS", None)
@@ -92,8 +96,12 @@ def start(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                                 # a random agent port: a fixed 52365 would clash with any other Ray here
                                 dashboard_agent_listen_port=None)
         wait_for_node(head.gcs_address, head.plasma_store_socket_name, args.timeout)
-        for _ in range(args.workers):
-            worker = cluster.add_node(wait=False, **node)
+        for i in range(1, args.workers + 1):
+            # a runtime_resources directory of each node's own, as on separate machines: the nodes share one
+            # session directory, and a node's runtime env agent that meets a job's working_dir for the first
+            # time deletes and unpacks it again, under the feet of the driver running in the head's copy
+            # (the FileNotFoundError from os.getcwd() that failed a fresh cluster's first submission)
+            worker = cluster.add_node(wait=False, **node, runtime_env_dir_name=f"runtime_resources_node{i}")
             wait_for_node(worker.gcs_address, worker.plasma_store_socket_name, args.timeout)
         cluster.wait_for_nodes(timeout=args.timeout)
     except BaseException:
@@ -106,7 +114,8 @@ def start(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     state = {"pid": os.getpid(), "address": head.gcs_address, "dashboard": f"http://{head.webui_url}",
              "auth_mode": os.environ["RAY_AUTH_MODE"], "nodes": 1 + args.workers,
              "cpus_per_node": args.cpus_per_node, "client": f"ray://127.0.0.1:{args.client_port}"
-             if args.client_port else None, "ray_dir": temp_dir, "ray": ray.__version__}
+             if args.client_port else None, "ray_dir": temp_dir, "ray": ray.__version__,
+             "python": sys.executable}  # the Python of the nodes and of submitted drivers (PATH, above)
     return cluster, state
 
 

@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
 
     p = sub.add_parser("demo", help="serve a synthetic web on 127.0.0.1 and run jobs/demo.yaml against it")
-    p.add_argument("--storage", default="./clipline-data", help="where outputs and the MLflow store go")
+    p.add_argument("--storage", default="./clipline-data", help="where outputs and the MLflow store go (the URL "
+                                                               "list: STORAGE/demo-web/urls.parquet)")
+    p.add_argument("--serve-only", action="store_true",
+                   help="write the URL list and serve the web until SIGTERM or Ctrl-C, running no job (for "
+                        "`clipline submit jobs/demo.yaml --storage STORAGE` to a cluster on this machine)")
     p.add_argument("--port", type=int, default=8736, help="port of the synthetic web on 127.0.0.1")
     p.add_argument("--images", type=int, default=3000, help="images in the synthetic web")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -155,6 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.spool import TrackingUnavailable
     from pipelines.storage import StorageError
 
+    if os.environ.get("CLIPLINE_SUBMISSION_ID"):  # a submitted driver: say which Python the cluster gave it
+        from pipelines.submit import driver_python
+
+        logging.getLogger("clipline").info(driver_python())
     job = spec.load(args.job, args.overrides, args.storage)
     select = Selection(from_=args.from_, until=args.until, only=args.only, force=args.force)
     try:
@@ -225,13 +233,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         sid = submit.submit(job, Path(args.job), args.address, overrides=args.overrides, storage_url=args.storage,
                             run_args=run_args, deps=args.deps, env=env, submission_id=args.submission_id,
-                            entrypoint_num_cpus=args.entrypoint_num_cpus)
+                            entrypoint_num_cpus=args.entrypoint_num_cpus, verbose=args.verbose)
+        jobs = submit.client(args.address)
         print(sid)
-        print(f"clipline: submitted {job.name!r} as {sid}; `clipline logs {sid} --address ...` follows it",
-              file=sys.stderr)
+        print(f"clipline: submitted {job.name!r} to {jobs.get_address()} as {sid}; its driver runs in the cluster's "
+              f"`python` (the first on the head's PATH{'' if args.deps == 'installed' else ', in a virtualenv'}"
+              f"); `clipline logs {sid} --address {jobs.get_address()}` follows it", file=sys.stderr)
         if not args.wait:
             return 0
-        jobs = submit.client(args.address)
         d = submit.follow(jobs, sid)
     except ValueError as exc:
         print(f"clipline: {exc}", file=sys.stderr)
@@ -259,8 +268,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo.run import run_demo
+    from pipelines.demo.run import run_demo, serve_web
 
+    if args.serve_only:
+        if args.overrides:
+            print("clipline: demo --serve-only runs no job: --set has nothing to change", file=sys.stderr)
+            return EXIT_BAD_SPEC
+        return serve_web(args.storage, args.port, args.images)
     return run_demo(storage=args.storage, port=args.port, images=args.images, overrides=args.overrides,
                     progress=not args.no_progress)
 
@@ -361,5 +375,12 @@ _COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "su
              "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "replay": cmd_replay,
              "schemas": cmd_schemas, "render": cmd_render}
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m pipelines.cli`: how a submitted job starts on a cluster
+    try:
+        raise SystemExit(main())
+    except ModuleNotFoundError as exc:
+        # the driver's Python is the cluster's first `python` on PATH: name it and what it lacks
+        print(f"clipline: the Python at {sys.executable} has no module {exc.name!r}: run clipline in the Python "
+              "it is installed in (on a cluster: put that Python first on the nodes' PATH, or submit with "
+              "--deps pip)", file=sys.stderr)
+        raise SystemExit(EXIT_UNAVAILABLE) from None

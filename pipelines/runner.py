@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,8 +282,9 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
             break
         except Exception as exc:
             if attempt < st.retries:
-                log.warning("%s: attempt %d/%d failed (%s: %s); retrying, completed shards are kept",
-                            st.name, attempt + 1, st.retries + 1, type(exc).__name__, exc)
+                # with -v the traceback too: an OSError such as os.getcwd()'s names no file in its message
+                log.warning("%s: attempt %d/%d failed (%s); retrying, completed shards are kept", st.name,
+                            attempt + 1, st.retries + 1, _cause(exc), exc_info=log.isEnabledFor(logging.DEBUG))
                 continue
             failed(exc)
             raise StageFailed(st.name, exc) from exc
@@ -310,6 +312,15 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     tracker.end(child.run_id, True)
     log.info("%s: done in %.1fs: %d rows in %d shards", st.name, seconds, m.rows, len(m.shards))
     return StageOutcome(st.name, "ran", fp, m, seconds)
+
+
+def _cause(exc: BaseException) -> str:
+    """An attempt's error for the log; an OSError without a file name is given where it was raised."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.filename is None and exc.__traceback__ is not None:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        text += f", raised at {frame.filename}:{frame.lineno} in {frame.name}()"
+    return text
 
 
 def _clean_temp(out: str) -> None:

@@ -4,15 +4,21 @@ The submitted entrypoint is `python -m pipelines.cli run job.yaml ...` on the he
 runtime env: a working directory holding the job spec as given (the overrides go on the command line, so the
 cluster validates the same spec the client did), clipline's own code as a `py_modules` package (so the
 cluster runs the submitter's version, not whatever its image installed), and with `--deps pip` the pinned
-third-party dependencies, which Ray installs in a virtualenv per job on each node. With the default
-`--deps installed` the cluster's Python must already have them: `cluster/*.yaml` and the KubeRay
-manifests install them in their setup commands and images.
+third-party dependencies (with the s3 extra, and the gcs one for gs:// storage), which Ray installs in a
+virtualenv per job on each node. With the default `--deps installed` the cluster's Python must already have
+them: `cluster/*.yaml` and the KubeRay manifests install them in their setup commands and images.
+
+Which Python runs the driver: the entrypoint's `python` is the first on the PATH of the head node's Ray
+processes (the cluster's Python, never the submitter's): Ray's image puts its own first, and
+`cluster/local.sh` puts the interpreter it runs in first. The driver logs the interpreter it found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -30,6 +36,8 @@ PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120  # how long a submission waits for a just-started head's job agent
+ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what JobSubmissionClient reads, in its order
+SUBMISSION_VAR = "CLIPLINE_SUBMISSION_ID"  # set in a submitted job's environment: the driver names its Python
 log = logging.getLogger("clipline")
 
 
@@ -37,24 +45,39 @@ class SubmitError(RuntimeError):
     """The cluster cannot be reached or refused the request; the message names the address."""
 
 
+@contextlib.contextmanager
+def _without(names: tuple[str, ...]):
+    """os.environ without `names` inside the block, restored after it."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def client(address: str | None):
-    """A Jobs API client; an address that does not answer is an error that names it."""
+    """A Jobs API client for `address`, else the environment's; one that does not answer is an error naming it."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        # Ray 2.60's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, to the address it is given
+        # (ray.dashboard.utils.get_address_for_submission_client): hide them when an address is explicit
+        with _without(ADDRESS_VARS) if address else contextlib.nullcontext():
+            return JobSubmissionClient(address)
     except AuthenticationError as exc:
         raise SubmitError(f"{address}: the cluster wants its auth token: {str(exc).split('. ')[0]} (set "
                           "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it)") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "the address in RAY_API_SERVER_ADDRESS or RAY_ADDRESS"
+        named = next((f"{n}={os.environ[n]}" for n in ADDRESS_VARS if os.environ.get(n)), None)
+        where = address or named or "no address (neither --address nor RAY_API_SERVER_ADDRESS/RAY_ADDRESS given)"
         raise SubmitError(f"no Ray Jobs API at {where}: {exc} (the address is the dashboard's, "
                           f"e.g. http://HEAD:8265)") from None
 
 
-def pinned_dependencies() -> list[str]:
-    """clipline's runtime dependencies at the versions requirements.lock pins (what `--deps pip` ships)."""
+def pinned_dependencies(extras: tuple[str, ...] = ()) -> list[str]:
+    """clipline's runtime dependencies, and those of its optional `extras`, at the versions requirements.lock
+    pins (what `--deps pip` ships)."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -64,8 +87,12 @@ def pinned_dependencies() -> list[str]:
         if "==" in line:
             name, version = line.split("==", 1)
             lock[_normal(name.split("[", 1)[0])] = version.strip()
+    optional = project.get("optional-dependencies", {})
+    unknown = [e for e in extras if e not in optional]
+    if unknown:
+        raise ValueError(f"pyproject.toml has no extra {unknown[0]!r} (it has: {', '.join(sorted(optional))})")
     out = []
-    for dep in project["dependencies"]:
+    for dep in project["dependencies"] + [d for e in extras for d in optional[e]]:
         name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0]
         extras = dep[len(name):].split("]", 1)[0] + "]" if dep[len(name):].startswith("[") else ""
         version = lock.get(_normal(name))
@@ -77,7 +104,14 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def runtime_env(job_file: Path, workdir: Path, deps: str, env: dict[str, str]) -> dict[str, Any]:
+def storage_extras(storage_url: str) -> tuple[str, ...]:
+    """The extras `--deps pip` ships: s3 always (s3:// URL lists and storage are the common case on a
+    cluster), gcs as well for gs:// storage."""
+    return ("s3", "gcs") if storage_url.startswith(("gs://", "gcs://")) else ("s3",)
+
+
+def runtime_env(job_file: Path, workdir: Path, deps: str, env: dict[str, str],
+                extras: tuple[str, ...] = ("s3",)) -> dict[str, Any]:
     """The runtime env of a submission; copies the job spec into `workdir`, which becomes the working dir."""
     shutil.copyfile(job_file, workdir / "job.yaml")
     out: dict[str, Any] = {
@@ -86,7 +120,7 @@ def runtime_env(job_file: Path, workdir: Path, deps: str, env: dict[str, str]) -
         "excludes": ["__pycache__", "*.pyc"],
     }
     if deps == "pip":
-        out["pip"] = {"packages": pinned_dependencies(), "pip_check": False}
+        out["pip"] = {"packages": pinned_dependencies(extras), "pip_check": False}
     elif deps != "installed":
         raise ValueError(f"--deps: expected installed or pip, got {deps!r}")
     if env:
@@ -94,11 +128,15 @@ def runtime_env(job_file: Path, workdir: Path, deps: str, env: dict[str, str]) -
     return out
 
 
-def entrypoint(overrides: list[str], storage_url: str | None, run_args: list[str]) -> str:
-    """The command the cluster runs; Ray is joined (`ray.address=auto`) whatever the spec says for local runs."""
+def entrypoint(overrides: list[str], storage_url: str | None, run_args: list[str], verbose: bool = False) -> str:
+    """The command the cluster runs; Ray is joined (`ray.address=auto`) whatever the spec says for local runs.
+
+    `python` is the cluster's (see the module's docstring); with `verbose` the driver logs at debug level,
+    so a failed attempt's traceback reaches the job's logs."""
     import shlex
 
-    words = ["python", "-m", "pipelines.cli", "run", "job.yaml", "--no-progress", "--set", "ray.address=auto"]
+    words = ["python", "-m", "pipelines.cli"] + (["-v"] if verbose else [])
+    words += ["run", "job.yaml", "--no-progress", "--set", "ray.address=auto"]
     for o in overrides:
         words += ["--set", o]
     if storage_url:
@@ -117,18 +155,21 @@ def check_storage(job: JobSpec, storage_url: str | None) -> None:
 
 def submit(job: JobSpec, job_file: Path, address: str | None, *, overrides: list[str], storage_url: str | None,
            run_args: list[str], deps: str = "installed", env: dict[str, str] | None = None,
-           submission_id: str | None = None, entrypoint_num_cpus: float | None = None) -> str:
+           submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
+           verbose: bool = False) -> str:
     """Submit the job; returns its submission id."""
     check_storage(job, storage_url)
     jobs = client(address)
     sid = submission_id or f"clipline-{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory(prefix="clipline-submit-") as tmp:
-        renv = runtime_env(job_file, Path(tmp), deps, env or {})
+        renv = runtime_env(job_file, Path(tmp), deps, {**(env or {}), SUBMISSION_VAR: sid},
+                           storage_extras(storage_url or job.storage))
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
                 return jobs.submit_job(
-                    entrypoint=entrypoint(overrides, storage_url, run_args), runtime_env=renv, submission_id=sid,
+                    entrypoint=entrypoint(overrides, storage_url, run_args, verbose), runtime_env=renv,
+                    submission_id=sid,
                     metadata={"clipline.job": job.name, "clipline.version": __version__,
                               "clipline.spec": str(job_file)},
                     entrypoint_num_cpus=entrypoint_num_cpus)
@@ -138,7 +179,16 @@ def submit(job: JobSpec, job_file: Path, address: str | None, *, overrides: list
                     log.info("the cluster's job agent is not up yet; retrying the submission")
                     time.sleep(2)
                     continue
-                raise SubmitError(f"{address}: the cluster refused the submission: {exc}") from None
+                raise SubmitError(f"{address or jobs.get_address()}: the cluster refused the submission: {exc}") \
+                    from None
+
+
+def driver_python() -> str:
+    """What a submitted driver logs first: the interpreter it runs in, and for which submission."""
+    import platform
+
+    return (f"driver of submission {os.environ.get(SUBMISSION_VAR)}: Python {platform.python_version()} at "
+            f"{sys.executable} (the cluster's `python`, first on the head's PATH)")
 
 
 def describe(jobs, sid: str) -> dict[str, Any]:

@@ -1,10 +1,16 @@
-"""`clipline demo`: write the synthetic web's URL list, serve the web on 127.0.0.1, run jobs/demo.yaml."""
+"""`clipline demo`: write the synthetic web's URL list, serve the web on 127.0.0.1, run jobs/demo.yaml.
+
+`clipline demo --serve-only` writes the URL list and serves the web until SIGTERM or Ctrl-C, running nothing:
+for a job run elsewhere, e.g. `clipline submit jobs/demo.yaml` to a cluster on this machine.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.demo.server import DemoServer, url_list
+from pipelines.storage import StorageError
 
 DEMO_JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 DEMO_SEED = 0
@@ -33,22 +40,77 @@ def write_url_list(path: str, base_url: str, images: int) -> bool:
     return True
 
 
+def url_list_path(store: str) -> str:
+    """Where the demo job's crawl reads its URL list (jobs/demo.yaml: ${storage}/demo-web/urls.parquet)."""
+    return storage.join(store, "demo-web", "urls.parquet")
+
+
+def _serve(port: int) -> DemoServer | None:
+    try:
+        return DemoServer(port=port)
+    except OSError as exc:
+        print(f"clipline: cannot serve the demo web on 127.0.0.1:{port}: {exc.strerror}; pick another --port",
+              file=sys.stderr)
+        return None
+
+
+def _store(url: str) -> str:
+    # a local path is made absolute: a job submitted to a cluster must be given the same directory
+    return os.path.abspath(url) if storage.is_local(url) else url.rstrip("/")
+
+
+def _publish(server: DemoServer, store: str, images: int) -> str:
+    """Write the URL list for `server` under `store` and say where; returns the list's path."""
+    urls = url_list_path(store)
+    try:
+        written = write_url_list(urls, server.base_url, images)
+    except StorageError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        raise
+    print(f"clipline: synthetic web of {images} images at {server.base_url} "
+          f"({'new URL list' if written else 'URL list unchanged'}: {urls})", file=sys.stderr)
+    return urls
+
+
+def serve_web(storage_url: str, port: int, images: int, stop: threading.Event | None = None) -> int:
+    """Write the URL list and serve the web until SIGTERM, Ctrl-C or `stop`; run nothing."""
+    store = _store(storage_url)
+    server = _serve(port)
+    if server is None:
+        return 2
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with server:
+        try:
+            _publish(server, store, images)
+        except StorageError:
+            return 3
+        print(f"base_url {server.base_url}\nurl_list {url_list_path(store)}\nstorage {store}", flush=True)
+        print(f"clipline: serving until SIGTERM or Ctrl-C; run the demo job against it with e.g.\n"
+              f"  clipline submit jobs/demo.yaml --storage {store} --wait", file=sys.stderr, flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    print("clipline: demo web stopped", file=sys.stderr)
+    return 0
+
+
 def run_demo(storage: str, port: int, images: int, overrides: list[str], progress: bool = True) -> int:
     from pipelines import spec
     from pipelines.runner import StageFailed, run_job
 
-    store = os.path.abspath(storage)
-    try:
-        server = DemoServer(port=port)
-    except OSError as exc:
-        print(f"clipline: cannot serve the demo web on 127.0.0.1:{port}: {exc.strerror}; pick another --port",
-              file=sys.stderr)
+    store = _store(storage)
+    server = _serve(port)
+    if server is None:
         return 2
     with server:
-        urls = f"{store}/demo-web/urls.parquet"
-        written = write_url_list(urls, server.base_url, images)
-        print(f"clipline: synthetic web of {images} images at {server.base_url} "
-              f"({'new URL list' if written else 'URL list unchanged'}: {urls})", file=sys.stderr)
+        try:
+            _publish(server, store, images)
+        except StorageError:
+            return 3
         job = spec.load(DEMO_JOB, overrides, store)
         try:
             outcomes = run_job(job, progress=progress)
