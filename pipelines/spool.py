@@ -86,13 +86,16 @@ def probe(uri: str, timeout: float = 5.0) -> None:
 
 
 def default_dir(store: str) -> str:
-    """Where a job's spool goes: beside its outputs when storage is local, else under the user's cache."""
+    """Where a job's spool goes: beside its outputs when storage is local, else under the user's cache
+    ($XDG_CACHE_HOME, default ~/.cache): the spool is an append-only log, which an object store cannot hold
+    (no appends), and `clipline replay` on the same machine finds it there by the storage URL."""
     from pipelines import storage
 
     if storage.is_local(store):
         return os.path.join(storage.resolve(store), "_mlflow_spool")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", store)[-120:]
-    return os.path.join(os.path.expanduser("~/.cache/clipline/mlflow-spool"), safe)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(cache, "clipline", "mlflow-spool", safe)
 
 
 def _entity(x: Any) -> list[Any]:

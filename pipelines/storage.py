@@ -1,7 +1,13 @@
 """fsspec paths, atomic writes and JSON helpers.
 
 Every file a stage produces goes through here so that a killed worker never leaves a half-written file
-under its final name: bytes go to a temporary name in the same directory first, then are moved.
+under its final name.  On a local disk bytes go to a temporary name in the same directory first, then are
+renamed (atomic on POSIX).  An object store has no rename (fsspec's `mv` is a copy and a delete: twice the
+I/O, and a killed mover leaves the temp key), but it needs none: one PUT, or one completed multipart upload,
+makes an object appear whole or not at all.  So there the bytes go straight to the final key in one
+`pipe_file`, never through a buffered file object, whose `__exit__` on an exception would commit whatever it
+had buffered as a partial object.  A multipart upload cut short stays an uncompleted upload, which no
+listing or read ever returns (a bucket lifecycle rule aborts those).
 """
 
 from __future__ import annotations
@@ -26,8 +32,18 @@ def resolve(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
+# object stores whose fsspec drivers cache directory listings; see filesystem()
+_LISTING_CACHED = ("s3://", "s3a://", "gs://", "gcs://")
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path within it for a URL."""
+    """The filesystem and the path within it for a URL.
+
+    Object stores are opened without fsspec's listings cache: shards are written by other processes (Ray
+    workers), and a cached listing of their directory would answer "no such file" for an object that
+    exists, or list one that a --force removed, for as long as the cache lives."""
+    if url.startswith(_LISTING_CACHED):
+        return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
 
 
@@ -71,23 +87,26 @@ class StorageError(OSError):
 
 
 def atomic_write(url: str, data: bytes) -> None:
-    """Write bytes so that the final name appears only once the whole content is there."""
+    """Write bytes so that the final name appears only once the whole content is there (see the module doc)."""
     fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        try:
+            fs.pipe_file(path, data)  # one PUT, or a multipart upload that s3fs aborts on an error
+        except (OSError, ValueError) as exc:  # s3fs turns service errors into OSError; ValueError: a bad key
+            raise StorageError(f"cannot write {url} ({len(data)} bytes): {getattr(exc, 'strerror', None) or exc}",
+                               getattr(exc, "errno", None)) from exc
+        return
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/{TMP_MARK}{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
     try:
         fs.makedirs(parent, exist_ok=True)
-        with fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        if isinstance(fs, LocalFileSystem):
-            os.replace(tmp, path)  # atomic on POSIX, even over an existing file
-        else:
-            # object stores: the copy is one PUT, readers only trust names listed in a manifest
-            fs.mv(tmp, path)
+        os.replace(tmp, path)  # atomic on POSIX, even over an existing file
     except OSError as exc:
         try:
-            if fs.exists(tmp):
-                fs.rm(tmp)  # a partial temp file takes space a full disk needs; it was never visible as `url`
+            if os.path.exists(tmp):
+                os.remove(tmp)  # a partial temp file takes space a full disk needs; it was never visible as `url`
         except OSError:
             pass
         raise StorageError(f"cannot write {url} ({len(data)} bytes): {exc.strerror or exc}", exc.errno) from exc

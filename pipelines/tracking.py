@@ -48,8 +48,9 @@ def resolve_uri(job_uri: str | None, store: str) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     if not storage.is_local(store):
         raise ValueError(
-            f"storage {store!r} is not local, so there is no default sqlite tracking store: set tracking.uri "
-            "in the job or MLFLOW_TRACKING_URI"
+            f"storage {store!r} is not local, so there is no default sqlite tracking store (sqlite needs a local "
+            "file; an object store has no locks nor appends): set tracking.uri in the job (a tracking server, "
+            "or sqlite:///<a local path>) or MLFLOW_TRACKING_URI"
         )
     try:
         os.makedirs(store, exist_ok=True)

@@ -10,6 +10,7 @@ logged by clipline to MLflow carries its config and a safetensors state dict as 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -99,15 +100,21 @@ def load_state_dict(path: str) -> dict[str, Any]:
     """A state dict from a checkpoint file, without unpickling arbitrary objects."""
     import torch
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from pipelines import storage
 
-        sd: Any = load_file(path)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    # any fsspec URL (a train stage's output on s3://, say): read whole, the weights are loaded whole anyway
+    fs, fpath = storage.filesystem(path)
+    with fs.open(fpath, "rb") as f:
+        blob = f.read()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_bytes
+
+        sd: Any = load_bytes(blob)
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001  (pickle errors name the refused global)
             raise ValueError(f"checkpoint {path}: not a plain tensor checkpoint ({exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0]})") from None
@@ -119,12 +126,15 @@ def load_state_dict(path: str) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _from_mlflow(uri: str) -> tuple[str, str]:
-    """Download a clipline-logged MLflow model; return (config path, weights path)."""
+def _from_mlflow(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """Download a clipline-logged MLflow model from `tracking_uri` (default: MLflow's own, MLFLOW_TRACKING_URI);
+    return (config path, weights path). On a tracking server the files come through its artifact proxy."""
     import mlflow
 
     dest = tempfile.mkdtemp(prefix="clipline-model-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
+    # models:/ URIs resolve in the registry, which is the tracking store unless MLFLOW_REGISTRY_URI says otherwise
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri,
+                                                     registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri))
     found = {p.name: p for p in local.rglob("*") if p.name in (CONFIG_FILE, WEIGHTS_FILE)}
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in found]
     if missing:
@@ -138,16 +148,18 @@ def _from_mlflow(uri: str) -> tuple[str, str]:
     return str(path), str(found[WEIGHTS_FILE])
 
 
-def create(ref: ModelRef, device: str = "cpu", **model_kwargs: Any) -> tuple[Any, Any, Any]:
+def create(ref: ModelRef, device: str = "cpu", tracking_uri: str | None = None,
+           **model_kwargs: Any) -> tuple[Any, Any, Any]:
     """(model in eval mode, image preprocessing, tokenizer) for a model reference.
 
+    `tracking_uri` is where a `model_uri` is looked up (a job's tracking.uri; default MLFLOW_TRACKING_URI).
     `model_kwargs` go to open_clip's model class (e.g. `init_logit_bias` for SigLIP training)."""
     import open_clip
     import torch
 
     arch, checkpoint = ref.arch, ref.checkpoint
     if ref.model_uri:
-        arch, checkpoint = _from_mlflow(ref.model_uri)
+        arch, checkpoint = _from_mlflow(ref.model_uri, tracking_uri)
     name = arch_name(arch)
     sd = load_state_dict(checkpoint) if checkpoint else None
     if sd is not None and "logit_bias" in sd:  # a SigLIP-trained model: the config alone does not say so
