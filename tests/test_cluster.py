@@ -426,6 +426,9 @@ def test_local_cluster_script_starts_two_loopback_nodes_and_stops_them():
         assert "2 nodes (1 CPU each) on 127.0.0.1" in start.stderr
         recorded = json.loads((state / "state.json").read_text())
         assert recorded["pid"] == pgid and recorded["nodes"] == 2 and recorded["address"] == f"127.0.0.1:{port}"
+        # the Python of the nodes, which local.sh puts first on their PATH for the drivers of submitted jobs
+        assert recorded["python"] == str(REPO / ".venv" / "bin" / "python")
+        assert f"nodes and submitted jobs run {recorded['python']}" in start.stderr
 
         # a second start on the same state directory refuses, naming the running cluster
         again = subprocess.run(script + ["start"] + common, capture_output=True, text=True, env=env, timeout=60)

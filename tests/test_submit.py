@@ -153,20 +153,34 @@ def test_an_address_that_does_not_answer_and_a_missing_token_are_named(tmp_path)
     token.write_text(secrets.token_hex(32))
     r = _clipline(_env(token), "submit", str(DEMO_JOB), "--address", closed, "--storage", str(tmp_path), timeout=180)
     assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr, r.stderr[-2000:]
+    # an explicit --address wins over RAY_API_SERVER_ADDRESS (which Ray's client would otherwise prefer)
+    exported = f"http://127.0.0.1:{_free_port()}"
+    r = _clipline(_env(token) | {"RAY_API_SERVER_ADDRESS": exported}, "status", "x", "--address", closed, timeout=180)
+    assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr and exported not in r.stderr, r.stderr
+    # without one, the error names the variable it used
+    r = _clipline(_env(token) | {"RAY_API_SERVER_ADDRESS": exported}, "logs", "x", timeout=180)
+    assert r.returncode == 1 and f"no Ray Jobs API at RAY_API_SERVER_ADDRESS={exported}" in r.stderr, r.stderr
     r = _clipline(_env(tmp_path / "absent"), "logs", "x", "--address", closed, timeout=180)
     assert r.returncode == 1 and "wants its auth token: RAY_AUTH_TOKEN_PATH is set but file cannot be opened" \
         in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_deps_pip_ships_every_dependency_at_the_locked_version(tmp_path):
-    from pipelines.submit import runtime_env
+    from pipelines.submit import runtime_env, storage_extras
 
     env = runtime_env(DEMO_JOB, tmp_path, "pip", {"K": "v"})
     pins = env["pip"]["packages"]
     lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
     assert "ray[data,train,default]==2.60.0" in pins and "torch==2.14.1" in pins
+    assert f"s3fs=={lock['s3fs']}" in pins and not any(p.startswith("gcsfs") for p in pins)  # the s3 extra
     assert all("==" in p for p in pins) and all(lock[p.split("==")[0].split("[")[0]] == p.split("==")[1]
                                                 for p in pins if p.split("==")[0].split("[")[0] in lock)
     assert (tmp_path / "job.yaml").read_text() == DEMO_JOB.read_text() and env["env_vars"] == {"K": "v"}
     with pytest.raises(ValueError, match="--deps: expected installed or pip"):
         runtime_env(DEMO_JOB, tmp_path, "conda", {})
+    # gs:// storage ships gcsfs too; an extra pyproject does not have is named
+    assert storage_extras("gs://bucket/x") == ("s3", "gcs") and storage_extras("/data") == ("s3",)
+    pins = runtime_env(DEMO_JOB, tmp_path, "pip", {}, ("s3", "gcs"))["pip"]["packages"]
+    assert f"gcsfs=={lock['gcsfs']}" in pins and f"s3fs=={lock['s3fs']}" in pins
+    with pytest.raises(ValueError, match="pyproject.toml has no extra 'azure'"):
+        runtime_env(DEMO_JOB, tmp_path, "pip", {}, ("azure",))
