@@ -60,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def configure_environment(state_dir: Path) -> None:
     """What Ray reads at import or passes on to the processes it starts; call before `import ray`."""
+    from pipelines.offline import keep_local
+
+    keep_local(ray_head=True)  # no usage reports, no cloud metadata probe, from any node or job driver
     # 0 keeps ray.util.get_node_ip_address() on 127.0.0.1 (1 answers the machine's own address) for these
     # nodes, their workers and the drivers of submitted jobs, all of which inherit this environment
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

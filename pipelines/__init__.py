@@ -1,9 +1,9 @@
 """clipline: Ray workflows that turn image URL lists into trained and evaluated CLIP models."""
 
-import os
-
 __version__ = "0.1.0"
 
-# albumentations (imported by img2dataset's resizer) asks PyPI for updates at import: never at run time.
-# Set here so Ray workers, which inherit the driver's environment, have it too.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# no phoning home from Ray, MLflow, albumentations (imported by img2dataset) or huggingface_hub, in any
+# process that imports clipline; the entry points that start Ray call it too (pipelines/offline.py)
+from pipelines.offline import keep_local  # noqa: E402
+
+keep_local()

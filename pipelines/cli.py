@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.offline import keep_local
+
+    keep_local()  # before anything imports ray or mlflow: nothing goes off the machine unasked
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("clipline")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):

@@ -153,6 +153,9 @@ def _probe(address: str, timeout: float = 10.0) -> None:
 
 def init_ray(job: JobSpec) -> bool:
     """Start or join Ray as the job says; True if this call started it (and should shut it down)."""
+    from pipelines.offline import keep_local
+
+    keep_local(ray_head=job.ray_address == "local")  # Ray's processes inherit the switches (pipelines/offline.py)
     if job.ray_address == "local" and "ray" not in sys.modules:
         # Ray swaps a loopback node address for the machine's own and listens on every interface; a local
         # instance has no peers, so keep all of its servers on 127.0.0.1 (read once, when ray is imported)

@@ -7,6 +7,10 @@ import os
 # Before anything imports ray: keep every Ray server these tests start on 127.0.0.1 (Ray otherwise replaces a
 # loopback node address with the machine's own and listens on all interfaces); Ray reads this once, at import.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# and nothing off the machine from any Ray or MLflow a test starts: no usage reports, no cloud metadata probe
+from pipelines.offline import keep_local  # noqa: E402
+
+keep_local(ray_head=True)
 
 from collections.abc import Iterator
 from pathlib import Path
