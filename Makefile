@@ -18,13 +18,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/clipline demo
 
-# The browser and promtool that the UI and dashboard tests drive (Debian's packages; root installs them).
+# The browser and promtool that the UI and dashboard tests drive, and the PostgreSQL behind the shared
+# tracking server's tests (Debian's packages; root installs them). PostgreSQL's binaries are found by version
+# glob: Debian keeps them in /usr/lib/postgresql/<major>/bin, off PATH.
 system-deps:
-	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
+	@command -v chromium >/dev/null && command -v promtool >/dev/null \
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      chromium prometheus >/dev/null; \
-	  else echo "make: the UI and dashboard tests need: sudo apt-get install chromium prometheus"; fi; }
+	      chromium prometheus postgresql >/dev/null; \
+	  else echo "make: the UI, dashboard and tracking-server tests need: sudo apt-get install chromium prometheus postgresql"; fi; }
 
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("ui", help="serve the MLflow UI for a job's store on 127.0.0.1")
+    p = sub.add_parser("ui", help="serve the MLflow UI for a job's store on 127.0.0.1 (a tracking server's URI: "
+                                  "print the address of the server's own UI)")
     p.add_argument("job", nargs="?", default=str(REPO / "jobs" / "demo.yaml"))
     p.add_argument("--storage")
     p.add_argument("--host", default="127.0.0.1")
@@ -288,6 +289,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     job = spec.load(args.job, [], args.storage)
     uri = resolve_uri(job.tracking_uri, job.storage)
+    if uri.split("://", 1)[0].lower() in ("http", "https"):
+        # a tracking server serves its own UI beside the REST API the job logs to; a local `mlflow ui` could not
+        # open that store anyway (a database that only the server holds the credentials of)
+        from pipelines.tracking import scrub
+
+        print(f"clipline: job {job.name} logs to the tracking server {scrub(uri)}, which serves the MLflow UI; "
+              f"open it (experiment {job.experiment!r}) instead of starting one here", file=sys.stderr)
+        print(scrub(uri).rstrip("/") + "/")
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
     if storage.is_local(job.storage):

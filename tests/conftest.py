@@ -86,3 +86,25 @@ def s3(tmp_path_factory):
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """PostgreSQL on 127.0.0.1 for the whole session: database `mlflow`, owned by a password role `mlflow`."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, postgres, tmp_path_factory):
+    """A shared tracking server as on a cluster: `mlflow server` on 127.0.0.1 with the session's PostgreSQL as
+    its backend and artifacts proxied to s3://clipline-mlflow/mlartifacts on the moto server. Tests that share
+    it use experiments of their own."""
+    from tests.support.mlflow_server import MlflowServer
+
+    bucket = s3.bucket("clipline-mlflow")
+    with MlflowServer(postgres.url, f"{bucket}/mlartifacts", tmp_path_factory.mktemp("mlflow-server"),
+                      s3.env) as server:
+        yield server

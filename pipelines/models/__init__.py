@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,15 +128,35 @@ def load_state_dict(path: str) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+@contextmanager
+def _tracking_uri(uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for the block, then put back (None: left as it is).
+
+    Needed even where a call takes a tracking_uri: MLflow resolves `models:/name@alias` against the global
+    registry URI (which follows the tracking URI unless MLFLOW_REGISTRY_URI is set), whatever it is passed."""
+    import mlflow
+
+    if not uri:
+        yield
+        return
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def _from_mlflow(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
     """Download a clipline-logged MLflow model from `tracking_uri` (default: MLflow's own, MLFLOW_TRACKING_URI);
     return (config path, weights path). On a tracking server the files come through its artifact proxy."""
     import mlflow
 
     dest = tempfile.mkdtemp(prefix="clipline-model-")
-    # models:/ URIs resolve in the registry, which is the tracking store unless MLFLOW_REGISTRY_URI says otherwise
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri,
-                                                     registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri))
+    with _tracking_uri(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
     found = {p.name: p for p in local.rglob("*") if p.name in (CONFIG_FILE, WEIGHTS_FILE)}
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in found]
     if missing:
@@ -185,18 +207,11 @@ def log_model(model: Any, arch: str, name: str = "model", registered_model_name:
     import mlflow.pytorch
 
     if run_id is not None:
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
+        with _tracking_uri(tracking_uri):
             with mlflow.start_run(run_id=run_id, log_system_metrics=False):
                 info = log_model(model, arch, name, registered_model_name, **kwargs)
             mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # the runner ends the run
             return info
-        finally:
-            mlflow.set_tracking_uri(previous)
-            if previous is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
