@@ -194,12 +194,12 @@ while not os.path.exists({str(flag)!r}) and time.monotonic() < deadline:
 def test_demo_and_ui_send_nothing_off_the_machine(tmp_path):
     store, port, ui_port = tmp_path / "data", free_port(), free_port()
     demo = (f"{sys.executable} -m pipelines.cli demo --storage {store} --images 120 --port {port} --no-progress "
-            "--set stages.train.with.batch_size=16 --set stages.train.with.epochs=1 "
+            "--set stages.train.with.batch_size=16 --set stages.train.with.epochs=1 --set stages.train.with.workers=1 "
             "--set stages.evaluate.with.datasets.0.limit=40")
     # then the UI on the demo's store, asked for its page, the runs and its telemetry config, as a browser does
     ui = f"{sys.executable} -m tests.test_loopback ui {store} {ui_port} {tmp_path / 'ui.json'}"
     started = time.monotonic()
-    rc, watcher, log = _watched(f"sh -c '{demo} && {ui}'", tmp_path, 480)
+    rc, watcher, log = _watched(f"sh -c '{demo} && {ui}'", tmp_path, 900)
     seconds = time.monotonic() - started
     assert rc == 0, log[-4000:]
     assert "evaluate   ran" in log and "model: models:/demo-train@candidate" in log, log[-4000:]
