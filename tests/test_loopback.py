@@ -135,7 +135,7 @@ def _watched(command: str, tmp_path: Path, timeout: float, during=None):
     audit_dir.mkdir()
     with log.open("w") as out:
         proc = subprocess.Popen(private_network(command), cwd=REPO, env=audit_env(audit_dir, _user_env(tmp_path)),
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: in_other_network_namespace(proc.pid), 10, "the run's network namespace",
                    interval=0.01, alive=lambda: proc.poll() is None)
@@ -145,9 +145,11 @@ def _watched(command: str, tmp_path: Path, timeout: float, during=None):
                 during(watcher)
             rc = proc.wait(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        try:  # the run's whole process group: a killed shell would leave the demo and its Ray running
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     return rc, watcher, log.read_text()
 
 
