@@ -158,6 +158,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, store: str, required: bool = True, spool: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        # against a server, MLflow writes two "View run ... at" lines to stdout for every run it ends (and reads
+        # the run again to do so): stdout is clipline's summary, and the job prints the server's address once
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri
         self.spool = spool or spooling.default_dir(store)
         why = ""

@@ -133,6 +133,8 @@ def test_the_registered_model_resolves_by_its_alias_and_loads(mlflow_server, job
     version = runs["client"].get_model_version_by_alias(MODEL, "candidate")
     assert version.run_id == runs["by_name"]["train"].info.run_id
     assert f"model: models:/{MODEL}@candidate" in job["stdout"]
+    assert f"Browse the runs at {mlflow_server.uri} (experiment {EXPERIMENT})" in job["stdout"]
+    assert "View run" not in job["stdout"]  # MLflow's own per-run links stay out of clipline's summary
     model, _, _ = create(ModelRef(model_uri=f"models:/{MODEL}@candidate"), tracking_uri=mlflow_server.uri)
     trained = load_file(str(Path(job["locations"]["train"], "model.safetensors")))
     loaded = model.state_dict()
