@@ -84,6 +84,8 @@ def test_postgres_and_the_mlflow_server_listen_only_on_loopback(postgres, mlflow
     ml_listening = {(c.laddr.ip, c.laddr.port) for p in _tree(mlflow_server.proc)
                     for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
     assert ml_listening == {("127.0.0.1", mlflow_server.port)}
+    # the database password reaches the server in its environment, never on a command line `ps` shows
+    assert not [p.cmdline() for p in _tree(mlflow_server.proc) if postgres.password in " ".join(p.cmdline())]
 
 
 def test_the_server_has_telemetry_off(mlflow_server):

@@ -31,12 +31,12 @@ _CI_MARKERS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLA
                "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID")
 
 
-def command(backend_uri: str, artifacts_destination: str, port: int, host: str = "127.0.0.1",
-            workers: int = 1) -> list[str]:
-    """The `mlflow server` command line (as the README gives it, with the interpreter's own mlflow)."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-            "--artifacts-destination", artifacts_destination, "--host", host, "--port", str(port),
-            "--workers", str(workers)]
+def command(artifacts_destination: str, port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+    """The `mlflow server` command line (as the README gives it, with the interpreter's own mlflow). The
+    backend store URI is not on it: it carries the database password, and any user can read a command line
+    (`ps`), so it goes in MLFLOW_BACKEND_STORE_URI, which only the server's own user can read."""
+    return [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifacts_destination,
+            "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
 class MlflowServer:
@@ -54,13 +54,13 @@ class MlflowServer:
         s3_env = dict(s3_env or {})
         if "AWS_ENDPOINT_URL" in s3_env:  # MLflow's S3 artifact repository reads its own variable first
             s3_env.setdefault("MLFLOW_S3_ENDPOINT_URL", s3_env["AWS_ENDPOINT_URL"])
-        self.env = {**env, **s3_env, **NO_TELEMETRY, **NO_JOB_RUNNER}
+        self.env = {**env, **s3_env, **NO_TELEMETRY, **NO_JOB_RUNNER, "MLFLOW_BACKEND_STORE_URI": backend_uri}
         self.workers = workers
         self.proc: subprocess.Popen | None = None
 
     @property
     def cmd(self) -> list[str]:
-        return command(self.backend_uri, self.artifacts_destination, self.port, workers=self.workers)
+        return command(self.artifacts_destination, self.port, workers=self.workers)
 
     def healthy(self) -> bool:
         try:
