@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from tests.support.net import free_port, wait_until
+from tests.support.net import die_with_parent, free_port, wait_until
 
 # MLflow 3 reports usage to mlflow-telemetry.io unless told not to; its check reads MLFLOW_DISABLE_TELEMETRY
 # (true/1) or DO_NOT_TRACK == "true" (it does not take the usual DO_NOT_TRACK=1)
@@ -74,7 +74,8 @@ class MlflowServer:
         with self.log.open("wb") as out:
             # its own session: the server forks workers, and stop() ends exactly that group
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         try:
             # the first start against an empty database runs MLflow's schema migrations: tens of seconds on 2 cores
             wait_until(self.healthy, timeout, f"mlflow server on {self.uri} (log {self.log})", interval=0.5,

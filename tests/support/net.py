@@ -7,6 +7,15 @@ import time
 from collections.abc import Callable
 
 
+def die_with_parent() -> None:
+    """For subprocess.Popen(preexec_fn=...): the child gets SIGTERM when the process that started it dies, so
+    a test session killed by a timeout leaves no server behind (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     """A TCP port nothing listens on at this moment, on 127.0.0.1."""
     with socket.socket() as s:

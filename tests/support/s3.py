@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.net import answers, free_port, wait_until
+from tests.support.net import answers, die_with_parent, free_port, wait_until
 
 
 class S3Server:
@@ -33,7 +33,7 @@ class S3Server:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env})
+                                         env={**os.environ, **self.env}, preexec_fn=die_with_parent)
         wait_until(lambda: answers("127.0.0.1", self.port), 60, f"moto_server on {self.endpoint} (log {self.log})",
                    alive=lambda: self.proc.poll() is None)
         return self
