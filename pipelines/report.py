@@ -61,7 +61,7 @@ def _e(value: Any) -> str:
 
 
 def _when(ms: int | None) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
 
 
 def _num(v: float) -> str:
@@ -306,7 +306,7 @@ def section_curves(client: Any, s: StageRun) -> str:
     cols = min(3, len(series))
     rows = math.ceil(len(series) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, (k, hist) in zip(axes.flat, series.items()):
+    for ax, (k, hist) in zip(axes.flat, series.items(), strict=False):  # the grid may have spare cells
         ax.plot([h[0] for h in hist], [h[1] for h in hist], marker="." if len(hist) < 40 else None)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)

@@ -90,7 +90,7 @@ def fingerprint(st: StageSpec, upstream: dict[str, Manifest], external: dict[str
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _external(st: StageSpec) -> dict[str, Any]:

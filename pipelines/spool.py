@@ -128,7 +128,7 @@ class SpoolingClient:
         if not self.offline and not str(experiment_id).startswith(OFFLINE):
             try:
                 return self._client.create_run(experiment_id, run_name=run_name, tags=tags)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - _fail raises it again unless the server is unreachable
                 self._fail(exc)
         run_id = OFFLINE + uuid.uuid4().hex
         self._append({"op": "create_run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
@@ -186,7 +186,7 @@ class SpoolingClient:
             try:
                 call()
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - _fail raises it again unless the server is unreachable
                 self._fail(exc)
         self._append(record if isinstance(record, dict) else record())
 

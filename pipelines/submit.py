@@ -197,7 +197,10 @@ def describe(jobs, sid: str) -> dict[str, Any]:
         info = jobs.get_job_info(sid)
     except RuntimeError as exc:
         raise SubmitError(f"submission {sid!r}: {exc}") from None
-    fmt = (lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-")
+
+    def fmt(ms: int | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
     return {"submission_id": sid, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
             "message": info.message or "", "start": fmt(info.start_time), "end": fmt(info.end_time),
             "driver_exit_code": info.driver_exit_code, "entrypoint": info.entrypoint}

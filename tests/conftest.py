@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-
 from pipelines.demo.server import DemoServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -360,6 +360,8 @@ def _group(pgid: int) -> list[int]:
 def _listening(pids: list[int]) -> dict[tuple[str, int], str]:
     """(address, port) -> process name of every TCP/UDP socket the processes listen on."""
     import ray  # noqa: F401  # puts Ray's own copy of psutil on sys.path
+
+    # isort: split
     import psutil
 
     out = {}

@@ -52,7 +52,7 @@ def test_crawl_accounts_for_every_input_row(tmp_path, web, ray_local):
         assert set(part["status"]) == {status}, kind
         assert set(part["error_class"].fillna("-")) == {error_class or "-"}, kind
     assert (merged["url"].fillna("") == merged["url_in"].fillna("")).all()
-    assert all(u == uid(url, cap) for u, url, cap in zip(out["uid"], out["url"], out["caption"]))
+    assert all(u == uid(url, cap) for u, url, cap in zip(out["uid"], out["url"], out["caption"], strict=True))
 
     ok = out[out["status"] == "success"]
     for _, r in ok.head(20).iterrows():

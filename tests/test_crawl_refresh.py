@@ -40,7 +40,7 @@ def test_malformed_rows_are_kept_and_duplicates_crawled_once(tmp_path, web, ray_
     (o,) = run_job(job, progress=False)
     out = read_output(o.manifest).sort_values(["source", "source_row"])
     got = list(zip(out["source"].str.rsplit("/", n=1).str[-1], out["source_row"], out["status"],
-                   out["error_class"].fillna("-")))
+                   out["error_class"].fillna("-"), strict=True))
     assert got == [
         ("a.jsonl", 0, "success", "-"), ("a.jsonl", 1, "duplicate", "duplicate"), ("a.jsonl", 2, "success", "-"),
         ("a.jsonl", 3, "invalid", "invalid_url"), ("a.jsonl", 4, "invalid", "invalid_url"),

@@ -19,9 +19,9 @@ from pipelines import configschema
 from pipelines.manifest import Manifest
 from pipelines.stage import StageContext
 from pipelines.stages.crawl.schema import CRAWLED, uid
-from pipelines.stages.curate.stage import CurateStage
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import hamming, phash
+from pipelines.stages.curate.stage import CurateStage
 from pipelines.tracking import Tracker
 
 

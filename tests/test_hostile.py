@@ -161,7 +161,7 @@ def test_crawl_of_the_hostile_corpus_accounts_for_every_row(tmp_path, corpus, se
     merged = frame.reset_index(names="source_row").merge(out, on="source_row", suffixes=("_in", ""))
     assert (merged["url"] == merged["url_in"]).all()
     assert (merged["caption"] == merged["caption_in"]).all()  # byte-exact, controls and 100 KB included
-    assert all(u == uid(url, cap) for u, url, cap in zip(out["uid"], out["url"], out["caption"]))
+    assert all(u == uid(url, cap) for u, url, cap in zip(out["uid"], out["url"], out["caption"], strict=True))
 
     expected = {c.name: c for c in corpus}
     wrong = []

@@ -22,9 +22,16 @@ import pytest
 
 from tests.support.net import free_port, wait_until
 from tests.support.netaudit.netaudit import hosts_file_names, off_machine
-from tests.support.sockets import (NS_ADDRESS, SocketWatcher, audit_env, audited_processes,
-                                   in_other_network_namespace, parse_proc_net, private_network,
-                                   read_audit_records)
+from tests.support.sockets import (
+    NS_ADDRESS,
+    SocketWatcher,
+    audit_env,
+    audited_processes,
+    in_other_network_namespace,
+    parse_proc_net,
+    private_network,
+    read_audit_records,
+)
 
 REPO = Path(__file__).resolve().parents[1]  # not from conftest: `python -m tests.test_loopback ui` runs no conftest
 # the switches pipelines/offline.py sets; conftest set them for this process, the watched run starts without

@@ -8,6 +8,7 @@ takes from the limiter to the server; none of them sleeps to synchronise.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -158,7 +159,7 @@ def test_per_host_rate_spaces_request_starts(server):
     got = fetch_all(fetcher(per_host_rate=5.0), [server.url("img", i) for i in range(6)], threads=6)
     assert [g.status for g in got] == ["success"] * 6
     times = arrivals(server)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == 5 and min(gaps) >= 0.2 - 0.05, gaps
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -203,7 +204,7 @@ def test_gains_biases_and_logit_scale_get_no_weight_decay():
 def test_warmup_then_cosine_to_zero():
     f = [engine.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
-    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[-1] < 0.01
 
 
 def test_too_little_data_for_one_step_is_a_clear_error():

@@ -23,12 +23,11 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import pandas as pd
 
 from pipelines.demo import web
-
-from urllib.parse import SplitResult, parse_qs, urlsplit
 
 KINDS = ("img", "missing", "error", "html", "optout", "slow", "redirect", "bomb", "nolength", "busy", "unavailable")
 REFUSALS = {"busy": (429, b"too many requests"), "unavailable": (503, b"service unavailable")}

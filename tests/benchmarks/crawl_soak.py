@@ -192,7 +192,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
     import pyarrow.parquet as pq
     import ray
-    import psutil  # Ray's own copy where the environment has none (ray puts it on sys.path)
+
+    # isort: split
+    import psutil  # Ray's own copy where the environment has none (ray puts it on sys.path), so after ray
 
     from pipelines import spec
     from pipelines.runner import run_job

@@ -27,7 +27,7 @@ class S3Server:
                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         moto = Path(sys.executable).with_name("moto_server")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:

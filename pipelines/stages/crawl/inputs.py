@@ -110,7 +110,7 @@ def rows(cfg: CrawlConfig) -> Iterator[pd.DataFrame]:
                                      f"columns are {', '.join(cols)}")
                 urls, caps = _text(chunk[url_col]), _text(chunk[cap_col])
                 out = pd.DataFrame({
-                    "uid": [uid(u, c) for u, c in zip(urls, caps)],
+                    "uid": [uid(u, c) for u, c in zip(urls, caps, strict=True)],
                     "url": urls,
                     "caption": caps,
                     "source": path,

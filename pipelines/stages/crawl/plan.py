@@ -128,7 +128,7 @@ def _prior_index(prior: Prior, cfg: CrawlConfig) -> dict[str, np.ndarray]:
         parts["reuse"].append(reuse.to_numpy(zero_copy_only=False)[keep])
         parts["attempts"].append(attempts.to_numpy(zero_copy_only=False).astype(np.int32)[keep])
     cols = {k: np.concatenate(v) if v else np.array([], dtype=d)
-            for (k, v), d in zip(parts.items(), ("S16", np.int32, np.int32, bool, np.int32))}
+            for (k, v), d in zip(parts.items(), ("S16", np.int32, np.int32, bool, np.int32), strict=True)}
     order = np.argsort(cols["uid"], kind="stable")
     return {k: v[order] for k, v in cols.items()}
 

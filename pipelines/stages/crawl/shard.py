@@ -60,7 +60,7 @@ class ShardCrawler:
         )
 
     def one(self, url: str | None, caption: str | None) -> dict[str, Any]:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if self.cfg.require_caption and (caption is None or not caption.strip()):
             return {"status": "invalid", "error_class": "missing_caption", "fetched_at": None,
                     "error_message": "no caption" if caption is None else "blank caption"}
@@ -101,7 +101,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
     todo = [i for i, a in enumerate(action) if a == FETCH]
     crawler = ShardCrawler(cfg)
     with ThreadPoolExecutor(max_workers=cfg.threads) as pool:
-        for i, row in zip(todo, pool.map(lambda i: crawler.one(urls[i], caps[i]), todo)):
+        for i, row in zip(todo, pool.map(lambda i: crawler.one(urls[i], caps[i]), todo), strict=True):
             row["attempts"] = attempts[i] + (row.get("fetched_at") is not None)
             results[i] = row
             if metrics is not None:
@@ -142,7 +142,7 @@ def _copy_reused(plan: pa.Table, prior_urls: list[str], results: list[dict[str, 
         with fs.open(path, "rb") as f:
             names = pq.ParquetFile(f).schema_arrow.names
             prior = pq.read_table(f, columns=[c for c in RESULT_COLUMNS if c in names])
-        for i, row in zip(mine.tolist(), prior.take(pa.array(rows[mine])).to_pylist()):
+        for i, row in zip(mine.tolist(), prior.take(pa.array(rows[mine])).to_pylist(), strict=True):
             if row.get("attempts") is None:  # written before attempts were counted
                 row["attempts"] = int(row["status"] not in ("invalid", "duplicate"))
             results[i] = row

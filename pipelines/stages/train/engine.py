@@ -69,7 +69,7 @@ def _outputs(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> dic
     out = model(image=images, text=texts)
     if not isinstance(out, dict):  # models created without output_dict
         keys = ("image_features", "text_features", "logit_scale", "logit_bias")
-        out = dict(zip(keys, out))
+        out = dict(zip(keys, out, strict=False))  # three outputs when the model has no logit_bias
     return out
 
 

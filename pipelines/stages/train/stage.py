@@ -16,8 +16,8 @@ from typing import Any
 from pipelines import storage
 from pipelines.manifest import Manifest
 from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
-from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.spool import unreachable
+from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.train import data, engine
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.loop import Plan, train_loop
