@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, Union, get_args, get_origin
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "minItems", "pattern")
 
@@ -44,7 +47,7 @@ def type_schema(tp: Any) -> dict[str, Any]:
     if origin is dict:
         _, value = get_args(tp) or (str, Any)
         return {"type": "object", "additionalProperties": type_schema(value)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return dataclass_schema(tp)
     raise TypeError(f"no JSON Schema mapping for the annotation {tp!r}")
 
@@ -65,7 +68,7 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
             schema["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-            schema["default"] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+            schema["default"] = dataclasses.asdict(default) if _is_instance(default) else default
         else:
             required.append(f.name)
         props[f.name] = schema
@@ -75,6 +78,11 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
     if cls.__doc__:
         out["description"] = " ".join(cls.__doc__.split())
     return out
+
+
+def _is_instance(value: Any) -> TypeGuard[DataclassInstance]:
+    """A dataclass instance (is_dataclass alone is also true of the class itself)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
@@ -88,11 +96,11 @@ def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 def _build_value(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return build(tp, value, f"{path}.")
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
-            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            if isinstance(option, type) and dataclasses.is_dataclass(option) and isinstance(value, dict):
                 return build(option, value, f"{path}.")
         return value
     if origin in (list, tuple) and isinstance(value, list):

@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ class StageTracker:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
 
-def log_bar_chart(tracker: StageTracker, items: list[tuple[str, float]], title: str, xlabel: str, artifact: str,
+def log_bar_chart(tracker: StageTracker, items: Sequence[tuple[str, float]], title: str, xlabel: str, artifact: str,
                   color: str = "#4c72b0") -> None:
     """A horizontal bar chart, first item on top, each bar labelled with its value, as a run artifact."""
     import matplotlib

@@ -12,7 +12,7 @@ import hashlib
 import io
 import re
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.stages.curate.config import CurateConfig
+
+if TYPE_CHECKING:
+    from py3langid.langid import LanguageIdentifier
 
 KEPT = 1 << 14  # drop_at of a row no rule has dropped
 
@@ -107,10 +110,10 @@ class Featurizer:
 
     def __init__(self, cfg: CurateConfig, eval_hashes: np.ndarray, eval_names: list[str]) -> None:
         self.cfg = cfg
-        self.pos = {r: i + 1 for i, r in enumerate(cfg.rules)}  # 0 is reserved for not_downloaded
+        self.pos: dict[str, int] = {r: i + 1 for i, r in enumerate(cfg.rules)}  # 0 is reserved for not_downloaded
         self.eval_hashes = eval_hashes
         self.eval_names = eval_names
-        self._lang = None
+        self._lang: LanguageIdentifier | None = None  # loaded on first use
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         frames = [self.featurize(int(s), str(u)) for s, u in zip(batch["shard"], batch["url"], strict=True)]
@@ -158,7 +161,8 @@ class Featurizer:
         out["clip_score"] = np.full(n, np.nan, dtype=np.float32)
 
         drop_at = np.where(ok, KEPT, 0).astype(np.int32)
-        reason = np.where(ok, None, "not_downloaded").astype(object)
+        reason = np.full(n, None, dtype=object)
+        reason[~ok] = "not_downloaded"
 
         def drop(rule: str, mask: np.ndarray, why: str) -> None:
             hit = mask & (drop_at > self.pos[rule])

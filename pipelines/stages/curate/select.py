@@ -88,7 +88,7 @@ def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: i
     for s, e in zip(starts, ends, strict=True):
         if e - s < 2:
             continue
-        kept = [s]
+        kept = [int(s)]
         for i in range(s + 1, e):
             if hamming(hashes[kept], hashes[i]).min() <= max_distance:
                 dup[i] = True

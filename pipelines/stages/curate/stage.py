@@ -121,7 +121,7 @@ class CurateStage(Stage):
 
         summaries = self._write_ledger(ctx, work, parts)
         shards = self._repack(ctx, summaries, dict(enumerate(urls)))
-        reasons = Counter()
+        reasons: Counter[str] = Counter()
         for s in summaries:
             reasons.update(s["reasons"])
         counts = {"rows_in": rows_in, **{f"dropped_{r}": reasons.get(r, 0) for r in funnel_reasons(cfg)},
@@ -200,8 +200,9 @@ class CurateStage(Stage):
             for shard, g in df.groupby("shard", sort=True):
                 g = g.sort_values("row")
                 kept = (g["drop_at"] == KEPT).to_numpy()
-                ledger = g.assign(kept=kept, phash=phash_hex(g["phash"], g["phash_ok"]),
-                                  reason=np.where(kept, None, g["reason"]).astype(object))
+                reason = g["reason"].to_numpy(dtype=object, copy=True)
+                reason[kept] = None
+                ledger = g.assign(kept=kept, phash=phash_hex(g["phash"], g["phash_ok"]), reason=reason)
                 path = f"{LEDGER_DIR}/part-{int(shard):05d}.parquet"
                 written = storage.write_parquet(storage.join(out, path), to_arrow(ledger, LEDGER))
                 w = np.ones(int(kept.sum()), np.int64) if weight == "rows" else g["image_bytes"].to_numpy()[kept]
@@ -223,7 +224,8 @@ class CurateStage(Stage):
         cfg: CurateConfig = self.config
         target = cfg.shard_rows or cfg.shard_bytes
         assert target is not None
-        offset, jobs, total = 0, {}, 0
+        jobs: dict[int, list[tuple[int, int]]] = {}  # output part -> [(ledger shard, the weight before it)]
+        offset, total = 0, 0
         for s in summaries:
             if s["kept"]:
                 first, last = offset // target, (offset + s["weight"] - s["last_weight"]) // target
