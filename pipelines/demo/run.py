@@ -119,6 +119,7 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
             return 1
     for o in outcomes:
         m = o.manifest
+        assert m is not None, o  # the demo selects every stage: each one ran or was a cache hit
         size = f"{m.counts['steps']} steps" if "steps" in m.counts else f"{m.rows} rows"
         print(f"{o.stage:<10} {o.state:<8} {size}  {m.location}")
         if "weights" in m.extra.get("model", {}):  # a trained model

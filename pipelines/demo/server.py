@@ -153,7 +153,9 @@ class DemoServer(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+        host = self.server_address[0]
+        assert isinstance(host, str)  # an AF_INET server's address is (host, port)
+        return f"http://{host}:{self.server_address[1]}"
 
     def __enter__(self) -> DemoServer:
         self._thread = threading.Thread(target=self.serve_forever, name="demo-web", daemon=True)

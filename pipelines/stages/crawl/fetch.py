@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
@@ -94,6 +95,9 @@ class _Deadline:
     deadline: float = math.inf
     read_timeout: float | None = None  # the timeout of one read; None: block (the connection's own setting)
 
+    if TYPE_CHECKING:  # a mixin: the socket class it is mixed into has it
+        def settimeout(self, value: float | None, /) -> None: ...
+
     def _arm(self) -> None:
         left = self.deadline - time.monotonic()
         if left <= 0:
@@ -128,12 +132,16 @@ class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
     pass
 
 
-def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
+# what http.client passes for "no timeout given"; private, so typeshed has no name for it
+_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+
+
+def _guarded_connect(policy: AddressPolicy, address, timeout=_DEFAULT_TIMEOUT, source_address=None,
                      *, deadline: float = math.inf):
     host, port = address
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     for *_, sockaddr in infos:
-        if policy.refuses(sockaddr[0]):
+        if policy.refuses(str(sockaddr[0])):
             raise BlockedAddress(f"{host} resolves to {sockaddr[0]}, which is not a public address "
                                  "(add its network to allow_networks to crawl it)")
     last: OSError | None = None
@@ -141,7 +149,7 @@ def _guarded_connect(policy: AddressPolicy, address, timeout=socket._GLOBAL_DEFA
         sock = _DeadlineSocket(family, socktype, proto)
         try:
             sock.deadline = deadline
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+            if timeout is not _DEFAULT_TIMEOUT:
                 sock.read_timeout = timeout
             sock._arm()  # the connect, too, waits at most the timeout and until the deadline
             sock.connect(sockaddr)
@@ -167,6 +175,10 @@ class _GuardedHTTPS(http.client.HTTPSConnection):
     def connect(self):
         super().connect()  # TCP through _guarded_connect, then the TLS handshake, within the timeout it left
         self.sock.deadline, self.sock.read_timeout = self._deadline, self.timeout  # a _DeadlineSSLSocket
+
+
+class _TimedRequest(urllib.request.Request):
+    deadline: float = math.inf  # time.monotonic() by which every hop ends; a redirect's Request gets it too
 
 
 def _deadline(req: urllib.request.Request) -> float:
@@ -197,7 +209,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 class _Redirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, limit: int):
         super().__init__()
-        self.max_redirections = limit
+        # typeshed declares a ClassVar; urllib reads it through self, so this sets the limit of this handler only
+        self.max_redirections = limit  # type: ignore[misc]
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if self.max_redirections == 0:  # urllib checks its limit only from the second hop on
@@ -271,7 +284,7 @@ class Fetcher:
     def fetch(self, url: str | None) -> Fetched:
         try:
             parts = urlsplit(url or "")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if url is None or parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("not an http(s) URL with a host")
             # spaces and non-ASCII characters are common in web-scale lists: encode them as browsers do
             url = quote(url, safe=string.punctuation).encode("ascii").decode()
@@ -320,7 +333,7 @@ class Fetcher:
     def _attempt(self, url: str, deadline: float) -> tuple[Fetched, float | None]:
         """One request, redirects followed, finished by `deadline`; with a refusal's Retry-After in seconds."""
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
+            req = _TimedRequest(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
             req.deadline = deadline  # every read of every hop's connection ends by it (_Deadline)
             timeout = max(min(self.timeout, deadline - time.monotonic()), 0.001)
             with self.opener.open(req, timeout=timeout) as resp:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -127,8 +128,8 @@ def _prior_index(prior: Prior, cfg: CrawlConfig) -> dict[str, np.ndarray]:
         parts["row"].append(rows)
         parts["reuse"].append(reuse.to_numpy(zero_copy_only=False)[keep])
         parts["attempts"].append(attempts.to_numpy(zero_copy_only=False).astype(np.int32)[keep])
-    cols = {k: np.concatenate(v) if v else np.array([], dtype=d)
-            for (k, v), d in zip(parts.items(), ("S16", np.int32, np.int32, bool, np.int32), strict=True)}
+    dtypes: tuple[npt.DTypeLike, ...] = ("S16", np.int32, np.int32, bool, np.int32)
+    cols = {k: np.concatenate(v) if v else np.array([], dtype=d) for (k, v), d in zip(parts.items(), dtypes, strict=True)}
     order = np.argsort(cols["uid"], kind="stable")
     return {k: v[order] for k, v in cols.items()}
 
@@ -181,7 +182,7 @@ class Planner:
         action = np.where(duplicate, DUPLICATE, np.where(reuse, REUSE, FETCH)).astype(np.int8)
         files = np.concatenate(self.file_idx) if self.file_idx else np.array([], dtype=np.int32)
         rows = np.concatenate(self.source_rows) if self.source_rows else np.array([], dtype=np.int64)
-        duplicate_of = [None] * n
+        duplicate_of: list[str | None] = [None] * n
         for i in np.flatnonzero(duplicate):
             j = first[i]
             duplicate_of[i] = f"same url and caption as row {rows[j]} of {self.files[files[j]]}"

@@ -135,7 +135,7 @@ def host_key(parts: SplitResult) -> str:
     """The lowercased host:port limits apply to; the default port spelled out, so h and h:80 share them."""
     host = parts.hostname or ""
     try:
-        port: int | str = parts.port or _DEFAULT_PORTS.get(parts.scheme, "")
+        port: int | str = parts.port or _DEFAULT_PORTS.get(parts.scheme) or ""
     except ValueError:  # a malformed port: urllib reports it when it tries the request
         port = parts.netloc.rpartition(":")[2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
