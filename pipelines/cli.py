@@ -284,8 +284,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from pipelines import spec, storage
-    from pipelines.tracking import resolve_uri
+    from pipelines import spec
+    from pipelines.tracking import resolve_uri, sqlite_artifact_root
 
     job = spec.load(args.job, [], args.storage)
     uri = resolve_uri(job.tracking_uri, job.storage)
@@ -300,8 +300,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
-    if storage.is_local(job.storage):
-        cmd += ["--default-artifact-root", Path(job.storage, "mlartifacts").resolve().as_uri()]
+    if (artifacts := sqlite_artifact_root(uri)) is not None:
+        cmd += ["--default-artifact-root", artifacts]
     print(f"clipline: MLflow UI for {uri} at http://{args.host}:{args.port}", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0  # not reached

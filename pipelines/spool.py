@@ -308,11 +308,11 @@ def replay(spool: str, uri: str) -> dict[str, int]:
         if eid not in experiments:
             name = eid[len(OFFLINE + "experiment:"):]
             exp = client.get_experiment_by_name(name)
-            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out (MLflow's
-            # default would be ./mlruns under whatever directory the replay runs in)
-            artifacts = (Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").resolve().as_uri()
-                         if uri.startswith("sqlite:///") else None)
-            experiments[eid] = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifacts)
+            from pipelines.tracking import sqlite_artifact_root  # tracking imports this module
+
+            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out
+            experiments[eid] = exp.experiment_id if exp else client.create_experiment(
+                name, artifact_location=sqlite_artifact_root(uri))
         return experiments[eid]
 
     counts: dict[str, int] = {}

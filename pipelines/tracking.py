@@ -150,6 +150,15 @@ def log_bar_chart(tracker: StageTracker, items: Sequence[tuple[str, float]], tit
     plt.close(fig)
 
 
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """Where a sqlite store's artifacts go: `mlartifacts/` beside the database (for the default store that is
+    `{storage}/mlartifacts`); None for a server, which has its own. MLflow's default would be ./mlruns under
+    whatever directory the process runs in."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").resolve().as_uri()
+
 class Tracker:
     """The job-run level: creates the experiment, the parent run and the child runs.
 
@@ -189,10 +198,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        artifacts = None
-        if self.uri.startswith("sqlite:") and storage.is_local(store):
-            artifacts = Path(store, "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=artifacts)
+        return self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri))
 
     @property
     def offline(self) -> bool:

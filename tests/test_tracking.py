@@ -94,3 +94,13 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
         except ProcessLookupError:
             pass
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_database_whatever_the_storage(tmp_path):
+    """With s3:// storage and `tracking.uri: sqlite:///...`, artifacts go beside the database, never into
+    ./mlruns of the directory the job runs in (MLflow's default)."""
+    from pipelines.tracking import sqlite_artifact_root
+
+    db = tmp_path / "track" / "mlflow.db"
+    assert sqlite_artifact_root(f"sqlite:///{db}") == (tmp_path / "track" / "mlartifacts").as_uri()
+    assert sqlite_artifact_root("http://127.0.0.1:5000") is None
