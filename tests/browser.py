@@ -49,3 +49,16 @@ def artifacts_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     out = Path(root) / re.sub(r"[^\w.-]+", "_", request.node.name) if root else tmp_path / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def open_runs_table(browser: Any, ui: str, experiment_id: str, job_run: str) -> tuple[Any, Any]:
+    """A page on an experiment's runs table in the MLflow UI at `ui`, and the link of the job run named
+    `job_run` once it is shown (MLflow 3 opens an experiment in its GenAI view; the table is under
+    "Model training")."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.set_default_timeout(60_000)
+    page.goto(f"{ui}/#/experiments/{experiment_id}")
+    page.get_by_role("button", name="Model training").click()
+    job_link = page.get_by_role("link", name=job_run, exact=True)
+    job_link.wait_for()
+    return page, job_link

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.browser import artifacts_dir, chromium
+from tests.browser import artifacts_dir, chromium, open_runs_table
 from tests.conftest import REPO
 from tests.support.net import free_port
 
@@ -210,13 +210,7 @@ def test_the_servers_ui_shows_the_job_run_and_its_stages(mlflow_server, runs, re
     parent, train = runs["by_name"][JOB], runs["by_name"]["train"]
     shots = artifacts_dir(request, tmp_path)
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
-        page.set_default_timeout(60_000)
-        page.goto(f"{mlflow_server.uri}/#/experiments/{exp_id}")
-        # MLflow 3 opens an experiment in its GenAI view; the runs table is under "Model training"
-        page.get_by_role("button", name="Model training").click()
-        job_link = page.get_by_role("link", name=JOB, exact=True)
-        job_link.wait_for()
+        page, job_link = open_runs_table(browser, mlflow_server.uri, exp_id, JOB)
         assert job_link.get_attribute("href").endswith(f"/runs/{parent.info.run_id}")
         page.get_by_text(EXPERIMENT).first.wait_for()
         row = page.locator(".ag-row").filter(has=job_link)

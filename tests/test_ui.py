@@ -19,7 +19,7 @@ import pytest
 
 from pipelines import spec
 from pipelines.runner import run_job
-from tests.browser import artifacts_dir, chromium
+from tests.browser import artifacts_dir, chromium, open_runs_table
 from tests.conftest import REPO, write_job
 
 pytestmark = pytest.mark.slow
@@ -126,13 +126,7 @@ def test_the_browser_shows_stage_runs_nested_under_the_job_run_and_their_metrics
     exp_id, parent, child = _runs(ui)
     shots = artifacts_dir(request, tmp_path)
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1300})
-        page.set_default_timeout(60_000)
-        page.goto(f"{ui}/#/experiments/{exp_id}")
-        # MLflow 3 opens an experiment in its GenAI view; the runs table is under "Model training"
-        page.get_by_role("button", name="Model training").click()
-        job_link = page.get_by_role("link", name="uijob", exact=True)
-        job_link.wait_for()
+        page, job_link = open_runs_table(browser, ui, exp_id, "uijob")
         stage_link = page.get_by_role("link", name="evaluate", exact=True)
         assert stage_link.count() == 0  # stage runs are nested: hidden until the job run's row is expanded
         assert job_link.get_attribute("href").endswith(f"/runs/{parent['info']['run_id']}")
