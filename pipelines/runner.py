@@ -115,7 +115,7 @@ def _upstream(job: JobSpec, st: StageSpec, done: dict[str, Manifest | None]) -> 
 def plan(job: JobSpec) -> list[dict[str, Any]]:
     """Where each stage stands for the job's current spec, without running anything (`clipline status`)."""
     done: dict[str, Manifest | None] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, st in job.stages.items():
         ups = _upstream(job, st, done)
         if isinstance(ups, str):
@@ -258,16 +258,16 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     except RuntimeError as exc:  # Ray unreachable: an infrastructure error naming ray.address
         raise StageFailed(st.name, exc) from exc
     resuming = storage.exists(out)
-    child = tracker.resume_stage(storage.join(out, RUN_MARKER), st.name) if resuming else None
+    resumed = tracker.resume_stage(storage.join(out, RUN_MARKER), st.name) if resuming else None
+    child = resumed if resumed is not None else tracker.start_stage(
+        job.name, st.name, st.uses, fp, {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
 
     def failed(exc: BaseException) -> None:  # the stage run ends FAILED with the error, whatever failed
         tracker.safely("the stage's error", tracker.client.set_tag, child.run_id, "clipline.error",
                        scrub(f"{type(exc).__name__}: {exc}")[:5000])
         tracker.safely("the stage run's end", tracker.end, child.run_id, False)
 
-    if child is None:
-        child = tracker.start_stage(job.name, st.name, st.uses, fp,
-                                    {"clipline.cache": "miss", "clipline.resumed": str(resuming).lower()})
+    if resumed is None:  # a new run: its parameters, and the marker a later attempt resumes it from
         child.log_params(st.params)
         try:
             storage.write_json(storage.join(out, RUN_MARKER), {"mlflow_run_id": child.run_id})

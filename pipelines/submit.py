@@ -94,9 +94,9 @@ def pinned_dependencies(extras: tuple[str, ...] = ()) -> list[str]:
     out = []
     for dep in project["dependencies"] + [d for e in extras for d in optional[e]]:
         name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0]
-        extras = dep[len(name):].split("]", 1)[0] + "]" if dep[len(name):].startswith("[") else ""
-        version = lock.get(_normal(name))
-        out.append(f"{name}{extras}=={version}" if version else dep)
+        dep_extras = dep[len(name):].split("]", 1)[0] + "]" if dep[len(name):].startswith("[") else ""
+        pin = lock.get(_normal(name))
+        out.append(f"{name}{dep_extras}=={pin}" if pin else dep)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,17 @@ def main_metric(task: str, m: dict[str, float]) -> float:
     return (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
 
 
-def texts(data: datasets.EvalData, tasks: list[str]) -> tuple[list[str], list[str]]:
+def captions_of(data: datasets.EvalData) -> list[list[str]]:
+    """Each image's captions; an error naming the set when it has none (retrieval needs them)."""
+    if data.captions is None:
+        raise ValueError(f"dataset {data.name}: retrieval needs captions, and this set has none")
+    return data.captions
+
+
+def texts(data: datasets.EvalData, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
     """(class prompts, captions flattened): the texts to embed, in this order, for these tasks."""
     prompts = data.prompts()[0] if "zeroshot" in tasks else []
-    captions = [c for cs in data.captions for c in cs] if "retrieval" in tasks else []
+    captions = [c for cs in captions_of(data) for c in cs] if "retrieval" in tasks else []
     return prompts, captions
 
 
@@ -50,7 +58,7 @@ def zeroshot_logits(data: datasets.EvalData, img: torch.Tensor, txt: torch.Tenso
     return img @ metrics.class_vectors(txt[:len(prompts)], counts).t()
 
 
-def score(data: datasets.EvalData, tasks: list[str], img: torch.Tensor, txt: torch.Tensor) -> dict[str, dict[str, float]]:
+def score(data: datasets.EvalData, tasks: Sequence[str], img: torch.Tensor, txt: torch.Tensor) -> dict[str, dict[str, float]]:
     """Each task's metrics from the embeddings of `data.images` and of `texts(data, tasks)`: the evaluate stage
     and the train stage's periodic evaluation both end here."""
     out = {}
@@ -59,7 +67,7 @@ def score(data: datasets.EvalData, tasks: list[str], img: torch.Tensor, txt: tor
         if task == "zeroshot":
             out[task] = metrics.zeroshot(zeroshot_logits(data, img, txt), torch.tensor(data.labels))
         else:
-            text_image = [i for i, cs in enumerate(data.captions) for _ in cs]
+            text_image = [i for i, cs in enumerate(captions_of(data)) for _ in cs]
             out[task] = metrics.retrieval(img, txt[n_prompts:], text_image)
     return out
 
@@ -69,10 +77,14 @@ def load(cfg: EvalSet, size: int) -> datasets.EvalData:
         data = datasets.builtin(cfg.builtin, size, cfg.limit)
         data.name = cfg.name  # metrics and files carry the job's name for the set
         return data
+    # EvalSet.__post_init__ holds these: a set from files has a path, and the columns its tasks need
+    assert cfg.path is not None
     roles = {"image": cfg.image_column}
     if "zeroshot" in cfg.tasks:
+        assert cfg.label_column
         roles["label"] = cfg.label_column
     if "retrieval" in cfg.tasks:
+        assert cfg.caption_column
         roles["caption"] = cfg.caption_column
     cols = pairs.read_columns(cfg.name, cfg.path, cfg.format, roles)
     n = len(cols["image"]) if cfg.limit is None else min(cfg.limit, len(cols["image"]))
@@ -114,7 +126,7 @@ class EvaluateStage(Stage):
                     self._confusion(ctx, data, zeroshot_logits(data, img_t, txt_t).argmax(dim=1),
                                     torch.tensor(data.labels))
                 elif cfg.examples:
-                    text_image = [i for i, cs in enumerate(data.captions) for _ in cs]
+                    text_image = [i for i, cs in enumerate(captions_of(data)) for _ in cs]
                     self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, text_image, cfg.examples)
                 record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
                           "task": TASKS[task], "metrics": m, "language": "en"}

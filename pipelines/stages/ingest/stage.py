@@ -32,6 +32,7 @@ class IngestStage(Stage):
         cfg: IngestConfig = self.config
         if cfg.builtin:
             return {"builtin": cfg.builtin}
+        assert cfg.path is not None  # IngestConfig: exactly one of builtin and path
         return {"files": storage.file_keys(pairs.list_files("ingest", cfg.path))}
 
     def run(self, ctx: StageContext, upstream: dict) -> StageResult:
@@ -59,6 +60,7 @@ class IngestStage(Stage):
 
             images, labels = datasets.digits_images("train", cfg.image_size)
             return images, datasets.digits_captions(labels), [f"builtin:digits_train#{j}" for j in range(len(images))]
+        assert cfg.path is not None  # IngestConfig: exactly one of builtin and path
         cols = pairs.read_columns("ingest", cfg.path, cfg.format, {"image": cfg.image_column,
                                                                    "caption": cfg.caption_column})
         return cols["image"], [cs[0] for cs in pairs.as_captions("ingest", cols["caption"])], cols["where"]

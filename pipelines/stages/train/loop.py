@@ -180,7 +180,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if log is not None and ckpt is not None:
         log.client.set_tag(plan.run_id, "clipline.train.restored_from_step", str(state["step"]))
     monitor = None
-    if rank == 0 and cfg.system_metrics and not log.client.offline:  # MLflow's monitor has no spool
+    if log is not None and cfg.system_metrics and not log.client.offline:  # MLflow's monitor has no spool
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=True,
