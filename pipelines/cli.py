@@ -201,8 +201,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_STAGE_FAILED
     for row in rows:
         counts = ", ".join(f"{k}={v}" for k, v in row.get("counts", {}).items() if v and not k.startswith("error_"))
-        rows = f"{row['rows']} rows" if row["rows"] is not None else "-"
-        print(f"{row['stage']:<16} {row['state']:<13} {rows:<12} {counts}")
+        size = f"{row['rows']} rows" if row["rows"] is not None else "-"
+        print(f"{row['stage']:<16} {row['state']:<13} {size:<12} {counts}")
         if row["path"]:
             print(f"{'':<16} {row['path']}")
     return 0
@@ -328,9 +328,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.job is None and not (args.spool and args.uri):
         print("clipline: replay needs a job spec, or both --spool and --uri", file=sys.stderr)
         return EXIT_BAD_SPEC
-    job = spec.load(args.job, args.overrides, args.storage) if args.job else None
-    directory = args.spool or spool.default_dir(job.storage)
-    uri = args.uri or resolve_uri(job.tracking_uri, job.storage)
+    if args.job:
+        job = spec.load(args.job, args.overrides, args.storage)
+        directory = args.spool or spool.default_dir(job.storage)
+        uri = args.uri or resolve_uri(job.tracking_uri, job.storage)
+    else:  # both given (checked above)
+        directory, uri = args.spool, args.uri
     waiting = spool.pending(directory)
     if not waiting:
         print(f"{directory}: nothing to replay")

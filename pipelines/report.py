@@ -55,6 +55,12 @@ class StageRun:
             return "cached" if cache == "hit" else "ran"
         return status.lower()
 
+    @property
+    def output(self) -> Manifest:
+        """The manifest, for the sections, which get only stages that have one (_absent picks them)."""
+        assert self.manifest is not None, f"{self.name}: no output in this job run"
+        return self.manifest
+
 
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
@@ -113,7 +119,7 @@ def stage_runs(client: Any, job: JobSpec, parent: Any) -> list[StageRun]:
     for name, st in job.stages.items():
         run = by_stage.get(name)
         fp = run.data.tags.get("clipline.fingerprint") if run else None
-        m = manifest.read(stage_dir(job, name, fp)) if fp and run.info.status == "FINISHED" else None
+        m = manifest.read(stage_dir(job, name, fp)) if run and fp and run.info.status == "FINISHED" else None
         out.append(StageRun(name, st.uses, run, m))
     return out
 
@@ -175,11 +181,11 @@ def _reasons(m: Manifest) -> list[str]:
 
 
 def section_funnel(s: StageRun) -> str:
-    c = s.manifest.counts
+    c = s.output.counts
     rows_in, left = c.get("rows_in", 0), c.get("rows_in", 0)
     bar = lambda n: f"<div class=bar style='width:{100 * n / max(rows_in, 1):.1f}%'></div>"  # noqa: E731
     out = [f"<tr class=total><td>rows in</td><td class=n data-count=rows_in>{rows_in}</td><td>{bar(rows_in)}</td></tr>"]
-    for r in _reasons(s.manifest):
+    for r in _reasons(s.output):
         n = c.get(f"dropped_{r}", 0)
         left -= n
         out.append(f"<tr><td>&minus; {_e(r)}</td><td class=n data-count='dropped_{_e(r)}'>{n}</td>"
@@ -245,7 +251,7 @@ def _link(url: str | None) -> str:
 
 
 def section_grid(s: StageRun, cap: int) -> str:
-    m = s.manifest
+    m = s.output
     picked = _sample(m, cap)
     crawl = next((manifest.read(i["path"]) for i in m.inputs.values() if isinstance(i, dict) and "path" in i), None)
     note = ""
@@ -316,7 +322,7 @@ def section_curves(client: Any, s: StageRun) -> str:
     fig.tight_layout()
     src = _png(fig)
     plt.close(fig)
-    counts = s.manifest.counts
+    counts = s.output.counts
     return (f"<p>{_num(counts.get('steps', 0))} steps, {_num(counts.get('samples', 0))} samples; metric histories of "
             f"run <code>{_e(run.info.run_id)}</code>: {_e(', '.join(series))}.</p>"
             f"<img class=curves alt='training curves' src='{src}'>")
@@ -340,7 +346,7 @@ def section_eval(client: Any, s: StageRun) -> str:
             f"<td class=n data-metric='eval/{_e(ds)}/{_e(n)}' data-value='{table[ds][n]!r}'>{table[ds][n]:.4f}</td>"
             if n in table[ds] else "<td class=n>-</td>" for ds in sets) + "</tr>" for n in names)
     avg = run.data.metrics.get("eval/average")
-    model = s.manifest.extra.get("model", {})
+    model = s.output.extra.get("model", {})
     return (f"<p>Model {_e(model.get('arch', '?'))} "
             f"({_e(model.get('checkpoint') or model.get('model_uri') or 'random weights')}); metrics of run "
             f"<code>{_e(run.info.run_id)}</code>.</p><table class=eval><tr><th>metric</th>{head}</tr>{body}</table>"
