@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test test-fast bench schemas clean
+.PHONY: install system-deps demo lint test test-fast bench schemas clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      chromium prometheus postgresql >/dev/null; \
 	  else echo "make: the UI, dashboard and tracking-server tests need: sudo apt-get install chromium prometheus postgresql"; fi; }
+
+# ruff and mypy read their settings from pyproject.toml; mypy checks the package, ruff the tests and configs too
+lint: install
+	$(BIN)/ruff check pipelines tests cluster dashboards
+	$(BIN)/mypy pipelines
 
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
