@@ -25,9 +25,12 @@ import socket
 import time
 import urllib.error
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from pipelines.redact import scrub
 
 log = logging.getLogger("clipline.tracking")
 
@@ -71,8 +74,6 @@ def probe(uri: str, timeout: float = 5.0) -> None:
         return
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
-
-    from pipelines.tracking import scrub  # tracking imports this module
 
     try:
         r = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=timeout,
@@ -135,7 +136,8 @@ class SpoolingClient:
                       "tags": tags or {}, "start_time": int(time.time() * 1000)})
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
 
-    def log_batch(self, run_id: str, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+    def log_batch(self, run_id: str, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()
+                  ) -> None:
         self._write(run_id, lambda: self._client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags)),
                     {"op": "log_batch", "run_id": run_id, "metrics": [_entity(m) for m in metrics],
                      "params": [_entity(p) for p in params], "tags": [_entity(t) for t in tags]})
@@ -198,8 +200,6 @@ class SpoolingClient:
     def go_offline(self, why: str) -> None:
         if self.offline:
             return
-        from pipelines.tracking import scrub  # tracking imports this module
-
         self.offline = True
         os.makedirs(self.spool_dir, exist_ok=True)
         uri = scrub(self.uri)

@@ -20,24 +20,12 @@ from typing import Any
 
 from pipelines import __version__, storage
 from pipelines import spool as spooling
+from pipelines.redact import REDACTED, scrub  # here too: runner, cli and the demo import them from tracking
 
 log = logging.getLogger("clipline.tracking")
 
 _SECRET = re.compile(r"(pass(word)?|secret|token|access[_-]?key|api[_-]?key|credential|auth|private[_-]?key)", re.I)
 _SECRET_PARENTS = ("env_vars",)  # runtime_env.env_vars: values are credentials more often than not
-REDACTED = "***"
-# inside a value: a URL's user info (user:password@, or a token as the user) and signed or keyed query parameters
-_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
-_SIGNED = re.compile(r"(?<=[?&;#])([\w.-]*(?:signature|sig|credential|token|key|secret|password|passwd|auth)=)"
-                     r"[^&#;\s\"]+", re.I)
-
-
-def scrub(text: str) -> str:
-    """A value with the credentials a URL can carry replaced by ***: its user info (`user:password@`, or a
-    token as the user, as in `git+https://TOKEN@host/...`) and query or fragment parameters whose key ends
-    in signature, sig, credential, token, key, secret, password or auth (S3 and GCS presigned URLs, Azure
-    SAS `sig=`, `?token=`, `#access_token=`)."""
-    return _SIGNED.sub(rf"\1{REDACTED}", _USERINFO.sub(f"{REDACTED}@", text))
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
