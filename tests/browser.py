@@ -58,7 +58,23 @@ def open_runs_table(browser: Any, ui: str, experiment_id: str, job_run: str) -> 
     page = browser.new_page(viewport={"width": 1400, "height": 1300})
     page.set_default_timeout(60_000)
     page.goto(f"{ui}/#/experiments/{experiment_id}")
-    page.get_by_role("button", name="Model training").click()
+    button = page.get_by_role("button", name="Model training")
+    button.wait_for()
+    for attempt in range(3):
+        try:
+            button.click(timeout=15_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; the last attempt re-raises
+            if attempt == 2:
+                page.screenshot(path=os.environ.get("CLIPLINE_UI_FAILURE_SHOT", "/tmp/clipline-ui-failure.png"))
+                raise
+            # MLflow 3.17's feature tour ("Detect Issues in Your Traces") opens a popover whose overlay takes
+            # the clicks (<html> intercepts them): dismiss it and try again
+            got_it = page.get_by_role("button", name="Got it")
+            if got_it.count():
+                got_it.first.click()
+            else:
+                page.keyboard.press("Escape")
     job_link = page.get_by_role("link", name=job_run, exact=True)
     job_link.wait_for()
     return page, job_link
