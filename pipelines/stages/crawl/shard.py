@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import storage
-from pipelines.metrics import CRAWL_FETCHED, StageMetrics
+from pipelines.prometheus import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
 from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE

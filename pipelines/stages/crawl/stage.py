@@ -10,7 +10,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipelines import storage
-from pipelines.metrics import CRAWL_ROWS, StageMetrics
+from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.manifest import Manifest
-from pipelines.metrics import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
+from pipelines.prometheus import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig

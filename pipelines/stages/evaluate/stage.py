@@ -18,8 +18,8 @@ import torch
 
 from pipelines import pairs, storage
 from pipelines.manifest import Manifest
-from pipelines.metrics import EVAL_AVERAGE, EVAL_METRIC, StageMetrics
 from pipelines.models import ModelRef
+from pipelines.prometheus import EVAL_AVERAGE, EVAL_METRIC, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.evaluate import datasets, metrics
 from pipelines.stages.evaluate.config import EvalSet, EvaluateConfig

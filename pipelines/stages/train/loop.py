@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.metrics import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
+from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
 from pipelines.spool import SpoolingClient, last_step, unreachable
 from pipelines.stages.train import engine
 from pipelines.stages.train.config import TrainConfig

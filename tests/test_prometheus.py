@@ -5,7 +5,7 @@ its own Ray with a metrics port and the dashboard on 127.0.0.1 (the dashboard wr
 discovery file and Ray's Grafana dashboards), and a real Prometheus scraping it through dashboards/prometheus.yml.
 Every query of dashboards/clipline.json is then run against that Prometheus.
 
-Run as a script (`python -m tests.test_metrics JOB METRICS_PORT DASHBOARD_PORT`) this module is that driver.
+Run as a script (`python -m tests.test_prometheus JOB METRICS_PORT DASHBOARD_PORT`) this module is that driver.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines import metrics
+from pipelines import prometheus as metrics
 from tests.conftest import REPO, crawl_stage, mlflow_runs, write_job
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,7 @@ def test_recording_without_ray_is_a_no_op_and_wrong_labels_are_refused():
     # in a fresh interpreter: this test process may hold the session's Ray
     code = """if True:
         import ray, pytest
-        from pipelines import metrics
+        from pipelines import prometheus as metrics
         m = metrics.StageMetrics("j", "s")
         m.inc(metrics.CRAWL_FETCHED, 3, status="success")
         m.set(metrics.TRAIN_LOSS, 1.5)
@@ -285,7 +285,7 @@ def test_a_job_exports_every_dashboard_metric_to_prometheus_through_ray(tmp_path
     metrics_port, dashboard_port, prom_port = _free_port(), _free_port(), _free_port()
     log = tmp_path / "driver.log"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "tests.test_metrics", str(_job(tmp_path, web)), str(metrics_port), str(dashboard_port)],
+        [sys.executable, "-m", "tests.test_prometheus", str(_job(tmp_path, web)), str(metrics_port), str(dashboard_port)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
         # the dashboard's and autoscaler's own metrics ports are fixed by default: free ones, beside other Rays
         env={**os.environ, "DASHBOARD_METRIC_PORT": str(_free_port()), "AUTOSCALER_METRIC_PORT": str(_free_port())})
