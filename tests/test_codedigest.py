@@ -68,9 +68,9 @@ def test_each_builtin_stage_covers_the_shared_code_it_runs():
         return {str(f.relative_to(REPO)) for f in stage_class(kind).code_files()}
 
     train = files("train")
-    # train scores its live model with evaluate's code and builds it with pipelines.models
-    assert {"pipelines/stages/evaluate/stage.py", "pipelines/stages/evaluate/embed.py",
-            "pipelines/stages/evaluate/metrics.py", "pipelines/models/__init__.py", "pipelines/storage.py",
+    # train scores its live model with the evaluation library and builds it with pipelines.models
+    assert {"pipelines/evaluation/live.py", "pipelines/evaluation/embed.py", "pipelines/evaluation/tasks.py",
+            "pipelines/evaluation/metrics.py", "pipelines/models/__init__.py", "pipelines/storage.py",
             "pipelines/stages/train/loop.py"} <= train
     assert "pipelines/stages/crawl/schema.py" in files("curate") and "pipelines/pairs.py" in files("ingest")
     crawl = files("crawl")

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from pipelines.stages.evaluate import metrics
+from pipelines.evaluation import metrics
 
 
 def test_top1_top5_and_mean_per_class_recall_with_a_class_absent_from_the_targets():

@@ -12,9 +12,9 @@ import pytest
 
 from pipelines import spec
 from pipelines.demo import web
+from pipelines.evaluation import datasets
 from pipelines.runner import StageFailed, run_job
 from pipelines.stages.crawl.schema import CRAWLED
-from pipelines.stages.evaluate import datasets
 from tests.conftest import read_output, write_job
 
 

@@ -100,7 +100,7 @@ def fresh_code(monkeypatch):
 @pytest.fixture(scope="module")
 def s3_job(s3, web, ray_s3, frozen_code, tmp_path_factory):
     """crawl -> curate -> train -> evaluate, and an ingest, all on s3://clipline-jobs/store, run twice."""
-    from pipelines.stages.evaluate import datasets
+    from pipelines.evaluation import datasets
 
     tmp = tmp_path_factory.mktemp("s3job")
     s3.bucket(BUCKET)

@@ -283,9 +283,9 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
     # evaluation while training: at steps 10, 20 and the last; the last equals the evaluate stage's own
     # scoring of the published weights (the same code, on the DDP-wrapped model in the workers)
     assert [s for s, _ in history(store, run.info.run_id, "eval/held/acc1")] == [10, 20, 24]
-    from pipelines.stages.evaluate import datasets
-    from pipelines.stages.evaluate.embed import encode
-    from pipelines.stages.evaluate.stage import score, texts
+    from pipelines.evaluation import datasets
+    from pipelines.evaluation.embed import encode
+    from pipelines.evaluation.tasks import score, texts
 
     data = datasets.builtin("demo_heldout", 64, 36)
     _, preprocess, _ = create(ModelRef(arch="clip-tiny"))

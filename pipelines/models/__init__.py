@@ -98,6 +98,18 @@ def preprocess_cfg(arch: str) -> dict[str, Any]:
     return pp
 
 
+def transforms(arch: str, augment: bool = False) -> tuple[Any, Any]:
+    """(image transform, tokenizer) for an architecture, from its preprocessing config, without a model:
+    training's (random crops when `augment`) and evaluation's."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    pp = PreprocessCfg(**preprocess_cfg(arch))
+    transform = open_clip.image_transform(pp.size, is_train=augment, mean=pp.mean, std=pp.std,
+                                          interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+    return transform, open_clip.get_tokenizer(arch_name(arch))
+
+
 def load_state_dict(path: str) -> dict[str, Any]:
     """A state dict from a checkpoint file, without unpickling arbitrary objects."""
     import torch

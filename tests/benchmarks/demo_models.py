@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from pipelines.demo import web
+from pipelines.evaluation import datasets
+from pipelines.evaluation.embed import encode
+from pipelines.evaluation.tasks import score, texts
 from pipelines.models import ModelRef, arch_name, create, preprocess_cfg
-from pipelines.stages.evaluate import datasets
-from pipelines.stages.evaluate.embed import encode
-from pipelines.stages.evaluate.stage import score, texts
 
 
 def rows(n: int) -> tuple[list[Image.Image], list[str]]:

@@ -1,6 +1,7 @@
 """The evaluate stage: zero-shot classification and retrieval on each dataset, as CLIP_benchmark defines them.
 
-Embeddings come from an actor pool on Ray (`embed.py`); metrics from `metrics.py`.  Output: one
+Embeddings come from an actor pool on Ray, metrics from CLIP_benchmark's definitions: both from the evaluation
+library (`pipelines/evaluation/`), which the train stage's periodic evaluation uses too.  Output: one
 CLIP_benchmark-format JSON per dataset and task, MLflow metrics `eval/<dataset>/<metric>` (`@` written as
 `_at_`), a confusion matrix and a grid of retrieval examples per dataset, and a summary table with the
 average of each dataset's main metric (acc1, or the mean of image and text recall@1), as DataComp averages.
@@ -10,87 +11,23 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines import pairs, storage
+from pipelines import storage
+from pipelines.evaluation import datasets
+from pipelines.evaluation.datasets import load
+from pipelines.evaluation.embed import embed
+from pipelines.evaluation.tasks import TASKS, caption_images, main_metric, mlflow_key, score, texts, zeroshot_logits
 from pipelines.manifest import Manifest
 from pipelines.models import ModelRef
 from pipelines.prometheus import EVAL_AVERAGE, EVAL_METRIC, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.evaluate import datasets, metrics
-from pipelines.stages.evaluate.config import EvalSet, EvaluateConfig
-from pipelines.stages.evaluate.embed import embed
+from pipelines.stages.evaluate.config import EvaluateConfig
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 MAX_CONFUSION_CLASSES = 60  # beyond this a confusion matrix is unreadable (and huge)
-
-
-def mlflow_key(name: str, metric: str) -> str:
-    return f"eval/{name}/{metric.replace('@', '_at_')}"
-
-
-def main_metric(task: str, m: dict[str, float]) -> float:
-    if task == "zeroshot":
-        return m["acc1"]
-    return (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
-
-
-def captions_of(data: datasets.EvalData) -> list[list[str]]:
-    """Each image's captions; an error naming the set when it has none (retrieval needs them)."""
-    if data.captions is None:
-        raise ValueError(f"dataset {data.name}: retrieval needs captions, and this set has none")
-    return data.captions
-
-
-def texts(data: datasets.EvalData, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(class prompts, captions flattened): the texts to embed, in this order, for these tasks."""
-    prompts = data.prompts()[0] if "zeroshot" in tasks else []
-    captions = [c for cs in captions_of(data) for c in cs] if "retrieval" in tasks else []
-    return prompts, captions
-
-
-def zeroshot_logits(data: datasets.EvalData, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    prompts, counts = data.prompts()
-    return img @ metrics.class_vectors(txt[:len(prompts)], counts).t()
-
-
-def score(data: datasets.EvalData, tasks: Sequence[str], img: torch.Tensor, txt: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Each task's metrics from the embeddings of `data.images` and of `texts(data, tasks)`: the evaluate stage
-    and the train stage's periodic evaluation both end here."""
-    out = {}
-    n_prompts = len(texts(data, tasks)[0])
-    for task in tasks:
-        if task == "zeroshot":
-            out[task] = metrics.zeroshot(zeroshot_logits(data, img, txt), torch.tensor(data.labels))
-        else:
-            text_image = [i for i, cs in enumerate(captions_of(data)) for _ in cs]
-            out[task] = metrics.retrieval(img, txt[n_prompts:], text_image)
-    return out
-
-
-def load(cfg: EvalSet, size: int) -> datasets.EvalData:
-    if cfg.builtin:
-        data = datasets.builtin(cfg.builtin, size, cfg.limit)
-        data.name = cfg.name  # metrics and files carry the job's name for the set
-        return data
-    # EvalSet.__post_init__ holds these: a set from files has a path, and the columns its tasks need
-    assert cfg.path is not None
-    roles = {"image": cfg.image_column}
-    if "zeroshot" in cfg.tasks:
-        assert cfg.label_column
-        roles["label"] = cfg.label_column
-    if "retrieval" in cfg.tasks:
-        assert cfg.caption_column
-        roles["caption"] = cfg.caption_column
-    cols = pairs.read_columns(cfg.name, cfg.path, cfg.format, roles)
-    n = len(cols["image"]) if cfg.limit is None else min(cfg.limit, len(cols["image"]))
-    labels = pairs.as_labels(cfg.name, cols["label"][:n], len(cfg.classnames)) if "label" in cols else None
-    captions = pairs.as_captions(cfg.name, cols["caption"][:n]) if "caption" in cols else None
-    return datasets.EvalData(cfg.name, cols["image"][:n], labels, list(cfg.classnames), cfg.templates, captions)
 
 
 @register
@@ -126,8 +63,8 @@ class EvaluateStage(Stage):
                     self._confusion(ctx, data, zeroshot_logits(data, img_t, txt_t).argmax(dim=1),
                                     torch.tensor(data.labels))
                 elif cfg.examples:
-                    text_image = [i for i, cs in enumerate(captions_of(data)) for _ in cs]
-                    self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, text_image, cfg.examples)
+                    self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, caption_images(data),
+                                   cfg.examples)
                 record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
                           "task": TASKS[task], "metrics": m, "language": "en"}
                 blob = json.dumps(record, indent=2, allow_nan=True).encode()

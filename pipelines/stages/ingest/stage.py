@@ -56,7 +56,7 @@ class IngestStage(Stage):
     @staticmethod
     def _read(cfg: IngestConfig) -> tuple[list[bytes], list[str], list[str]]:
         if cfg.builtin == "digits_train":
-            from pipelines.stages.evaluate import datasets
+            from pipelines.evaluation import datasets
 
             images, labels = datasets.digits_images("train", cfg.image_size)
             return images, datasets.digits_captions(labels), [f"builtin:digits_train#{j}" for j in range(len(images))]

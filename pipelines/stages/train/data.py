@@ -16,16 +16,9 @@ import numpy as np
 @lru_cache(maxsize=4)
 def _transforms(arch: str, augment: bool) -> tuple[Any, Any]:
     """(image transform, tokenizer) for an architecture, built once per Ray worker process."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg
+    from pipelines.models import transforms
 
-    from pipelines.models import arch_name, preprocess_cfg
-
-    name = arch_name(arch)
-    pp = PreprocessCfg(**preprocess_cfg(arch))
-    transform = open_clip.image_transform(pp.size, is_train=augment, mean=pp.mean, std=pp.std,
-                                          interpolation=pp.interpolation, resize_mode=pp.resize_mode)
-    return transform, open_clip.get_tokenizer(name)
+    return transforms(arch, augment)
 
 
 def preprocess(batch: dict[str, np.ndarray], arch: str, augment: bool) -> dict[str, np.ndarray]:

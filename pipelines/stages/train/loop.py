@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.evaluation.live import LiveEvaluator
 from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
 from pipelines.spool import SpoolingClient, last_step, unreachable
 from pipelines.stages.train import engine
@@ -187,7 +188,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                        tracking_uri=plan.tracking_uri)
         monitor.start()
     peak = peak_flops(cfg, device, bf16)
-    evaluator = Evaluator(cfg, plan.arch, device) if cfg.eval_datasets else None
+    evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
+                 else None)
     global_batch = cfg.batch_size * cfg.accum_freq * world
     shard = ray.train.get_dataset_shard("train")
     # One pass over the dataset per epoch: each pass starts Ray Data's pipeline again (a few seconds here).
@@ -248,45 +250,6 @@ def train_loop(config: dict[str, Any]) -> None:
             log.flush()
         if monitor is not None:
             monitor.finish()
-
-
-class Evaluator:
-    """The evaluate stage's datasets and metrics on the live model, in this worker (as open_clip evaluates on
-    its training ranks): loaded once, scored at the steps `eval_every` names and at the end."""
-
-    def __init__(self, cfg: TrainConfig, arch: str, device: torch.device) -> None:
-        from pipelines.models import preprocess_cfg
-        from pipelines.stages.evaluate.stage import load
-        from pipelines.stages.train.data import _transforms
-
-        size = preprocess_cfg(arch)["size"]
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        self.sets = [(load(d, size), list(dict.fromkeys(d.tasks))) for d in cfg.eval_datasets]
-        self.transform, self.tokenizer = _transforms(arch, False)
-        self.batch_size, self.device = cfg.eval_batch_size, device
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        from pipelines.stages.evaluate.embed import encode
-        from pipelines.stages.evaluate.stage import mlflow_key, score, texts
-
-        def features(key: str, **inputs: torch.Tensor) -> torch.Tensor:
-            out = model(**inputs)  # the wrapped model's forward: DDP and FSDP hooks run as in training
-            return out[key] if isinstance(out, dict) else out[0 if key == "image_features" else 1]
-
-        was_training = model.training
-        model.eval()
-        try:
-            result = {}
-            for data, tasks in self.sets:
-                prompts, captions = texts(data, tasks)
-                img, txt = encode(self.transform, self.tokenizer, lambda x: features("image_features", image=x),
-                                  lambda t: features("text_features", text=t), data.images, prompts + captions,
-                                  self.batch_size, self.device)
-                for m in score(data, tasks, img, txt).values():
-                    result.update({mlflow_key(data.name, k): v for k, v in m.items() if not math.isnan(v)})
-            return result
-        finally:
-            model.train(was_training)
 
 
 def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds: float, wait: float,

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+from pipelines import pairs
+
+if TYPE_CHECKING:
+    from pipelines.stages.evaluate.config import EvalSet
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # CLIP_benchmark's MNIST templates
@@ -96,3 +102,25 @@ def builtin(name: str, size: int = 64, limit: int | None = None) -> EvalData:
         data.captions = data.captions[:limit] if data.captions else None
     return data
 
+
+
+def load(cfg: EvalSet, size: int) -> EvalData:
+    """The set a job names: a built-in at this image size, or the columns of its files (any fsspec URL)."""
+    if cfg.builtin:
+        data = builtin(cfg.builtin, size, cfg.limit)
+        data.name = cfg.name  # metrics and files carry the job's name for the set
+        return data
+    # EvalSet.__post_init__ holds these: a set from files has a path, and the columns its tasks need
+    assert cfg.path is not None
+    roles = {"image": cfg.image_column}
+    if "zeroshot" in cfg.tasks:
+        assert cfg.label_column
+        roles["label"] = cfg.label_column
+    if "retrieval" in cfg.tasks:
+        assert cfg.caption_column
+        roles["caption"] = cfg.caption_column
+    cols = pairs.read_columns(cfg.name, cfg.path, cfg.format, roles)
+    n = len(cols["image"]) if cfg.limit is None else min(cfg.limit, len(cols["image"]))
+    labels = pairs.as_labels(cfg.name, cols["label"][:n], len(cfg.classnames)) if "label" in cols else None
+    captions = pairs.as_captions(cfg.name, cols["caption"][:n]) if "caption" in cols else None
+    return EvalData(cfg.name, cols["image"][:n], labels, list(cfg.classnames), cfg.templates, captions)
