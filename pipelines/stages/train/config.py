@@ -2,88 +2,84 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from pipelines.configschema import field
 from pipelines.models import ModelRef
 from pipelines.stages.evaluate.config import EvalSet
-
-
-def _f(default, help, **bounds):  # noqa: A002 - short helper for field metadata
-    if callable(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help, **bounds})
-    return field(default=default, metadata={"help": help, **bounds})
 
 
 @dataclass(kw_only=True)
 class Lock:
     """Freeze towers as open_clip's --lock-image / --lock-text do (LiT-style training)."""
 
-    image: bool = _f(False, "freeze the image tower")
-    image_unlocked_groups: int = _f(0, "leave this many last layer groups of the image tower trainable", minimum=0)
-    text: bool = _f(False, "freeze the text tower")
-    text_unlocked_layers: int = _f(0, "leave this many last text layers trainable", minimum=0)
+    image: bool = field(False, "freeze the image tower")
+    image_unlocked_groups: int = field(0, "leave this many last layer groups of the image tower trainable", minimum=0)
+    text: bool = field(False, "freeze the text tower")
+    text_unlocked_layers: int = field(0, "leave this many last text layers trainable", minimum=0)
 
 
 @dataclass(kw_only=True)
 class Register:
     """Where the trained model goes in the MLflow model registry."""
 
-    name: str | None = _f(None, "registered model name (default: <job>-<stage>); null to only log the model")
-    alias: str = _f("candidate", "alias set on the new version, so `models:/<name>@<alias>` loads it")
-    enabled: bool = _f(True, "register the model at all")
+    name: str | None = field(None, "registered model name (default: <job>-<stage>); null to only log the model")
+    alias: str = field("candidate", "alias set on the new version, so `models:/<name>@<alias>` loads it")
+    enabled: bool = field(True, "register the model at all")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """Train an open_clip model on curated shards with Ray Train (DDP or FSDP), checkpointed and resumable."""
 
-    model: ModelRef = _f(ModelRef, "architecture (name or JSON config) and optional initial weights")
-    lock: Lock = _f(Lock, "tower locking")
-    loss: Literal["clip", "siglip"] = _f("clip", "contrastive loss: CLIP's softmax InfoNCE or SigLIP's sigmoid loss")
+    model: ModelRef = field(ModelRef, "architecture (name or JSON config) and optional initial weights")
+    lock: Lock = field(Lock, "tower locking")
+    loss: Literal["clip", "siglip"] = field("clip", "contrastive loss: CLIP's softmax InfoNCE or SigLIP's sigmoid loss")
     # scale
-    workers: int = _f(1, "Ray Train workers (data-parallel ranks)", minimum=1)
-    use_gpu: bool = _f(False, "one GPU per worker")
-    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves per worker; torch uses max(1, floor(this)) threads",
-                                exclusiveMinimum=0)
-    strategy: Literal["ddp", "fsdp"] = _f("ddp", "data parallelism: DDP replicas or FSDP2 sharded parameters")
-    max_failures: int = _f(2, "worker-group restarts from the last checkpoint before the run fails", minimum=0)
+    workers: int = field(1, "Ray Train workers (data-parallel ranks)", minimum=1)
+    use_gpu: bool = field(False, "one GPU per worker")
+    cpus_per_worker: float = field(1.0, "CPUs Ray reserves per worker; torch uses max(1, floor(this)) threads",
+                                   exclusiveMinimum=0)
+    strategy: Literal["ddp", "fsdp"] = field("ddp", "data parallelism: DDP replicas or FSDP2 sharded parameters")
+    max_failures: int = field(2, "worker-group restarts from the last checkpoint before the run fails", minimum=0)
     # data
-    batch_size: int = _f(64, "samples per worker per micro-batch", minimum=1)
-    accum_freq: int = _f(1, "micro-batches per step; features are cached so the loss sees all of their negatives",
-                         minimum=1)
-    epochs: int = _f(1, "passes over the curated data", minimum=1)
-    steps: int | None = _f(None, "optimizer steps to run instead of whole epochs (the data repeats as needed)",
-                           minimum=1)
-    data_cpus: float = _f(0.5, "CPUs per Ray Data decode/augment task", exclusiveMinimum=0)
-    augment: bool = _f(True, "the model's training preprocessing (random resized crop); false: the eval transform")
-    shuffle_buffer: int = _f(256, "rows in each worker's local shuffle buffer (Ray Data's local_shuffle_buffer_size), "
-                             "so batches mix rows across blocks and differ every epoch; 0 turns it off", minimum=0)
-    seed: int | None = _f(None, "seed of the shard file order (the same order every epoch); null: a new order each epoch")
+    batch_size: int = field(64, "samples per worker per micro-batch", minimum=1)
+    accum_freq: int = field(1, "micro-batches per step; features are cached so the loss sees all of their negatives",
+                            minimum=1)
+    epochs: int = field(1, "passes over the curated data", minimum=1)
+    steps: int | None = field(None, "optimizer steps to run instead of whole epochs (the data repeats as needed)",
+                              minimum=1)
+    data_cpus: float = field(0.5, "CPUs per Ray Data decode/augment task", exclusiveMinimum=0)
+    augment: bool = field(True, "the model's training preprocessing (random resized crop); false: the eval transform")
+    shuffle_buffer: int = field(256, "rows in each worker's local shuffle buffer (Ray Data's local_shuffle_buffer_size), "
+                                "so batches mix rows across blocks and differ every epoch; 0 turns it off", minimum=0)
+    seed: int | None = field(
+        None, "seed of the shard file order (the same order every epoch); null: a new order each epoch")
     # optimisation
-    lr: float = _f(5e-4, "peak learning rate (AdamW)", exclusiveMinimum=0)
-    weight_decay: float = _f(0.2, "AdamW weight decay; gains, biases and logit scale get none", minimum=0)
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.98, "AdamW beta2")
-    eps: float = _f(1e-6, "AdamW epsilon")
-    warmup: int = _f(10, "linear warmup steps, then cosine decay to zero", minimum=0)
-    grad_clip: float | None = _f(None, "clip the gradient norm to this")
-    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "autocast: auto is bf16 on GPU and fp32 on CPU")
-    grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    compile: bool = _f(False, "torch.compile the model")
+    lr: float = field(5e-4, "peak learning rate (AdamW)", exclusiveMinimum=0)
+    weight_decay: float = field(0.2, "AdamW weight decay; gains, biases and logit scale get none", minimum=0)
+    beta1: float = field(0.9, "AdamW beta1")
+    beta2: float = field(0.98, "AdamW beta2")
+    eps: float = field(1e-6, "AdamW epsilon")
+    warmup: int = field(10, "linear warmup steps, then cosine decay to zero", minimum=0)
+    grad_clip: float | None = field(None, "clip the gradient norm to this")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", "autocast: auto is bf16 on GPU and fp32 on CPU")
+    grad_checkpointing: bool = field(False, "recompute activations in the backward pass to save memory")
+    compile: bool = field(False, "torch.compile the model")
     # bookkeeping
-    checkpoint_every: int = _f(50, "steps between checkpoints (one is always written at the end)", minimum=1)
-    keep_checkpoints: int = _f(2, "checkpoints kept in storage", minimum=1)
-    log_every: int = _f(1, "steps between metric logs to MLflow", minimum=1)
-    peak_flops: float | None = _f(None, "peak FLOP/s of one accelerator for MFU; known GPUs are looked up")
-    system_metrics: bool = _f(True, "log MLflow system metrics (CPU, memory, GPU) from rank 0")
-    register: Register = _f(Register, "model registry")
+    checkpoint_every: int = field(50, "steps between checkpoints (one is always written at the end)", minimum=1)
+    keep_checkpoints: int = field(2, "checkpoints kept in storage", minimum=1)
+    log_every: int = field(1, "steps between metric logs to MLflow", minimum=1)
+    peak_flops: float | None = field(None, "peak FLOP/s of one accelerator for MFU; known GPUs are looked up")
+    system_metrics: bool = field(True, "log MLflow system metrics (CPU, memory, GPU) from rank 0")
+    register: Register = field(Register, "model registry")
     # evaluation while training (open_clip's --zeroshot-frequency): the evaluate stage's datasets and metrics
-    eval_datasets: list[EvalSet] = field(default_factory=list, metadata={
-        "help": "datasets (as in the evaluate stage) scored on the live model at the end and every eval_every steps"})
-    eval_every: int | None = _f(None, "steps between evaluations on eval_datasets (one is always run at the end)",
-                                minimum=1)
-    eval_batch_size: int = _f(128, "images or texts per forward pass when evaluating", minimum=1)
+    eval_datasets: list[EvalSet] = field(
+        [], "datasets (as in the evaluate stage) scored on the live model at the end and every eval_every steps")
+    eval_every: int | None = field(None, "steps between evaluations on eval_datasets (one is always run at the end)",
+                                   minimum=1)
+    eval_batch_size: int = field(128, "images or texts per forward pass when evaluating", minimum=1)
 
     def __post_init__(self) -> None:
         if self.eval_every and not self.eval_datasets:
