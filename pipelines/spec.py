@@ -1,7 +1,8 @@
 """Job specs: load a YAML file, apply `--set` overrides, validate against the job schema, resolve.
 
-The job schema is generated: its fixed top level is written here, and the `with:` block of each stage
-is the JSON Schema of that stage's Config dataclass (see `pipelines.configschema`).  The copy in
+The job schema is generated from dataclasses (see `pipelines.configschema`): the document is `JobDocument`,
+each stage a `StageDocument`, and the `with:` block of each stage the schema of that stage's Config.  The
+validated document is built into those dataclasses, which fill in what it leaves out.  The copy in
 `schemas/job.schema.json` is the same document, written by `clipline schemas --write` and checked by
 the tests.  Every error names the file, the dotted path of the field and what was expected.
 """
@@ -14,13 +15,13 @@ import graphlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict, cast
 
 import jsonschema
 import yaml
 
 from pipelines import configschema, storage
-from pipelines.configschema import dataclass_schema
+from pipelines.configschema import Keywords, dataclass_schema
 from pipelines.stage import Stage, config_class, stage_class
 from pipelines.stage import kinds as stage_kinds
 
@@ -41,109 +42,79 @@ class SpecError(ValueError):
     """A job spec that cannot run; the message names the file and the field."""
 
 
+Name = Annotated[str, Keywords(pattern=_NAME)]  # a job or stage name: part of output paths
+
+
+@dataclass(kw_only=True)
+class Tracking:
+    """Where the job's MLflow runs go."""
+
+    uri: str | None = configschema.field(
+        None, "MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite under storage")
+    experiment: str | None = configschema.field(None, "defaults to the job name")
+    required: bool = configschema.field(
+        True, "true: a tracking server that does not answer at start fails the job before any work; false: the "
+              "run is written to a local spool for `clipline replay`")
+
+
+@dataclass(kw_only=True)
+class RaySettings:
+    """The Ray instance the job's stages run on."""
+
+    address: str = configschema.field(
+        "local", "'local' starts Ray here, 'auto' joins a running cluster, or ray://HOST:PORT")
+    runtime_env: dict[str, Any] = configschema.field({}, "Ray runtime environment of the job's tasks")
+    num_cpus: int | None = configschema.field(None, "CPUs of a local Ray instance (default: all)", minimum=1)
+
+
+class Resources(TypedDict, total=False):
+    """Ray resources per worker task of the stage; only the keys given are passed to Ray."""
+
+    num_cpus: Annotated[float, Keywords(minimum=0)]
+    num_gpus: Annotated[float, Keywords(minimum=0)]
+    memory: Annotated[float, Keywords(minimum=0, description="bytes")]
+
+
+@dataclass(kw_only=True)
+class StageDocument:
+    """One entry of a job's `stages`."""
+
+    uses: str = configschema.field(help="the registered stage kind that runs this stage")  # an enum of the kinds
+    needs: list[Name] = configschema.field([], "stages whose outputs this stage reads")
+    with_: dict[str, Any] = configschema.field({}, "the stage's parameters (its Config)", alias="with")
+    resources: Resources = configschema.field({}, "Ray resources per worker task of the stage")
+    retries: int = configschema.field(
+        0, "times the runner reruns a failed stage, reusing its completed shards", minimum=0)
+
+
+@dataclass(kw_only=True)
+class JobDocument:
+    """A clipline job: named stages, what each uses and needs, where outputs and runs go."""
+
+    name: Name = configschema.field(help="job name; part of every output path")
+    storage: str = configschema.field(
+        "./clipline-data", "fsspec URL under which outputs are written; relative paths are against the cwd")
+    tracking: Tracking = configschema.field(Tracking, "MLflow tracking")
+    ray: RaySettings = configschema.field(RaySettings, "Ray")
+    stages: dict[Name, StageDocument] = configschema.field(
+        help="the job's stages by name; run in the order their needs give", minProperties=1)
+
+
 def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
-    """The JSON Schema of a job spec, with one `with:` schema per registered stage kind."""
+    """The JSON Schema of a job spec (`JobDocument`), with one `with:` schema per registered stage kind."""
     kinds = stage_kinds() if kinds is None else sorted(kinds)
-    stage_schema: dict[str, Any] = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["uses"],
-        "properties": {
-            "uses": {"enum": kinds, "description": "the registered stage kind that runs this stage"},
-            "needs": {
-                "type": "array",
-                "items": {"type": "string", "pattern": _NAME},
-                "default": [],
-                "description": "stages whose outputs this stage reads",
-            },
-            "with": {"type": "object", "default": {}, "description": "the stage's parameters (its Config)"},
-            "resources": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "num_cpus": {"type": "number", "minimum": 0},
-                    "num_gpus": {"type": "number", "minimum": 0},
-                    "memory": {"type": "number", "minimum": 0, "description": "bytes"},
-                },
-                "default": {},
-                "description": "Ray resources per worker task of the stage",
-            },
-            "retries": {
-                "type": "integer",
-                "minimum": 0,
-                "default": 0,
-                "description": "times the runner reruns a failed stage, reusing its completed shards",
-            },
-        },
-        "allOf": [
-            {
-                "if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]},
-                "then": {"properties": {"with": {"$ref": f"#/$defs/{kind}"}}},
-            }
-            for kind in kinds
-        ],
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": SCHEMA_ID,
-        "title": "clipline job",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["name", "stages"],
-        "properties": {
-            "name": {"type": "string", "pattern": _NAME, "description": "job name; part of every output path"},
-            "storage": {
-                "type": "string",
-                "default": "./clipline-data",
-                "description": "fsspec URL under which outputs are written; relative paths are against the cwd",
-            },
-            "tracking": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "uri": {
-                        "type": ["string", "null"],
-                        "default": None,
-                        "description": "MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite under storage",
-                    },
-                    "experiment": {"type": ["string", "null"], "default": None, "description": "defaults to the job name"},
-                    "required": {
-                        "type": "boolean",
-                        "default": True,
-                        "description": "true: a tracking server that does not answer at start fails the job before "
-                                       "any work; false: the run is written to a local spool for `clipline replay`",
-                    },
-                },
-                "default": {},
-            },
-            "ray": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "address": {
-                        "type": "string",
-                        "default": "local",
-                        "description": "'local' starts Ray here, 'auto' joins a running cluster, or ray://HOST:PORT",
-                    },
-                    "runtime_env": {"type": "object", "default": {}},
-                    "num_cpus": {
-                        "type": ["integer", "null"],
-                        "minimum": 1,
-                        "default": None,
-                        "description": "CPUs of a local Ray instance (default: all)",
-                    },
-                },
-                "default": {},
-            },
-            "stages": {
-                "type": "object",
-                "minProperties": 1,
-                "propertyNames": {"pattern": _NAME},
-                "additionalProperties": {"$ref": "#/$defs/stage"},
-            },
-        },
-        "$defs": {"stage": stage_schema, **{k: dataclass_schema(config_class(k)) for k in kinds}},
-    }
+    stage = dataclass_schema(StageDocument)
+    stage["properties"]["uses"] = {"enum": kinds, "description": stage["properties"]["uses"]["description"]}
+    stage["allOf"] = [
+        {
+            "if": {"properties": {"uses": {"const": kind}}, "required": ["uses"]},
+            "then": {"properties": {"with": {"$ref": f"#/$defs/{kind}"}}},
+        }
+        for kind in kinds
+    ]
+    defs = {"stage": stage, **{k: dataclass_schema(config_class(k)) for k in kinds}}
+    return configschema.document_schema(JobDocument, SCHEMA_ID, "clipline job", defs,
+                                        refs={StageDocument: "#/$defs/stage"})
 
 
 @dataclass
@@ -167,16 +138,36 @@ class StageSpec:
 @dataclass
 class JobSpec:
     name: str
-    storage: str
-    tracking_uri: str | None
-    tracking_required: bool
-    experiment: str
-    ray_address: str
-    runtime_env: dict[str, Any]
-    ray_num_cpus: int | None
+    storage: str  # resolved: an absolute path or URL
+    tracking: Tracking
+    ray: RaySettings
     stages: dict[str, StageSpec]  # in dependency order
     source: str
     raw: dict[str, Any]
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return self.tracking.uri
+
+    @property
+    def tracking_required(self) -> bool:
+        return self.tracking.required
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def ray_address(self) -> str:
+        return self.ray.address
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        return self.ray.runtime_env
+
+    @property
+    def ray_num_cpus(self) -> int | None:
+        return self.ray.num_cpus
 
     def downstream(self, name: str) -> set[str]:
         out, frontier = {name}, [name]
@@ -372,72 +363,49 @@ def _interpolate(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
-def _fill_defaults(schema: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
-    out = dict(value)
-    for key, prop in schema.get("properties", {}).items():
-        if key not in out and "default" in prop:
-            out[key] = copy.deepcopy(prop["default"])
-    return out
-
-
 def resolve(raw: dict[str, Any], source: str, storage_override: str | None = None,
             schema: dict[str, Any] | None = None) -> JobSpec:
-    """Validate a raw spec and turn it into typed stage configs in dependency order."""
-    schema = schema or job_schema()
-    validate(raw, source, schema)
-    top = _fill_defaults(schema, raw)
-    tracking = _fill_defaults(schema["properties"]["tracking"], top["tracking"])
-    ray_cfg = _fill_defaults(schema["properties"]["ray"], top["ray"])
-    store_url, store_field = (storage_override, "--storage") if storage_override else (top["storage"], "storage")
+    """Validate a raw spec and turn it into typed stage configs in dependency order.  Keys the spec leaves
+    out take their dataclass defaults, which are the schema's (both come from the same fields)."""
+    validate(raw, source, schema or job_schema())
+    doc: JobDocument = configschema.build(JobDocument, raw)
+    store_url, store_field = (storage_override, "--storage") if storage_override else (doc.storage, "storage")
     if "\0" in store_url:  # os.path.expanduser raises on it; no filesystem takes it
         raise SpecError(f"{source}: {store_field}: a path cannot contain a NUL character, got {store_url!r}")
     store = storage.resolve(store_url)
-    variables = {"storage": store, "job": top["name"]}
+    variables = {"storage": store, "job": doc.name}
 
-    stages_raw = top["stages"]
-    for name, st in stages_raw.items():
-        for dep in st.get("needs", []):
-            if dep not in stages_raw:
+    for name, st in doc.stages.items():
+        for dep in st.needs:
+            if dep not in doc.stages:
                 raise SpecError(
-                    f"{source}: stages.{name}.needs: unknown stage {dep!r}; expected one of {', '.join(stages_raw)}"
+                    f"{source}: stages.{name}.needs: unknown stage {dep!r}; expected one of {', '.join(doc.stages)}"
                 )
             if dep == name:
                 raise SpecError(f"{source}: stages.{name}.needs: a stage cannot need itself")
     try:
-        order = list(graphlib.TopologicalSorter({n: s.get("needs", []) for n, s in stages_raw.items()}).static_order())
+        order = list(graphlib.TopologicalSorter({n: s.needs for n, s in doc.stages.items()}).static_order())
     except graphlib.CycleError as exc:
         raise SpecError(f"{source}: stages: the needs form a cycle: {' -> '.join(exc.args[1])}") from None
 
     stages: dict[str, StageSpec] = {}
     for name in order:
-        st = _fill_defaults(schema["$defs"]["stage"], stages_raw[name])
-        params = _fill_defaults(schema["$defs"][st["uses"]], _interpolate(st["with"], variables))
+        st = doc.stages[name]
         try:
-            config = configschema.build(config_class(st["uses"]), params)
+            config = configschema.build(config_class(st.uses), _interpolate(st.with_, variables))
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{source}: stages.{name}.with: {exc}") from None
         stages[name] = StageSpec(
             name=name,
-            uses=st["uses"],
-            needs=list(st["needs"]),
+            uses=st.uses,
+            needs=list(st.needs),
             config=config,
             params=dataclasses.asdict(config),
-            resources=dict(st["resources"]),
-            retries=st["retries"],
+            resources=dict(cast("dict[str, float]", st.resources)),  # a TypedDict of floats
+            retries=st.retries,
         )
-    return JobSpec(
-        name=top["name"],
-        storage=store,
-        tracking_uri=tracking["uri"],
-        tracking_required=tracking["required"],
-        experiment=tracking["experiment"] or top["name"],
-        ray_address=ray_cfg["address"],
-        runtime_env=ray_cfg["runtime_env"],
-        ray_num_cpus=ray_cfg["num_cpus"],
-        stages=stages,
-        source=source,
-        raw=raw,
-    )
+    return JobSpec(name=doc.name, storage=store, tracking=doc.tracking, ray=doc.ray, stages=stages, source=source,
+                   raw=raw)
 
 
 def load(path: str | Path, overrides: list[str] | None = None, storage_override: str | None = None) -> JobSpec:

@@ -72,6 +72,24 @@ def test_demo_job_is_valid():
         (with_crawl(passthrough=["uid", "source_uid"]),
          "stages.crawl.with: passthrough: source_uid would clash with the name a passthrough column named like a "
          "crawl column is written as"),
+        # the top level, generated from spec.JobDocument: what the hand-written schema accepted and refused
+        ({**GOOD, "stages": {}}, "job.yaml: stages: expected at least one entry"),
+        ({**GOOD, "name": "-j"}, "job.yaml: name: expected a string matching ^[A-Za-z0-9][A-Za-z0-9_.-]*$"),
+        ({**GOOD, "stages": {"-c": GOOD["stages"]["crawl"]}}, "job.yaml: stages: expected a string matching"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "needs": ["a b"]}}},
+         "job.yaml: stages.crawl.needs[0]: expected a string matching"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "resources": {"num_cpus": None}}}},
+         "job.yaml: stages.crawl.resources.num_cpus: expected number, got NoneType None"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "resources": {"gpus": 1}}}},
+         "job.yaml: stages.crawl.resources: unknown key(s) 'gpus'; expected one of: memory, num_cpus, num_gpus"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "resources": {"memory": -1}}}},
+         "job.yaml: stages.crawl.resources.memory: expected a number >= 0, got -1"),
+        ({**GOOD, "stages": {"crawl": {**GOOD["stages"]["crawl"], "with": []}}},
+         "job.yaml: stages.crawl.with: expected object, got list []"),
+        ({**GOOD, "tracking": {"required": "yes"}}, "job.yaml: tracking.required: expected boolean, got str 'yes'"),
+        ({**GOOD, "ray": {"num_cpus": 0}}, "job.yaml: ray.num_cpus: expected a number >= 1, got 0"),
+        ({**GOOD, "ray": {"runtime_env": "x"}}, "job.yaml: ray.runtime_env: expected object, got str 'x'"),
+        ({**GOOD, "storage": None}, "job.yaml: storage: expected string, got NoneType None"),
     ],
 )
 def test_schema_errors_name_file_and_field(tmp_path, raw, expected):
@@ -143,6 +161,30 @@ def test_defaults_are_filled_from_the_config(tmp_path):
     job = load_raw(tmp_path, GOOD)
     assert job.stages["crawl"].params == dataclasses.asdict(CrawlConfig(input="/data/urls.parquet"))
     assert job.experiment == "j" and job.ray_address == "local"
+    assert (job.tracking_uri, job.tracking_required, job.runtime_env, job.ray_num_cpus) == (None, True, {}, None)
+    assert (job.stages["crawl"].needs, job.stages["crawl"].resources, job.stages["crawl"].retries) == ([], {}, 0)
+
+
+def test_the_top_level_is_built_into_its_dataclasses(tmp_path):
+    raw = {**GOOD, "tracking": {"uri": "http://127.0.0.1:1", "experiment": None, "required": False},
+           "ray": {"address": "auto", "runtime_env": {"env_vars": {"A": "1"}}, "num_cpus": 2},
+           "stages": {"crawl": {**GOOD["stages"]["crawl"], "resources": {"num_cpus": 2, "memory": 1.5e9}, "retries": 1},
+                      "b": {"uses": "crawl", "needs": ["crawl"], "with": {"input": "/y"}}}}
+    job = load_raw(tmp_path, raw)
+    assert isinstance(job.tracking, spec.Tracking) and isinstance(job.ray, spec.RaySettings)
+    assert (job.tracking_uri, job.tracking_required, job.experiment) == ("http://127.0.0.1:1", False, "j")
+    assert (job.ray_address, job.runtime_env, job.ray_num_cpus) == ("auto", {"env_vars": {"A": "1"}}, 2)
+    assert job.stages["crawl"].resources == {"num_cpus": 2, "memory": 1.5e9} and job.stages["crawl"].retries == 1
+    assert list(job.stages) == ["crawl", "b"] and job.stages["b"].needs == ["crawl"] and job.raw == raw
+
+
+def test_the_job_schema_is_the_job_document():
+    schema = spec.job_schema(["crawl"])
+    assert set(schema["properties"]) == {f.name for f in dataclasses.fields(spec.JobDocument)}
+    stage = schema["$defs"]["stage"]
+    assert set(stage["properties"]) == {"uses", "needs", "with", "resources", "retries"}
+    assert stage["properties"]["uses"]["enum"] == ["crawl"] and stage["required"] == ["uses"]
+    assert schema["properties"]["stages"]["additionalProperties"] == {"$ref": "#/$defs/stage"}
 
 
 def test_schema_files_match_the_code():
