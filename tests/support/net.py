@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def die_with_parent() -> None:
@@ -18,26 +22,59 @@ def die_with_parent() -> None:
 
 def free_port() -> int:
     """A TCP port nothing listens on at this moment, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def wait_until(ready: Callable[[], bool], timeout: float, what: str, interval: float = 0.2,
-               alive: Callable[[], bool] | None = None) -> None:
-    """Poll `ready` until it is true; fail naming `what` after `timeout` s, or at once once `alive` is false."""
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports nothing listens on at this moment, on 127.0.0.1 (all bound at once, so no two
+    are the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(ready: Callable[[], T], timeout: float, what: str, interval: float = 0.2,
+               alive: Callable[[], bool] | None = None, errors: tuple[type[BaseException], ...] = (),
+               detail: Callable[[], str] | None = None) -> T:
+    """Poll `ready` until it returns something truthy, and return that; fail naming `what` after `timeout` s
+    (TimeoutError), or at once once `alive` is false (RuntimeError). `errors`: exceptions `ready` may raise
+    that mean "not yet" (a server still starting); the last one is named in the failure. `detail`: more to
+    say on failure (a log's tail)."""
     deadline = time.monotonic() + timeout
-    while not ready():
-        if alive is not None and not alive():
-            raise RuntimeError(f"{what}: the process exited")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
-        time.sleep(interval)
+    last: BaseException | None = None
+    while True:
+        try:
+            got = ready()
+            if got:
+                return got
+        except errors as exc:
+            last = exc
+        exited = alive is not None and not alive()
+        if exited or time.monotonic() > deadline:
+            more = (f" (last error: {last!r})" if last is not None else "") + (f"\n{detail()}" if detail else "")
+            if exited:
+                raise RuntimeError(f"{what}: the process exited{more}")
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f}s{more}")
+        time.sleep(interval)  # the polling interval of a bounded wait
 
 
 def answers(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=1).close()
         return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 2) -> bool:
+    """Whether a GET of `url` (a loopback address) answers 200 now; a refused or failed request is False."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
     except OSError:
         return False
