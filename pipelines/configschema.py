@@ -165,7 +165,9 @@ def dataclass_schema(cls: type, refs: dict[Any, str] | None = None) -> dict[str,
         if "help" in f.metadata:
             schema["description"] = f.metadata["help"]
         schema.update({k: v for k, v in f.metadata.items() if k in _KEYWORDS})
-        if f.default is not dataclasses.MISSING:
+        if f.metadata.get("required"):
+            pass  # the document gives it: a default would only mislead its reader
+        elif f.default is not dataclasses.MISSING:
             schema["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()

@@ -2,80 +2,49 @@
 
 A directory without a manifest is incomplete and is never read as output.  The manifest lists every
 shard with its row count, size and sha256; its `digest` covers the fingerprint and the shard list, so
-downstream fingerprints change exactly when the data they read changes.
+downstream fingerprints change exactly when the data they read changes.  Its JSON Schema
+(`schemas/manifest.schema.json`) is generated from the `Manifest` dataclass.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, TypedDict
 
 import jsonschema
 
 from pipelines import storage
+from pipelines.configschema import Keywords, document_schema, field
 
 MANIFEST = "_manifest.json"
 SCHEMA_VERSION = 1
 
-MANIFEST_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://clipline.dev/schemas/manifest.schema.json",
-    "title": "clipline stage manifest",
-    "type": "object",
-    "required": [
-        "schema_version", "job", "stage", "uses", "fingerprint", "digest", "code_version", "params",
-        "inputs", "shards", "counts", "metrics", "started_at", "finished_at",
-    ],
-    "additionalProperties": False,
-    "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
-        "job": {"type": "string"},
-        "stage": {"type": "string"},
-        "uses": {"type": "string"},
-        "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
-        "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 of fingerprint and shards"},
-        "code_version": {"type": "string"},
-        "clipline_version": {"type": "string"},
-        "git_sha": {"type": ["string", "null"]},
-        "params": {"type": "object"},
-        "inputs": {
-            "type": "object",
-            "description": "upstream stage name -> its manifest's fingerprint, digest and path; or external input identity",
-        },
-        "shards": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["path", "rows", "bytes", "sha256"],
-                "additionalProperties": False,
-                "properties": {
-                    "path": {"type": "string", "description": "relative to the manifest's directory"},
-                    "rows": {"type": "integer", "minimum": 0},
-                    "bytes": {"type": "integer", "minimum": 0},
-                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                },
-            },
-        },
-        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-        "extra": {"type": "object"},
-        "mlflow_run_id": {"type": ["string", "null"]},
-        "started_at": {"type": "string"},
-        "finished_at": {"type": "string"},
-    },
-}
+_HEX64 = "^[0-9a-f]{64}$"
 
 
-@dataclass
+class Shard(TypedDict):
+    """One output file of a stage, as the manifest lists it (a plain dict in the manifest's JSON)."""
+
+    path: Annotated[str, Keywords(description="relative to the manifest's directory")]
+    rows: Annotated[int, Keywords(minimum=0)]
+    bytes: Annotated[int, Keywords(minimum=0)]
+    sha256: Annotated[str, Keywords(pattern=_HEX64)]
+
+
+@dataclass(kw_only=True)
 class Manifest:
+    """A stage output's record: what made it (fingerprint, code, params, inputs) and what it holds."""
+
     job: str
     stage: str
     uses: str
-    fingerprint: str
+    fingerprint: str = field(help="the stage's cache key", pattern="^[0-9a-f]{16,64}$")
     code_version: str
     params: dict[str, Any]
-    inputs: dict[str, Any]
-    shards: list[dict[str, Any]]
+    inputs: dict[str, Any] = field(
+        help="upstream stage name -> its manifest's fingerprint, digest and path; or external input identity")
+    # plain dicts (what stages return and readers index) of the shape Shard
+    shards: list[Annotated[dict[str, Any], Shard]]
     counts: dict[str, int]
     metrics: dict[str, float]
     started_at: str
@@ -83,10 +52,10 @@ class Manifest:
     clipline_version: str = ""
     git_sha: str | None = None
     mlflow_run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    digest: str = ""
-    schema_version: int = SCHEMA_VERSION
-    location: str = field(default="", compare=False)  # the directory it was read from; not stored
+    extra: dict[str, Any] = field({})
+    digest: str = field("", "sha256 of fingerprint and shards", required=True, pattern=_HEX64)
+    schema_version: int = field(SCHEMA_VERSION, required=True, const=SCHEMA_VERSION)
+    location: str = field("", "the directory it was read from", stored=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
@@ -103,6 +72,10 @@ class Manifest:
         out = asdict(self)
         out.pop("location")
         return out
+
+
+MANIFEST_SCHEMA: dict[str, Any] = document_schema(
+    Manifest, "https://clipline.dev/schemas/manifest.schema.json", "clipline stage manifest")
 
 
 def write(directory: str, manifest: Manifest) -> None:
