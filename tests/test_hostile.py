@@ -1,4 +1,4 @@
-"""Hostile input (tests/hostile.py) against the crawl: every row accounted for, bounded in time and memory.
+"""Hostile input (tests/support/hostile.py) against the crawl: every row accounted for, bounded in time and memory.
 
 The fetch-level tests check the protocol faults one request at a time: a slow drip ends at the request's
 deadline (3 x timeout) although no single read ever times out, header bombs fail at once as protocol
@@ -25,9 +25,9 @@ from pipelines import spec
 from pipelines.runner import run_job
 from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
 from pipelines.stages.crawl.schema import uid
-from tests import hostile
 from tests.conftest import crawl_stage, read_output, write_job
-from tests.procmem import ray_workers_peak_rss
+from tests.support import hostile
+from tests.support.procmem import ray_workers_peak_rss
 
 TIMEOUT = 1.0  # the crawl's read timeout: 4 x the drip interval, so no single read of a drip times out
 DEADLINE = 3 * TIMEOUT  # what a request may take in all (Fetcher: 3 x timeout per attempt)

@@ -25,7 +25,7 @@ import pandas as pd
 import psutil
 import pytest
 
-import tests.sources  # noqa: F401  (registers demo_curated here too, for plan() and spec.load)
+import tests.support.sources  # noqa: F401  (registers demo_curated here too, for plan() and spec.load)
 from pipelines import manifest, spec, storage
 from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import plan
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 CPUS = 2  # logical CPUs of each worker node
 # the job's driver: the test-only stages registered, then the CLI, as `clipline run` would start it
-DRIVER = ("import sys, tests.sources; from pipelines.cli import main; "
+DRIVER = ("import sys, tests.support.sources; from pipelines.cli import main; "
           "sys.exit(main(['run', '--no-progress', sys.argv[1]]))")
 
 

@@ -24,8 +24,8 @@ from pipelines import manifest as manifests
 from pipelines import spec
 from pipelines.demo.server import url_list
 from pipelines.runner import run_job
-from tests.browser import artifacts_dir, chromium
 from tests.conftest import REPO, crawl_stage, mlflow_runs, write_job
+from tests.support.browser import artifacts_dir, chromium
 
 pytestmark = pytest.mark.slow
 

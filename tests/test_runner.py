@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tests.probe  # noqa: F401  (registers the test-only `probe` stage)
+import tests.support.probe  # noqa: F401  (registers the test-only `probe` stage)
 from pipelines import cli, manifest, spec, storage
 from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import Selection, StageFailed, plan, run_job

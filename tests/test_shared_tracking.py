@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.browser import artifacts_dir, chromium, open_runs_table
 from tests.conftest import REPO
+from tests.support.browser import artifacts_dir, chromium, open_runs_table
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow

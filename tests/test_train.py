@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-import tests.sources  # noqa: F401  (registers the demo_curated source stage)
+import tests.support.sources  # noqa: F401  (registers the demo_curated source stage)
 from pipelines import configschema, spec
 from pipelines.models import ModelRef, create
 from pipelines.runner import StageFailed, run_job

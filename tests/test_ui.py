@@ -19,8 +19,8 @@ import pytest
 
 from pipelines import spec
 from pipelines.runner import run_job
-from tests.browser import artifacts_dir, chromium, open_runs_table
 from tests.conftest import REPO, write_job
+from tests.support.browser import artifacts_dir, chromium, open_runs_table
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ off. Measured per size: rows in and rows out by status (every input row exactly 
 sorted source_row is range(N)), wall time of run_job and rows/s, and memory:
 
 - driver +: growth of the driver's peak RSS (VmHWM, reset just before run_job) over its RSS at that point;
-- worker pk: the largest VmHWM of any Ray worker process under the driver (tests/procmem.py: started as
+- worker pk: the largest VmHWM of any Ray worker process under the driver (tests/support/procmem.py: started as
   default_worker.py, retitled `ray::<task>`), read every 0.5 s and at the end;
 - workers: the largest sum of the Ray workers' RSS in one sample (psutil, every 0.5 s);
 - tree: the same for the driver and all its descendants (raylet, GCS, Ray's agents, workers);
@@ -125,7 +125,7 @@ class Sampler(threading.Thread):
         super().__init__(name="rss-sampler", daemon=True)
         import psutil
 
-        from tests import procmem
+        from tests.support import procmem
 
         self.psutil, self.procmem = psutil, procmem
         self.interval, self.stop = interval, threading.Event()
@@ -198,8 +198,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from pipelines import spec
     from pipelines.runner import run_job
-    from tests import procmem
     from tests.conftest import crawl_stage, write_job
+    from tests.support import procmem
 
     work = Path(args.work)
     stage = crawl_stage(args.list, samples_per_shard=args.shard, threads=args.threads, image_size=args.image_size,

@@ -210,7 +210,7 @@ def main() -> None:
     import ray
     import torch
 
-    import tests.sources  # noqa: F401  (registers the demo_curated source stage)
+    import tests.support.sources  # noqa: F401  (registers the demo_curated source stage)
 
     torch.set_num_threads(1)  # as the stage's worker: max(1, floor(cpus_per_worker=1)) threads
     logging.disable(logging.WARNING)  # "random weights" and Ray's start-up notes; errors still show
