@@ -83,8 +83,8 @@ def test_evaluate_writes_clip_benchmark_json_mlflow_metrics_and_plots(tmp_path, 
 
 
 def test_a_dataset_with_a_missing_column_or_bad_label_is_named(tmp_path):
+    from pipelines.evaluation.config import EvalSet
     from pipelines.evaluation.datasets import load
-    from pipelines.stages.evaluate.config import EvalSet
 
     pq.write_table(pa.table({"image": [b"x"], "label": [7]}), tmp_path / "a.parquet")
     bad = EvalSet(name="a", path=str(tmp_path / "a.parquet"), classnames=["cat", "dog"], tasks=["zeroshot"])
@@ -101,8 +101,8 @@ def test_a_dataset_with_a_missing_column_or_bad_label_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_webdataset_set_reads_images_labels_and_captions_by_extension(tmp_path, ray_local):
+    from pipelines.evaluation.config import EvalSet
     from pipelines.evaluation.datasets import load
-    from pipelines.stages.evaluate.config import EvalSet
     from tests.test_ingest import write_tar
 
     data = datasets.builtin("demo_heldout", limit=6)

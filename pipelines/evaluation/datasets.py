@@ -18,7 +18,7 @@ from PIL import Image
 from pipelines import pairs
 
 if TYPE_CHECKING:
-    from pipelines.stages.evaluate.config import EvalSet
+    from pipelines.evaluation.config import EvalSet
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # CLIP_benchmark's MNIST templates

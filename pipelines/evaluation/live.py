@@ -14,7 +14,7 @@ from pipelines.evaluation.embed import encode
 from pipelines.evaluation.tasks import mlflow_key, score, texts
 
 if TYPE_CHECKING:
-    from pipelines.stages.evaluate.config import EvalSet
+    from pipelines.evaluation.config import EvalSet
 
 
 class LiveEvaluator:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.configschema import field
+from pipelines.evaluation.config import EvalSet
 from pipelines.models import ModelRef
-from pipelines.stages.evaluate.config import EvalSet
 
 
 @dataclass(kw_only=True)
