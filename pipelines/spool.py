@@ -25,10 +25,10 @@ import socket
 import time
 import urllib.error
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from pipelines.redact import scrub
 
@@ -99,10 +99,184 @@ def default_dir(store: str) -> str:
     return os.path.join(cache, "clipline", "mlflow-spool", safe)
 
 
+# -- the operations: how SpoolingClient writes each one to the spool, and how `replay` sends it ---------------
+# One class per operation, its record and its replay side by side. A record is one JSON object per line:
+# {"t": <time written>, "op": <name>, "run_id": ..., ...}; the format is what earlier versions wrote too, so
+# a spool left by any of them replays.
+
+
 def _entity(x: Any) -> list[Any]:
+    """A metric as [key, value, timestamp, step]; a param, tag or input tag as [key, value]."""
     return [x.key, x.value, x.timestamp, x.step] if hasattr(x, "step") else [x.key, x.value]
 
 
+class _Replay:
+    """What a replay knows while it sends records: the client, the offline run ids it has mapped to real ones,
+    the experiments it has found or made."""
+
+    def __init__(self, client: Any, spool: str, uri: str, ids: dict[str, str]) -> None:
+        self.client, self.spool, self.uri, self.ids = client, spool, uri, ids
+        self.experiments: dict[str, str] = {}
+
+    def real(self, run_id: str) -> str:
+        if not run_id.startswith(OFFLINE):
+            return run_id
+        if run_id not in self.ids:
+            raise ValueError(f"{self.spool}: run {run_id} is used before the record that creates it")
+        return self.ids[run_id]
+
+    def parent(self, key: str, value: str) -> str:
+        """A tag's value, the parent run's real id when the tag names one."""
+        return self.real(value) if key == "mlflow.parentRunId" and value else value
+
+    def experiment(self, eid: str) -> str:
+        if not eid.startswith(OFFLINE):
+            return eid
+        if eid not in self.experiments:
+            name = eid[len(OFFLINE + "experiment:"):]
+            exp = self.client.get_experiment_by_name(name)
+            from pipelines.tracking import sqlite_artifact_root  # tracking imports this module
+
+            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out
+            self.experiments[eid] = exp.experiment_id if exp else self.client.create_experiment(
+                name, artifact_location=sqlite_artifact_root(self.uri))
+        return self.experiments[eid]
+
+
+class _Op:
+    """A spooled operation: `record(...)` is the spool's record of a call, `replay(r, rec)` sends it."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class CreateRun(_Op):
+    name = "create_run"
+
+    @staticmethod
+    def record(run_id: str, experiment_id: str, run_name: str | None, tags: dict[str, str] | None) -> dict[str, Any]:
+        return {"op": CreateRun.name, "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
+                "tags": tags or {}, "start_time": int(time.time() * 1000)}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        run = r.client.create_run(r.experiment(rec["experiment_id"]), run_name=rec["run_name"],
+                                  start_time=rec.get("start_time", int(rec["t"] * 1000)),
+                                  tags={k: r.parent(k, v) for k, v in rec["tags"].items()})
+        r.ids[rec["run_id"]] = run.info.run_id
+
+
+class LogBatch(_Op):
+    name = "log_batch"
+
+    @staticmethod
+    def record(run_id: str, metrics: Sequence[Any], params: Sequence[Any], tags: Sequence[Any]) -> dict[str, Any]:
+        return {"op": LogBatch.name, "run_id": run_id, "metrics": [_entity(m) for m in metrics],
+                "params": [_entity(p) for p in params], "tags": [_entity(t) for t in tags]}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        r.client.log_batch(r.real(rec["run_id"]), metrics=[Metric(*m) for m in rec["metrics"]],
+                           params=[Param(*p) for p in rec["params"]], tags=[RunTag(*t) for t in rec["tags"]])
+
+
+class SetTag(_Op):
+    name = "set_tag"
+
+    @staticmethod
+    def record(run_id: str, key: str, value: Any) -> dict[str, Any]:
+        return {"op": SetTag.name, "run_id": run_id, "key": key, "value": str(value)}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        r.client.set_tag(r.real(rec["run_id"]), rec["key"], r.parent(rec["key"], rec["value"]))
+
+
+class DeleteTag(_Op):
+    name = "delete_tag"
+
+    @staticmethod
+    def record(run_id: str, key: str) -> dict[str, Any]:
+        return {"op": DeleteTag.name, "run_id": run_id, "key": key}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            r.client.delete_tag(r.real(rec["run_id"]), rec["key"])
+        except MlflowException as exc:  # deleted offline, not knowing whether the run had it
+            if "No tag with name" not in str(exc):
+                raise
+
+
+class UpdateRun(_Op):
+    name = "update_run"
+
+    @staticmethod
+    def record(run_id: str, status: str | None, name: str | None) -> dict[str, Any]:
+        return {"op": UpdateRun.name, "run_id": run_id, "status": status, "name": name}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        r.client.update_run(r.real(rec["run_id"]), status=rec["status"], name=rec["name"])
+
+
+class SetTerminated(_Op):
+    name = "set_terminated"
+
+    @staticmethod
+    def record(run_id: str, status: str | None, end_time: int) -> dict[str, Any]:
+        return {"op": SetTerminated.name, "run_id": run_id, "status": status, "end_time": end_time}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        r.client.set_terminated(r.real(rec["run_id"]), status=rec["status"], end_time=rec["end_time"])
+
+
+class LogInputs(_Op):
+    name = "log_inputs"
+
+    @staticmethod
+    def record(run_id: str, datasets: Sequence[Any]) -> dict[str, Any]:
+        return {"op": LogInputs.name, "run_id": run_id, "datasets": [
+            {"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
+             "source": d.dataset.source, "profile": d.dataset.profile, "tags": [_entity(t) for t in d.tags]}
+            for d in datasets]}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        r.client.log_inputs(r.real(rec["run_id"]), datasets=[
+            DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+                         [InputTag(*t) for t in d["tags"]]) for d in rec["datasets"]])
+
+
+class LogArtifact(_Op):
+    """A file (an artifact, a figure, a text) kept in the spool directory under `file`, relative to it."""
+
+    name = "log_artifact"
+
+    @staticmethod
+    def record(run_id: str, artifact_path: str | None, file: str) -> dict[str, Any]:
+        return {"op": LogArtifact.name, "run_id": run_id, "artifact_path": artifact_path, "file": file}
+
+    @staticmethod
+    def replay(r: _Replay, rec: dict[str, Any]) -> None:
+        r.client.log_artifact(r.real(rec["run_id"]), os.path.join(r.spool, rec["file"]), rec["artifact_path"])
+
+
+OPERATIONS: dict[str, type[_Op]] = {op.name: op for op in (CreateRun, LogBatch, SetTag, DeleteTag, UpdateRun,
+                                                             SetTerminated, LogInputs, LogArtifact)}
+
+
+# -- the client ------------------------------------------------------------------------------------------------
 class SpoolingClient:
     """An MlflowClient whose writes fall back to a local spool when the server is down; reads pass through."""
 
@@ -132,65 +306,59 @@ class SpoolingClient:
             except Exception as exc:  # noqa: BLE001 - _fail raises it again unless the server is unreachable
                 self._fail(exc)
         run_id = OFFLINE + uuid.uuid4().hex
-        self._append({"op": "create_run", "run_id": run_id, "experiment_id": experiment_id, "run_name": run_name,
-                      "tags": tags or {}, "start_time": int(time.time() * 1000)})
+        self._append(CreateRun.record(run_id, experiment_id, run_name, tags))
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
 
     def log_batch(self, run_id: str, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()
                   ) -> None:
-        self._write(run_id, lambda: self._client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags)),
-                    {"op": "log_batch", "run_id": run_id, "metrics": [_entity(m) for m in metrics],
-                     "params": [_entity(p) for p in params], "tags": [_entity(t) for t in tags]})
+        self._write(run_id, lambda: self._client.log_batch(run_id, metrics=list(metrics), params=list(params),
+                                                           tags=list(tags)),
+                    lambda: LogBatch.record(run_id, metrics, params, tags))
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
-        self._write(run_id, lambda: self._client.set_tag(run_id, key, value),
-                    {"op": "set_tag", "run_id": run_id, "key": key, "value": str(value)})
+        self._write(run_id, lambda: self._client.set_tag(run_id, key, value), lambda: SetTag.record(run_id, key, value))
 
     def delete_tag(self, run_id: str, key: str) -> None:
-        self._write(run_id, lambda: self._client.delete_tag(run_id, key), {"op": "delete_tag", "run_id": run_id, "key": key})
+        self._write(run_id, lambda: self._client.delete_tag(run_id, key), lambda: DeleteTag.record(run_id, key))
 
     def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
         self._write(run_id, lambda: self._client.update_run(run_id, status=status, name=name),
-                    {"op": "update_run", "run_id": run_id, "status": status, "name": name})
+                    lambda: UpdateRun.record(run_id, status, name))
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
-        end_time = end_time or int(time.time() * 1000)
-        self._write(run_id, lambda: self._client.set_terminated(run_id, status=status, end_time=end_time),
-                    {"op": "set_terminated", "run_id": run_id, "status": status, "end_time": end_time})
+        end = end_time or int(time.time() * 1000)
+        self._write(run_id, lambda: self._client.set_terminated(run_id, status=status, end_time=end),
+                    lambda: SetTerminated.record(run_id, status, end))
 
     def log_inputs(self, run_id: str, datasets: list[Any]) -> None:
-        self._write(run_id, lambda: self._client.log_inputs(run_id, datasets=datasets), {
-            "op": "log_inputs", "run_id": run_id, "datasets": [
-                {"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
-                 "source": d.dataset.source, "profile": d.dataset.profile, "tags": [_entity(t) for t in d.tags]}
-                for d in datasets]})
+        self._write(run_id, lambda: self._client.log_inputs(run_id, datasets=datasets),
+                    lambda: LogInputs.record(run_id, datasets))
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self._write(run_id, lambda: self._client.log_artifact(run_id, local_path, artifact_path),
-                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": artifact_path,
-                             "file": self._keep(Path(local_path).name, lambda dst: shutil.copyfile(local_path, dst))})
+                    lambda: LogArtifact.record(run_id, artifact_path, self._keep(
+                        Path(local_path).name, lambda dst: shutil.copyfile(local_path, dst))))
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         self._write(run_id, lambda: self._client.log_figure(run_id, figure, artifact_file),
-                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": _parent(artifact_file),
-                             "file": self._keep(Path(artifact_file).name, figure.savefig)})
+                    lambda: LogArtifact.record(run_id, _parent(artifact_file),
+                                               self._keep(Path(artifact_file).name, figure.savefig)))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._write(run_id, lambda: self._client.log_text(run_id, text, artifact_file),
-                    lambda: {"op": "log_artifact", "run_id": run_id, "artifact_path": _parent(artifact_file),
-                             "file": self._keep(Path(artifact_file).name,
-                                                lambda dst: Path(dst).write_text(text, encoding="utf-8"))})
+                    lambda: LogArtifact.record(run_id, _parent(artifact_file), self._keep(
+                        Path(artifact_file).name, lambda dst: Path(dst).write_text(text, encoding="utf-8"))))
 
     # -- the machinery ---------------------------------------------------------------------------------------
-    def _write(self, run_id: str, call: Any, record: dict[str, Any] | Any) -> None:
-        """Make the call, or append the record (a dict, or a function that makes it) to the spool."""
+    def _write(self, run_id: str, call: Callable[[], Any], record: Callable[[], dict[str, Any]]) -> None:
+        """Make the call, or append its record (made only then: an artifact's record copies its file) to the spool."""
         if not self.offline and not run_id.startswith(OFFLINE):
             try:
                 call()
                 return
             except Exception as exc:  # noqa: BLE001 - _fail raises it again unless the server is unreachable
                 self._fail(exc)
-        self._append(record if isinstance(record, dict) else record())
+        self._append(record())
 
     def _fail(self, exc: Exception) -> None:
         if not unreachable(exc):
@@ -227,6 +395,7 @@ def _parent(artifact_file: str) -> str | None:
     return parent or None
 
 
+# -- reading a spool ----------------------------------------------------------------------------------------------
 def _records(path: Path, start: int) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of a spool file from line `start` on, up to a line cut short by a killed process."""
     out = []
@@ -279,42 +448,18 @@ def replay(spool: str, uri: str) -> dict[str, int]:
 
     Returns counts by operation. Safe to run again: what was sent is recorded in `_replayed.json`."""
     from mlflow import MlflowClient
-    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-    from mlflow.exceptions import MlflowException
 
     if not os.path.isdir(spool):
         raise FileNotFoundError(f"no MLflow spool at {spool}")
     probe(uri)
-    client = MlflowClient(tracking_uri=uri)
     state = _progress(spool)
     ids, lines = state["ids"], state["lines"]
+    r = _Replay(MlflowClient(tracking_uri=uri), spool, uri, ids)
     # one process's records in the order it wrote them (a clock that stepped back cannot reorder them),
     # the processes' files interleaved by time
     files = [[(rec["t"], f.name, i, rec) for i, rec in _records(f, lines.get(f.name, 0))]
              for f in sorted(Path(spool).glob("*.jsonl"))]
     records = list(heapq.merge(*files, key=lambda r: r[0]))
-    experiments: dict[str, str] = {}
-
-    def real(run_id: str) -> str:
-        if not run_id.startswith(OFFLINE):
-            return run_id
-        if run_id not in ids:
-            raise ValueError(f"{spool}: run {run_id} is used before the record that creates it")
-        return ids[run_id]
-
-    def experiment(eid: str) -> str:
-        if not eid.startswith(OFFLINE):
-            return eid
-        if eid not in experiments:
-            name = eid[len(OFFLINE + "experiment:"):]
-            exp = client.get_experiment_by_name(name)
-            from pipelines.tracking import sqlite_artifact_root  # tracking imports this module
-
-            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out
-            experiments[eid] = exp.experiment_id if exp else client.create_experiment(
-                name, artifact_location=sqlite_artifact_root(uri))
-        return experiments[eid]
-
     counts: dict[str, int] = {}
     save = os.path.join(spool, PROGRESS)
 
@@ -329,36 +474,9 @@ def replay(spool: str, uri: str) -> dict[str, int]:
     try:
         for _, fname, i, rec in records:
             op = rec["op"]
-            if op == "create_run":
-                run = client.create_run(experiment(rec["experiment_id"]), run_name=rec["run_name"],
-                                        start_time=rec.get("start_time", int(rec["t"] * 1000)),
-                                        tags={k: (real(v) if k == "mlflow.parentRunId" and v else v)
-                                              for k, v in rec["tags"].items()})
-                ids[rec["run_id"]] = run.info.run_id
-            elif op == "log_batch":
-                client.log_batch(real(rec["run_id"]), metrics=[Metric(*m) for m in rec["metrics"]],
-                                 params=[Param(*p) for p in rec["params"]], tags=[RunTag(*t) for t in rec["tags"]])
-            elif op == "set_tag":
-                value = real(rec["value"]) if rec["key"] == "mlflow.parentRunId" and rec["value"] else rec["value"]
-                client.set_tag(real(rec["run_id"]), rec["key"], value)
-            elif op == "delete_tag":
-                try:
-                    client.delete_tag(real(rec["run_id"]), rec["key"])
-                except MlflowException as exc:  # deleted offline, not knowing whether the run had it
-                    if "No tag with name" not in str(exc):
-                        raise
-            elif op == "update_run":
-                client.update_run(real(rec["run_id"]), status=rec["status"], name=rec["name"])
-            elif op == "set_terminated":
-                client.set_terminated(real(rec["run_id"]), status=rec["status"], end_time=rec["end_time"])
-            elif op == "log_inputs":
-                client.log_inputs(real(rec["run_id"]), datasets=[
-                    DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
-                                 [InputTag(*t) for t in d["tags"]]) for d in rec["datasets"]])
-            elif op == "log_artifact":
-                client.log_artifact(real(rec["run_id"]), os.path.join(spool, rec["file"]), rec["artifact_path"])
-            else:
+            if op not in OPERATIONS:
                 raise ValueError(f"{spool}/{fname} line {i + 1}: unknown operation {op!r}")
+            OPERATIONS[op].replay(r, rec)
             lines[fname] = i + 1
             counts[op] = counts.get(op, 0) + 1
             remember()

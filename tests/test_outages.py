@@ -274,3 +274,96 @@ def test_full_storage_fails_the_stage_with_an_error_naming_the_path(tmp_path, we
     assert full.returncode == cli.EXIT_STAGE_FAILED, full.stderr[-3000:]
     assert "stage 'crawl' failed" in full.stderr and "No space left on device" in full.stderr, full.stderr[-3000:]
     assert f"cannot write {store}/t/crawl/" in full.stderr and "Traceback" not in full.stderr
+
+
+# Every operation's record as clipline has written it to a spool since spooling began (ids, times and the copies'
+# folder names aside): the spool format a replay must keep reading, whatever the code that writes it becomes.
+SPOOLED = [
+    {"op": "create_run", "run_id": "offline-p1", "experiment_id": "offline-experiment:e", "run_name": "job",
+     "tags": {"a": "1"}, "start_time": 1796253842827},
+    {"op": "create_run", "run_id": "offline-c1", "experiment_id": "offline-experiment:e", "run_name": "st",
+     "tags": {"mlflow.parentRunId": "offline-p1"}, "start_time": 1796253842827},
+    {"op": "log_batch", "run_id": "offline-c1", "metrics": [["m", 1.5, 7, 2]], "params": [["p", "v"]],
+     "tags": [["t", "u"]]},
+    {"op": "set_tag", "run_id": "offline-c1", "key": "mlflow.parentRunId", "value": "offline-p1"},
+    {"op": "set_tag", "run_id": "offline-c1", "key": "k", "value": "3"},
+    {"op": "delete_tag", "run_id": "offline-c1", "key": "clipline.error"},
+    {"op": "update_run", "run_id": "offline-c1", "status": "RUNNING", "name": None},
+    {"op": "log_inputs", "run_id": "offline-c1", "datasets": [
+        {"name": "n", "digest": "d", "source_type": "clipline", "source": "{\"uri\": \"x\"}", "profile": "{}",
+         "tags": [["mlflow.data.context", "train"]]}]},
+    {"op": "log_artifact", "run_id": "offline-c1", "artifact_path": "sub", "file": "files/000000000001/a.md"},
+    {"op": "log_artifact", "run_id": "offline-c1", "artifact_path": "dir", "file": "files/000000000002/f.txt"},
+    {"op": "log_artifact", "run_id": "offline-c1", "artifact_path": None, "file": "files/000000000003/fig.png"},
+    {"op": "set_terminated", "run_id": "offline-c1", "status": "FINISHED", "end_time": 123},
+]
+
+
+def test_every_spooled_operation_keeps_the_record_format_a_replay_reads(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+    client = spool.SpoolingClient("http://127.0.0.1:9", str(tmp_path / "spool"), offline=True, why="a test")
+    parent = client.create_run(spool.OFFLINE + "experiment:e", run_name="job", tags={"a": "1"}).info.run_id
+    run = client.create_run(spool.OFFLINE + "experiment:e", run_name="st",
+                            tags={"mlflow.parentRunId": parent}).info.run_id
+    client.log_batch(run, metrics=[Metric("m", 1.5, 7, 2)], params=[Param("p", "v")], tags=[RunTag("t", "u")])
+    client.set_tag(run, "mlflow.parentRunId", parent)
+    client.set_tag(run, "k", 3)
+    client.delete_tag(run, "clipline.error")
+    client.update_run(run, status="RUNNING")
+    ds = Dataset(name="n", digest="d", source_type="clipline", source='{"uri": "x"}', profile="{}")
+    client.log_inputs(run, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "train")])])
+    client.log_text(run, "hello", "sub/a.md")
+    (tmp_path / "f.txt").write_text("file")
+    client.log_artifact(run, str(tmp_path / "f.txt"), "dir")
+    fig, _ = plt.subplots()
+    client.log_figure(run, fig, "fig.png")
+    plt.close(fig)
+    client.set_terminated(run, status="FINISHED", end_time=123)
+
+    names = {parent: "offline-p1", run: "offline-c1"}
+    written = [json.loads(line) for line in Path(client.path).read_text().splitlines()]
+    for i, rec in enumerate(written):
+        assert isinstance(rec.pop("t"), float)
+        text = json.dumps(rec)
+        for real, name in names.items():
+            text = text.replace(real, name)
+        rec = json.loads(text)
+        if "start_time" in rec:
+            rec["start_time"] = SPOOLED[i]["start_time"]
+        if "file" in rec:
+            assert (tmp_path / "spool" / rec["file"]).is_file()
+            rec["file"] = SPOOLED[i]["file"].rsplit("/", 1)[0] + "/" + rec["file"].rsplit("/", 1)[1]
+        assert rec == SPOOLED[i]
+    assert len(written) == len(SPOOLED)
+
+
+def test_a_spool_in_the_format_of_earlier_versions_replays(tmp_path):
+    from mlflow import MlflowClient
+
+    spool_dir, uri = tmp_path / "spool", f"sqlite:///{tmp_path}/mlflow.db"
+    for rec in SPOOLED:
+        if "file" in rec:
+            (spool_dir / rec["file"]).parent.mkdir(parents=True)
+            (spool_dir / rec["file"]).write_text(rec["file"])
+    lines = [json.dumps({"t": 1796253842.8 + i / 1000, **rec}) for i, rec in enumerate(SPOOLED)]
+    (spool_dir / "20261202T232402-host-1-abcdef.jsonl").write_text("\n".join(lines) + "\n")
+    counts = spool.replay(str(spool_dir), uri)
+    assert counts == {"create_run": 2, "log_batch": 1, "set_tag": 2, "delete_tag": 1, "update_run": 1,
+                      "log_inputs": 1, "log_artifact": 3, "set_terminated": 1}
+    client = MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "e"]
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    job, st = runs["job"], runs["st"]
+    assert st.data.tags["mlflow.parentRunId"] == job.info.run_id and st.data.tags["k"] == "3"
+    assert st.data.tags["t"] == "u" and job.data.tags["a"] == "1" and st.data.params == {"p": "v"}
+    assert [(m.value, m.timestamp, m.step) for m in client.get_metric_history(st.info.run_id, "m")] == [(1.5, 7, 2)]
+    assert st.info.status == "FINISHED" and st.info.end_time == 123 and st.info.start_time == 1796253842827
+    assert [(d.dataset.name, d.dataset.digest) for d in st.inputs.dataset_inputs] == [("n", "d")]
+    assert sorted(a.path for a in client.list_artifacts(st.info.run_id)) == ["dir", "fig.png", "sub"]
+    assert [a.path for a in client.list_artifacts(st.info.run_id, "sub")] == ["sub/a.md"]
+    assert spool.pending(str(spool_dir)) == {} and spool.real_id(str(spool_dir), "offline-c1") == st.info.run_id
