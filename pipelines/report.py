@@ -173,7 +173,7 @@ def section_stages(stages: list[StageRun]) -> str:
 
 
 def _reasons(m: Manifest) -> list[str]:
-    from pipelines.stages.curate.schema import RULE_REASONS
+    from pipelines.contracts import RULE_REASONS
 
     order = ["not_downloaded", *[r for rule in m.params.get("rules", []) for r in RULE_REASONS.get(rule, ())]]
     extra = sorted(k.removeprefix("dropped_") for k in m.counts if k.startswith("dropped_"))

@@ -23,11 +23,10 @@ def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
 
 
 def documents() -> dict[str, Any]:
+    from pipelines.contracts import CRAWLED, CURATED, LEDGER
     from pipelines.manifest import MANIFEST_SCHEMA
     from pipelines.spec import job_schema
     from pipelines.stage import builtin_kinds
-    from pipelines.stages.crawl.schema import CRAWLED
-    from pipelines.stages.curate.schema import CURATED, LEDGER
 
     return {
         "job.schema.json": job_schema(builtin_kinds()),

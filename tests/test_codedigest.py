@@ -72,7 +72,7 @@ def test_each_builtin_stage_covers_the_shared_code_it_runs():
     assert {"pipelines/evaluation/live.py", "pipelines/evaluation/embed.py", "pipelines/evaluation/tasks.py",
             "pipelines/evaluation/metrics.py", "pipelines/models/__init__.py", "pipelines/storage.py",
             "pipelines/stages/train/loop.py"} <= train
-    assert "pipelines/stages/crawl/schema.py" in files("curate") and "pipelines/pairs.py" in files("ingest")
+    assert "pipelines/contracts.py" in files("curate") and "pipelines/pairs.py" in files("ingest")
     crawl = files("crawl")
     assert "pipelines/stages/crawl/fetch.py" in crawl and not any("/train/" in f for f in crawl)
 

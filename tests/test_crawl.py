@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines import spec, storage
+from pipelines.contracts import CRAWLED, uid
 from pipelines.demo.server import url_list
 from pipelines.runner import Selection, run_job
-from pipelines.stages.crawl.schema import CRAWLED, uid
 from tests.conftest import crawl_stage, mlflow_runs, read_output, write_job
 
 pytestmark = pytest.mark.slow

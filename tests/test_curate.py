@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from pipelines import configschema
+from pipelines.contracts import CRAWLED, uid
 from pipelines.manifest import Manifest
 from pipelines.stage import StageContext
-from pipelines.stages.crawl.schema import CRAWLED, uid
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import hamming, phash
 from pipelines.stages.curate.stage import CurateStage

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import spec
+from pipelines.contracts import CRAWLED
 from pipelines.demo import web
 from pipelines.evaluation import datasets
 from pipelines.runner import StageFailed, run_job
-from pipelines.stages.crawl.schema import CRAWLED
 from tests.conftest import read_output, write_job
 
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import configschema, storage
+from pipelines.contracts import CRAWLED, uid
 from pipelines.demo.server import url_list
 from pipelines.stage import Stage, StageContext, StageResult
 from pipelines.stages.crawl.config import CrawlConfig
-from pipelines.stages.crawl.schema import CRAWLED, uid
 from pipelines.stages.crawl.stage import CrawlStage
 from pipelines.stages.ingest.config import IngestConfig
 from pipelines.stages.ingest.stage import IngestStage

@@ -64,7 +64,7 @@ class CrawlConfig:
             self.input = [self.input]
         if not self.input:
             raise ValueError("input: expected at least one path or glob")
-        from pipelines.stages.crawl.schema import CRAWLED
+        from pipelines.contracts import CRAWLED
 
         clash = [c for c in self.passthrough if c.startswith("source_") and c.removeprefix("source_") in CRAWLED.names]
         if clash:

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.contracts import CRAWLED, uid
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.plan import Planner, Prior
-from pipelines.stages.crawl.schema import CRAWLED, uid
 
 URL_COLS = ("url", "URL")
 CAPTION_COLS = ("caption", "TEXT", "text")

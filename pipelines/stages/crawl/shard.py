@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import storage
+from pipelines.contracts import CRAWLED
 from pipelines.prometheus import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
 from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE
-from pipelines.stages.crawl.schema import CRAWLED
 
 # the columns a crawl writes for a row; the others (uid, url, caption, source, source_row) come from the input
 RESULT_COLUMNS = [n for n in CRAWLED.names if n not in ("uid", "url", "caption", "source", "source_row")]

@@ -10,11 +10,11 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipelines import storage
+from pipelines.contracts import STATUSES
 from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig
-from pipelines.stages.crawl.schema import STATUSES
 from pipelines.tracking import log_bar_chart
 
 

@@ -24,13 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.contracts import LEDGER, RULE_REASONS, SCORES
 from pipelines.manifest import Manifest
 from pipelines.prometheus import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import KEPT, Featurizer, load_eval_hashes, phash_hex, to_arrow, typed
-from pipelines.stages.curate.schema import LEDGER, RULE_REASONS, SCORES
 from pipelines.tracking import log_bar_chart
 
 LEDGER_DIR = "ledger"

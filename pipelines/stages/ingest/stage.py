@@ -15,8 +15,8 @@ import pyarrow as pa
 from PIL import Image
 
 from pipelines import pairs, storage
+from pipelines.contracts import CRAWLED, uid
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.crawl.schema import CRAWLED, uid
 from pipelines.stages.ingest.config import IngestConfig
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
