@@ -280,7 +280,7 @@ def _job(tmp_path: Path, web) -> Path:
 def test_a_job_exports_every_dashboard_metric_to_prometheus_through_ray(tmp_path, web):
     from mlflow import MlflowClient
 
-    from pipelines.stages.crawl.schema import STATUSES
+    from pipelines.contracts import STATUSES
 
     metrics_port, dashboard_port, prom_port = _free_port(), _free_port(), _free_port()
     log = tmp_path / "driver.log"
