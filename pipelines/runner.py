@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import __version__, manifest, storage
+from pipelines import __version__, layout, manifest, storage
 from pipelines.manifest import Manifest
 from pipelines.spec import JobSpec, StageSpec
 from pipelines.stage import StageContext, StageResult
@@ -74,7 +74,8 @@ class StageOutcome:
 
 
 def stage_dir(job: JobSpec, stage: str, fingerprint: str) -> str:
-    return storage.join(job.storage, job.name, stage, fingerprint)
+    """Where a stage of this job writes for a fingerprint (the rule: layout.stage_dir)."""
+    return layout.stage_dir(job.storage, job.name, stage, fingerprint)
 
 
 def fingerprint(st: StageSpec, upstream: dict[str, Manifest], external: dict[str, Any]) -> str:

@@ -22,6 +22,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines import layout
+
 TMP_MARK = ".tmp-"
 
 
@@ -113,7 +115,7 @@ def atomic_write(url: str, data: bytes) -> None:
 
 
 def write_parquet(url: str, table: Any, compression: str = "zstd") -> dict[str, Any]:
-    """Write an Arrow table as one Parquet file, atomically; the manifest entry's `rows`, `bytes` and `sha256`."""
+    """Write an Arrow table as one Parquet file, atomically; the manifest's `rows`, `bytes` and `sha256` of it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -121,7 +123,21 @@ def write_parquet(url: str, table: Any, compression: str = "zstd") -> dict[str, 
     pq.write_table(table, buf, compression=compression)
     data = buf.getvalue().to_pybytes()
     atomic_write(url, data)
-    return {"rows": table.num_rows, "bytes": len(data), "sha256": sha256_bytes(data)}
+    return layout.file_record(table.num_rows, data)
+
+
+def write_shard(directory: str, path: str, table: Any, compression: str = "zstd") -> dict[str, Any]:
+    """Write an Arrow table as the shard `path` of a stage directory (write_parquet); its manifest record."""
+    return layout.shard_entry(path, write_parquet(join(directory, path), table, compression))
+
+
+def read_parquet(url: str) -> Any:
+    """One Parquet file, whole, from any fsspec URL, as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
 
 
 def write_json(url: str, obj: Any) -> None:

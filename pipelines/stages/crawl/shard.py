@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import storage
+from pipelines import layout, storage
 from pipelines.contracts import CRAWLED
 from pipelines.prometheus import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
@@ -93,7 +93,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
                 prior_urls: list[str], metrics: StageMetrics | None = None) -> dict[str, Any]:
     """Crawl one staged input shard into out_url; return its shard record and status counts.  Each fetched
     row counts in `metrics` (CRAWL_FETCHED) as it comes back, so the fetch rate is live while the shard runs."""
-    table = read_table(in_url)
+    table = storage.read_parquet(in_url)
     urls, caps = table.column("url").to_pylist(), table.column("caption").to_pylist()
     action = plan.column("action").to_pylist()
     attempts = plan.column("attempts").to_pylist()
@@ -122,14 +122,7 @@ def failed_shard(in_url: str, out_url: str, plan: pa.Table, error: str) -> dict[
     attempts = plan.column("attempts").to_pylist()
     results = [{"status": "failed_to_download", "error_class": "shard_failed", "attempts": a,
                 "error_message": f"the shard task failed after its retries: {error}"[:500]} for a in attempts]
-    return write_shard(assemble(read_table(in_url), results), out_url)
-
-
-def read_table(url: str) -> pa.Table:
-    """One Parquet file, whole, from any fsspec URL."""
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+    return write_shard(assemble(storage.read_parquet(in_url), results), out_url)
 
 
 def _copy_reused(plan: pa.Table, prior_urls: list[str], results: list[dict[str, Any]]) -> None:
@@ -167,6 +160,7 @@ def _counts(table: pa.Table) -> dict[str, Any]:
 
 
 def write_shard(table: pa.Table, out_url: str) -> dict[str, Any]:
+    """Write a crawled table to out_url; its rows, bytes and sha256 (layout.file_record) and status counts."""
     return {**storage.write_parquet(out_url, table), **_counts(table)}
 
 
@@ -176,4 +170,4 @@ def describe_shard(out_url: str) -> dict[str, Any]:
     with fs.open(path, "rb") as f:
         data = f.read()
     table = pq.read_table(pa.BufferReader(data), columns=["status", "error_class"])
-    return {"rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256_bytes(data), **_counts(table)}
+    return {**layout.file_record(table.num_rows, data), **_counts(table)}

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipelines import storage
+from pipelines import layout, storage
 from pipelines.contracts import STATUSES
 from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
@@ -30,7 +30,7 @@ class CrawlStage(Stage):
     def run(self, ctx: StageContext, upstream: dict) -> StageResult:
         import ray
 
-        from pipelines.stages.crawl.shard import crawl_shard, describe_shard, failed_shard, read_table
+        from pipelines.stages.crawl.shard import crawl_shard, describe_shard, failed_shard
 
         cfg: CrawlConfig = self.config
         inputs_dir = storage.join(ctx.output, "_inputs")
@@ -46,7 +46,7 @@ class CrawlStage(Stage):
             ctx.log.info("per-host limits (%s connections, %s requests/s) apply within each shard task; up to %d "
                          "tasks run at once, so one host may see that many times the limit",
                          cfg.per_host_connections or "no cap on", cfg.per_host_rate or "no limit on", width)
-        plan_table = read_table(staged["plan"])
+        plan_table = storage.read_parquet(staged["plan"])
         offsets = [0]
         for s in shards:
             offsets.append(offsets[-1] + s["rows"])
@@ -61,7 +61,7 @@ class CrawlStage(Stage):
         records: dict[int, dict[str, Any]] = {}
         todo = []
         for s in shards:
-            out_url = storage.join(ctx.output, f"part-{s['id']:05d}.parquet")
+            out_url = storage.join(ctx.output, layout.shard_name(s["id"]))
             if storage.is_file(out_url):
                 records[s["id"]] = describe_shard(out_url)
             else:
@@ -131,8 +131,8 @@ class CrawlStage(Stage):
         for i, error in sorted(failed.items()):
             s = shards[i]
             # its own name: whatever kept the task from writing part-NNNNN may still be in the way
-            rec = failed_shard(s["url"], storage.join(ctx.output, f"part-{i:05d}-failed.parquet"), shard_plan(s), error)
-            rec["path"] = f"part-{i:05d}-failed.parquet"
+            rec = failed_shard(s["url"], storage.join(ctx.output, layout.shard_name(i, failed=True)), shard_plan(s),
+                               error)
             ctx.log.warning("shard %d: its %d rows are written as shard_failed (max_failed_shards %d)", i, rec["rows"],
                             cfg.max_failed_shards)
             records[i] = rec
@@ -155,8 +155,7 @@ class CrawlStage(Stage):
             "http_retries": http_retries,  # 429/503 answers retried after their Retry-After or a backoff
         }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_"))})
-        out_shards = [{"path": r.get("path", f"part-{i:05d}.parquet"), "rows": r["rows"], "bytes": r["bytes"],
-                       "sha256": r["sha256"]} for i, r in sorted(records.items())]
+        out_shards = [layout.shard_entry(layout.shard_name(i, failed=i in failed), r) for i, r in sorted(records.items())]
         version = {"version": prior["version"] + 1 if prior else 1,
                    "refreshed_from": {k: prior[k] for k in ("location", "digest", "version")} if prior else None,
                    "failed_shards": sorted(failed)}

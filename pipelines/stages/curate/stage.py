@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines import storage
+from pipelines import layout, storage
 from pipelines.contracts import LEDGER, RULE_REASONS, SCORES
 from pipelines.manifest import Manifest
 from pipelines.prometheus import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
@@ -32,14 +31,6 @@ from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import KEPT, Featurizer, load_eval_hashes, phash_hex, to_arrow, typed
 from pipelines.tracking import log_bar_chart
-
-LEDGER_DIR = "ledger"
-
-
-def _read(url: str) -> pa.Table:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
 
 
 def _featurize(batch: dict[str, np.ndarray], cfg: CurateConfig, eval_hashes: np.ndarray,
@@ -135,9 +126,8 @@ class CurateStage(Stage):
         prom.inc_each(CURATE_DROPPED, {r: counts[f"dropped_{r}"] for r in funnel_reasons(cfg)}, "reason")
         prom.inc(CURATE_ROWS_OUT, counts["rows_out"])
         self._plots(ctx, cfg, counts, work)
-        ledger = [{"path": s["path"], "rows": s["rows_ledger"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                  for s in summaries]
-        return StageResult(shards=[{k: s[k] for k in ("path", "rows", "bytes", "sha256")} for s in shards],
+        ledger = [layout.shard_entry(s["path"], s) for s in summaries]
+        return StageResult(shards=[layout.shard_entry(s["path"], s) for s in shards],
                            counts=counts, metrics=metrics, extra={"ledger": ledger})
 
     # ---- set rules -------------------------------------------------------------------------------------------
@@ -203,11 +193,9 @@ class CurateStage(Stage):
                 reason = g["reason"].to_numpy(dtype=object, copy=True)
                 reason[kept] = None
                 ledger = g.assign(kept=kept, phash=phash_hex(g["phash"], g["phash_ok"]), reason=reason)
-                path = f"{LEDGER_DIR}/part-{int(shard):05d}.parquet"
-                written = storage.write_parquet(storage.join(out, path), to_arrow(ledger, LEDGER))
+                written = storage.write_shard(out, layout.ledger_name(int(shard)), to_arrow(ledger, LEDGER))
                 w = np.ones(int(kept.sum()), np.int64) if weight == "rows" else g["image_bytes"].to_numpy()[kept]
-                recs.append({"shard": int(shard), "path": path, "rows_ledger": len(g), "bytes": written["bytes"],
-                             "sha256": written["sha256"], "kept": int(kept.sum()),
+                recs.append({"shard": int(shard), **written, "kept": int(kept.sum()),
                              "weight": int(w.sum()), "last_weight": int(w[-1]) if len(w) else 0,
                              "reasons": dict(Counter("kept" if k else r for k, r in zip(kept, g["reason"],
                                                                                          strict=True)))})
@@ -244,8 +232,8 @@ class CurateStage(Stage):
         def build(item: dict[str, Any]) -> dict[str, Any]:
             tables = []
             for shard, off, url in json.loads(item["inputs"]):
-                crawled = _read(url)
-                ledger = _read(storage.join(out, f"{LEDGER_DIR}/part-{shard:05d}.parquet"))
+                crawled = storage.read_parquet(url)
+                ledger = storage.read_parquet(storage.join(out, layout.ledger_name(shard)))
                 kept = np.asarray(ledger.column("kept").to_numpy(zero_copy_only=False), dtype=bool)
                 w = (np.ones(int(kept.sum()), np.int64) if weight == "rows"
                      else ledger.column("image_bytes").to_numpy()[kept])
@@ -257,9 +245,7 @@ class CurateStage(Stage):
                     for f in SCORES:
                         t = t.append_column(f, scores.column(f.name).cast(f.type))
                     tables.append(t)
-            table = pa.concat_tables(tables)
-            rel = f"part-{item['part']:05d}.parquet"
-            return {"path": rel, **storage.write_parquet(storage.join(out, rel), table)}
+            return storage.write_shard(out, layout.shard_name(item["part"]), pa.concat_tables(tables))
 
         recs = ray.data.from_items(items, override_num_blocks=len(items)).map(build).take_all()
         written = sum(r["rows"] for r in recs)

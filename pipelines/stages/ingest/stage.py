@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from pipelines import pairs, storage
+from pipelines import layout, pairs, storage
 from pipelines.contracts import CRAWLED, uid
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.ingest.config import IngestConfig
@@ -49,8 +49,7 @@ class IngestStage(Stage):
             rows = [_row(images[j], captions[j], where[j], sources[j], source_row[j])
                     for j in range(start, min(len(images), start + cfg.shard_rows))]
             table = pa.Table.from_pylist(rows, schema=CRAWLED)
-            rel = f"part-{i:05d}.parquet"
-            shards.append({"path": rel, **storage.write_parquet(storage.join(ctx.output, rel), table)})
+            shards.append(storage.write_shard(ctx.output, layout.shard_name(i), table))
         return StageResult(shards=shards, counts={"input_rows": len(images), "success": len(images)})
 
     @staticmethod

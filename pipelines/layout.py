@@ -1,0 +1,47 @@
+"""What a stage's output directory holds and how the manifest records it: the one owner of those names.
+
+A stage's output is `{storage}/{job}/{stage}/{fingerprint}/`. Its data files are shards named
+`part-NNNNN.parquet` by their index (a crawl shard written by the driver after its task failed is
+`part-NNNNN-failed.parquet`); curate's ledger keeps one `ledger/part-NNNNN.parquet` per crawled shard.
+The manifest lists each shard as a record `{"path", "rows", "bytes", "sha256"}`: its path within the stage
+directory, its rows, and the size and sha256 of the bytes written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+SHARD_FIELDS = ("path", "rows", "bytes", "sha256")  # a manifest's shard record (manifest.schema.json)
+LEDGER_DIR = "ledger"
+
+
+def stage_dir(root: str, job: str, stage: str, fingerprint: str) -> str:
+    """The output directory of one stage of a job for one fingerprint, under the job's storage URL."""
+    return "/".join([root.rstrip("/"), job, stage, fingerprint])  # names match spec's pattern: no "/"
+
+
+def shard_name(index: int, failed: bool = False) -> str:
+    """A data shard's file name (and path within the stage directory)."""
+    return f"part-{index:05d}{'-failed' if failed else ''}.parquet"
+
+
+def ledger_name(index: int) -> str:
+    """The path of curate's ledger file for crawled shard `index`, within the stage directory."""
+    return f"{LEDGER_DIR}/{shard_name(index)}"
+
+
+def file_record(rows: int, data: bytes) -> dict[str, Any]:
+    """What the manifest says of a file from the bytes written: rows, size and sha256 (its path aside)."""
+    return {"rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def shard_record(path: str, rows: int, data: bytes) -> dict[str, Any]:
+    """The manifest's record of a shard written as `data` at `path` within the stage directory."""
+    return {"path": path, **file_record(rows, data)}
+
+
+def shard_entry(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's record of shard `path` from a record holding (at least) its rows, bytes and sha256."""
+    return {"path": path, **{k: record[k] for k in SHARD_FIELDS[1:]}}
