@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines import storage
+from pipelines import layout, storage
 from pipelines.manifest import Manifest
 from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
 from pipelines.spool import unreachable
@@ -110,7 +110,7 @@ class TrainStage(Stage):
         shards = []
         for fname, blob in files.items():
             storage.atomic_write(storage.join(ctx.output, fname), blob)
-            shards.append({"path": fname, "rows": 0, "bytes": len(blob), "sha256": storage.sha256_bytes(blob)})
+            shards.append(layout.shard_record(fname, 0, blob))
         reg = cfg.register
         registered = (reg.name or f"{ctx.job}-{ctx.stage}") if reg.enabled else None
         out: dict[str, Any] = {"arch": name, "weights": WEIGHTS_FILE, "config": CONFIG_FILE, "model_uri": None}
