@@ -14,11 +14,13 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import __version__, storage
+from pipelines import __version__, prometheus, storage
 from pipelines import spool as spooling
 from pipelines.redact import REDACTED, scrub  # here too: runner, cli and the demo import them from tracking
 
@@ -82,10 +84,12 @@ def git_sha() -> str | None:
 
 
 class StageTracker:
-    """The small logging interface a stage sees: metrics, params, artifacts, figures, inputs."""
+    """The one tracking handle a stage sees: its run's metrics, params, tags, artifacts, figures, inputs, and
+    whether MLflow is taking writes. Writes go through the job's `SpoolingClient`, so they are spooled while
+    the server is down; `for_worker` is the same run's handle for code that runs in Ray workers."""
 
-    def __init__(self, client: Any, run_id: str, stage: str, uri: str = "") -> None:
-        self.client, self.run_id, self.stage, self.uri = client, run_id, stage, uri
+    def __init__(self, client: Any, run_id: str, stage: str, uri: str = "", job: str = "") -> None:
+        self._client, self.run_id, self.stage, self.uri, self.job = client, run_id, stage, uri, job
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str | None = None) -> None:
         """Metrics as `<stage>/<name>` (or `<prefix>/<name>`; prefix "" logs the names as given); NaN is left out."""
@@ -99,24 +103,160 @@ class StageTracker:
             if v is not None and not (isinstance(v, float) and math.isnan(v))
         ]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self._client.set_tag(self.run_id, key, value)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
 
     def log_input(self, name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         ds = Dataset(name=name, digest=digest[:36], source_type="clipline", source=json.dumps({"uri": source}),
                      profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        """Point registered model `name`'s `alias` at `version` (the registry is not spooled: online only)."""
+        self._client.set_registered_model_alias(name, alias, version)
+
+    @property
+    def offline(self) -> bool:
+        """Whether MLflow stopped taking writes: what is written now goes to the spool."""
+        return bool(self._client.offline)
+
+    def go_offline(self, why: str) -> None:
+        """Spool every later write of this process (a call outside the handle found the server down)."""
+        self._client.go_offline(why)
+
+    @property
+    def spool(self) -> str:
+        """The spool directory this process writes to while offline."""
+        return str(self._client.spool_dir)
+
+    def for_worker(self) -> WorkerTracker:
+        """This run's handle for Ray workers: small and picklable, offline if this one is."""
+        return WorkerTracker(self.uri, self.run_id, self.job, self.stage, self.spool, started_offline=self.offline)
+
+
+@dataclass
+class WorkerTracker:
+    """A stage run's tracking as the stage's Ray workers carry it (from `StageTracker.for_worker`): MLflow writes
+    through a `SpoolingClient` it makes in the worker the first time rank 0 writes (a client does not pickle),
+    and the stage's Prometheus metrics (`pipelines.prometheus.StageMetrics`).
+
+    Every rank carries it (`on_rank` says which rank it is on), and on any rank but 0 every call does nothing
+    (torchtitan's logger shape): code that runs on all ranks logs without asking which one it is. Metrics are
+    kept until `flush`, which sends them in batches."""
+
+    uri: str
+    run_id: str
+    job: str
+    stage: str
+    spool: str  # where rank 0 writes its MLflow records if the server is down (pipelines.spool)
+    started_offline: bool = False  # the driver's tracking was already offline when the workers started
+    rank: int = 0
+    _client: Any = field(default=None, init=False, repr=False, compare=False)
+    _pending: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # the client stays in its process; each worker makes its own
+        return {**self.__dict__, "_client": None, "_pending": []}
+
+    def on_rank(self, rank: int) -> WorkerTracker:
+        return replace(self, rank=rank)
+
+    @property
+    def active(self) -> bool:
+        """Rank 0: the one that writes."""
+        return self.rank == 0
+
+    def _spooling(self) -> Any:
+        if self._client is None:
+            self._client = spooling.SpoolingClient(self.uri, self.spool, offline=self.started_offline,
+                                                   why="offline when training started")
+        return self._client
+
+    @property
+    def offline(self) -> bool:
+        """Whether rank 0's writes go to the spool (off rank 0: whether the driver's did when the workers started)."""
+        return self._spooling().offline if self.active else self.started_offline
+
+    def set_tag(self, key: str, value: Any) -> None:
+        if self.active:
+            self._spooling().set_tag(self.run_id, key, value)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Keep step `step`'s metrics (names as given; None, NaN and infinities left out) for the next `flush`."""
+        from mlflow.entities import Metric
+
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                          if v is not None and math.isfinite(v)]
+
+    def flush(self) -> None:
+        """Send the metrics kept so far."""
+        if not self.active:
+            return
+        for i in range(0, len(self._pending), 1000):
+            self._spooling().log_batch(self.run_id, metrics=self._pending[i : i + 1000])
+        self._pending = []
+
+    def last_step(self, key: str) -> int:
+        """The highest step of metric `key` the run has: in MLflow, or spooled by an earlier attempt while offline
+        (a restart recomputes those steps, and the replay would otherwise give the run a second value for each).
+        0 off rank 0."""
+        if not self.active:
+            return 0
+        client, history = self._spooling(), []
+        if not client.offline:
+            try:
+                history = client.get_metric_history(self.run_id, key)
+            except Exception as exc:  # noqa: BLE001 - a server that is down spools; anything else is raised
+                if not spooling.unreachable(exc):
+                    raise
+                client.go_offline(f"reading the run's {key} history: {str(exc)[:300]}")
+        return max(max((m.step for m in history), default=0), spooling.last_step(self.spool, self.run_id, key))
+
+    @contextmanager
+    def system_metrics(self, enabled: bool = True) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, GPU) logged from rank 0 while the block runs; not while offline
+        (MLflow's monitor has no spool)."""
+        monitor = None
+        if enabled and self.active and not self.offline:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
+                                           tracking_uri=self.uri)
+            monitor.start()
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def inc(self, m: prometheus.Metric, value: float = 1, **labels: Any) -> None:
+        """Prometheus counter `m` increased, labelled with the job and stage (`StageMetrics.inc`)."""
+        if self.active:
+            prometheus.StageMetrics(self.job, self.stage).inc(m, value, **labels)
+
+    def set(self, m: prometheus.Metric, value: float | None, **labels: Any) -> None:
+        """Prometheus gauge `m` set (`StageMetrics.set`)."""
+        if self.active:
+            prometheus.StageMetrics(self.job, self.stage).set(m, value, **labels)
 
 
 def log_bar_chart(tracker: StageTracker, items: Sequence[tuple[str, float]], title: str, xlabel: str, artifact: str,
@@ -181,6 +321,7 @@ class Tracker:
         self.experiment_id = self._experiment(experiment, store) if not why else (
             spooling.OFFLINE + "experiment:" + experiment)
         self.parent_id: str | None = None
+        self.job = ""  # the job run's name, once start_job has made its run
 
     def _experiment(self, name: str, store: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -206,8 +347,8 @@ class Tracker:
             tags={"clipline.job": job, "clipline.version": __version__, "clipline.git_sha": git_sha() or "unknown",
                   **tags},
         )
-        self.parent_id = run.info.run_id
-        StageTracker(self.client, self.parent_id, "job").log_params(params)
+        self.parent_id, self.job = run.info.run_id, job
+        StageTracker(self.client, self.parent_id, "job", self.uri, job).log_params(params)
         return self.parent_id
 
     def start_stage(self, job: str, stage: str, uses: str, fingerprint: str, tags: dict[str, str]) -> StageTracker:
@@ -225,7 +366,7 @@ class Tracker:
                 **tags,
             },
         )
-        return StageTracker(self.client, run.info.run_id, stage, self.uri)
+        return StageTracker(self.client, run.info.run_id, stage, self.uri, job)
 
     def resume_stage(self, marker: str, stage: str = "") -> StageTracker | None:
         """Continue the stage run an interrupted attempt started (its id is in `marker`), under this job run.
@@ -265,7 +406,7 @@ class Tracker:
                            "clipline.attempts": str(attempts)}.items():
             self.client.set_tag(run_id, key, value)
         log.info("%s: continuing MLflow run %s (attempt %d)", run.data.tags.get("clipline.stage"), run_id, attempts)
-        return StageTracker(self.client, run_id, run.data.tags.get("clipline.stage", ""), self.uri)
+        return StageTracker(self.client, run_id, run.data.tags.get("clipline.stage", ""), self.uri, self.job)
 
     def _resume_offline(self, run_id: str, marker: str, stage: str) -> StageTracker:
         """Continue the stage run with its writes spooled; its earlier tags cannot be read, so the attempt count is
@@ -276,7 +417,7 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         for key, value in {"mlflow.parentRunId": self.parent_id or "", "clipline.resumed": "true"}.items():
             self.client.set_tag(run_id, key, value)
-        return StageTracker(self.client, run_id, stage, self.uri)
+        return StageTracker(self.client, run_id, stage, self.uri, self.job)
 
     def log_file_artifact(self, run_id: str, url: str, artifact_path: str | None = None) -> None:
         """Copy a file from storage (any fsspec URL) into the run's artifacts."""

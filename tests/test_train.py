@@ -20,7 +20,7 @@ import tests.support.sources  # noqa: F401  (registers the demo_curated source s
 from pipelines import configschema, spec
 from pipelines.models import ModelRef, create
 from pipelines.runner import StageFailed, run_job
-from pipelines.stages.train import engine, loop
+from pipelines.stages.train import checkpoint, engine, parallel
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.stage import plan_steps
 from tests.conftest import mlflow_runs, write_job
@@ -74,7 +74,7 @@ def _equality_worker(config: dict[str, Any]) -> None:
     images, texts = images[rank * per:(rank + 1) * per], texts[rank * per:(rank + 1) * per]
     for loss, accum, strategy in CASES:
         cfg = configschema.build(TrainConfig, {"loss": loss, "strategy": strategy})
-        model = loop._wrap(_model(loss), cfg, world, torch.device("cpu"))
+        model = parallel.wrap(_model(loss), cfg, world, torch.device("cpu"))
         opt = engine.optimizer(engine.unwrap(model), 0.0, 0.0, (0.9, 0.98), 1e-6)
         value = engine.step(model, engine.make_loss(loss, rank, world), opt, _micro(images, texts, accum))
         grads = _grads(model)
@@ -129,13 +129,13 @@ def test_a_checkpoint_restores_model_optimizer_and_schedule_bit_for_bit(tmp_path
     for _ in range(3):
         engine.step(model, loss_fn, opt, [(images, texts)])
         sched.step()
-    msd, osd = engine.full_state(model, opt)
-    engine.save(str(tmp_path / "ck"), msd, osd, sched, {"step": 3, "epoch": 0, "step_in_epoch": 3, "mlflow_run_id": "r"})
+    msd, osd = checkpoint.full_state(model, opt)
+    checkpoint.save(str(tmp_path / "ck"), msd, osd, sched, {"step": 3, "epoch": 0, "step_in_epoch": 3, "mlflow_run_id": "r"})
 
     other = create(ModelRef(arch="clip-tiny", seed=7), output_dict=True)[0].train()
     opt2 = engine.optimizer(other, 1e-3, 0.2, (0.9, 0.98), 1e-6)
     sched2 = engine.scheduler(opt2, 2, 10)
-    state = engine.load(str(tmp_path / "ck"), other, opt2, sched2)
+    state = checkpoint.load(str(tmp_path / "ck"), other, opt2, sched2)
     assert state == {"step": 3, "epoch": 0, "step_in_epoch": 3, "mlflow_run_id": "r"}
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
@@ -183,11 +183,11 @@ def test_a_checkpoint_that_carries_objects_is_refused(tmp_path):
     model = _model()
     opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
     sched = engine.scheduler(opt, 2, 10)
-    msd, osd = engine.full_state(model, opt)
-    engine.save(str(tmp_path), msd, osd, sched, {"step": 0})
-    torch.save({"state": {}, "param_groups": [], "evil": threading.Lock}, tmp_path / engine.OPTIM_FILE)
+    msd, osd = checkpoint.full_state(model, opt)
+    checkpoint.save(str(tmp_path), msd, osd, sched, {"step": 0})
+    torch.save({"state": {}, "param_groups": [], "evil": threading.Lock}, tmp_path / checkpoint.OPTIM_FILE)
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
-        engine.load(str(tmp_path), model, opt, sched)
+        checkpoint.load(str(tmp_path), model, opt, sched)
 
 
 def test_gains_biases_and_logit_scale_get_no_weight_decay():

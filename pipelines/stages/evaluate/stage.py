@@ -165,4 +165,4 @@ class EvaluateStage(Stage):
         lines += [f"| {s['dataset']} | {s['task']} | {s['images']} | {s['main_metric']} | {s['value']:.4f} |"
                   for s in summary]
         lines.append(f"| average | | | | {average:.4f} |")
-        ctx.tracker.client.log_text(ctx.tracker.run_id, "\n".join(lines) + "\n", "eval_summary.md")
+        ctx.tracker.log_text("\n".join(lines) + "\n", "eval_summary.md")

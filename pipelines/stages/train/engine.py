@@ -1,4 +1,5 @@
-"""What one training worker does, independent of Ray: loss, optimiser, schedule, a step, checkpoints.
+"""What one training worker does, independent of Ray: loss, optimiser, schedule, a step (checkpoints are in
+`checkpoint.py`, DDP and FSDP in `parallel.py`).
 
 The conventions are open_clip's: local loss with features gathered *with* gradients (memory grows with
 local x global batch, not global squared); gradient accumulation caches every micro-batch's features first,
@@ -9,9 +10,7 @@ biases and the logit scale; linear warmup then cosine decay; the logit scale cla
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,56 +130,3 @@ def step(model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, micro
     with torch.no_grad():
         unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     return float(value)
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------------
-
-MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Unsharded model and optimizer state on CPU (a collective under DDP/FSDP: every rank must call it)."""
-    if _distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        msd, osd = get_state_dict(unwrap(model), opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        msd, osd = unwrap(model).state_dict(), opt.state_dict()
-    return {k: v.detach().cpu().contiguous() for k, v in msd.items()}, osd
-
-
-def save(path: str, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any], sched: Any, state: dict[str, Any]) -> None:
-    """Write a checkpoint directory: safetensors weights, optimizer tensors, and the JSON training state."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    save_file(model_sd, os.path.join(path, MODEL_FILE))
-    torch.save(optim_sd, os.path.join(path, OPTIM_FILE))
-    with open(os.path.join(path, STATE_FILE), "w") as f:
-        json.dump({**state, "scheduler": sched.state_dict()}, f, indent=2)
-
-
-def load(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    """Restore a checkpoint written by `save` into model, optimizer and scheduler; return the training state.
-
-    Every rank calls it; nothing is unpickled (`weights_only=True`, safetensors)."""
-    from safetensors.torch import load_file
-
-    msd = load_file(os.path.join(path, MODEL_FILE))
-    osd = torch.load(os.path.join(path, OPTIM_FILE), map_location="cpu", weights_only=True)
-    if _distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(unwrap(model), opt, model_state_dict=msd, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        unwrap(model).load_state_dict(msd)
-        opt.load_state_dict(osd)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
-    sched.load_state_dict(state.pop("scheduler"))
-    return state

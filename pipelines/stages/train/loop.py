@@ -1,17 +1,19 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Rank 0 logs to MLflow (Ray Train V2 has no MLflow callback).  The MLflow run id and the data position
+Every rank carries the stage run's tracking handle (`pipelines.tracking.WorkerTracker`, in the plan); only
+rank 0's writes anything (Ray Train V2 has no MLflow callback).  The MLflow run id and the data position
 (epoch, step within the epoch) live in every checkpoint, so a worker group restarted by `FailureConfig`,
 or a re-run of the job, continues the same run.  Steps already logged before a failure are not logged again
-when they are recomputed, so the run's metric history has no gap and no duplicate step.
+when they are recomputed, so the run's metric history has no gap and no duplicate step.  The model's
+parallel wrapping is in `parallel.py`, checkpoints in `checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from pipelines.evaluation.live import LiveEvaluator
-from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS, StageMetrics
-from pipelines.spool import SpoolingClient, last_step, unreachable
-from pipelines.stages.train import engine
+from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS
+from pipelines.stages.train import checkpoint, engine, parallel
 from pipelines.stages.train.config import TrainConfig
+from pipelines.tracking import WorkerTracker
 
 # dense bf16 peak FLOP/s of one accelerator, by device-name substring, most specific first (vendor datasheets)
 PEAK_BF16 = [("GH200", 989.4e12), ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100", 989.4e12),
@@ -38,12 +40,7 @@ class Plan:
     arch: str
     steps_per_epoch: int
     planned_steps: int
-    tracking_uri: str
-    run_id: str
-    job: str = ""  # the labels of rank 0's Prometheus metrics
-    stage: str = ""
-    spool: str = ""  # where rank 0 writes its MLflow records if the server is down (pipelines.spool)
-    offline: bool = False  # the driver's tracking was already offline when training started
+    tracker: WorkerTracker  # the stage run's MLflow run and Prometheus labels; each rank takes its own (on_rank)
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> float | None:
@@ -74,66 +71,47 @@ def flops_per_sample(model: torch.nn.Module, loss_kind: str, image_size: int, co
 
 
 class StepLog:
-    """Rank 0's MLflow writer: batches metrics, skips steps the run already has (a recomputed stretch)."""
+    """What the loop records at each step, on every rank (the tracker does nothing off rank 0): MLflow metrics,
+    batched and sent every `every` steps, skipping steps the run already has (a stretch recomputed after a
+    restart); the Prometheus counters and gauges on every step, recomputed ones too (they measure work done)."""
 
-    def __init__(self, uri: str, run_id: str, every: int, spool: str, offline: bool = False) -> None:
-        self.client = SpoolingClient(uri, spool, offline=offline, why="offline when training started")
-        self.run_id, self.every, history = run_id, every, []
-        if not self.client.offline:
-            try:
-                history = self.client.get_metric_history(run_id, METRIC)
-            except Exception as exc:  # noqa: BLE001 - a server that is down spools; anything else is raised
-                if not unreachable(exc):
-                    raise
-                self.client.go_offline(f"reading the run's loss history: {str(exc)[:300]}")
-        # steps spooled by an earlier attempt while offline count too: a restart recomputes them, and the replay
-        # would otherwise give the run a second value for each
-        self.logged = max(max((m.step for m in history), default=0), last_step(spool, run_id, METRIC))
-        self.pending: list[Any] = []
+    def __init__(self, tracker: WorkerTracker, every: int) -> None:
+        self.tracker, self.every = tracker, every
+        self.logged = tracker.last_step(METRIC)
 
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        if step <= self.logged:
-            return
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        self.logged = step
-        if step % self.every == 0:
-            self.flush()
+    def step(self, step: int, metrics: dict[str, float], samples: int) -> None:
+        if step > self.logged:
+            self.tracker.log_metrics(metrics, step)
+            self.logged = step
+            if step % self.every == 0:
+                self.flush()
+        self.tracker.inc(TRAIN_STEPS)
+        self.tracker.inc(TRAIN_SAMPLES, samples)
+        self.tracker.set(TRAIN_LOSS, metrics["train/loss"])
+        self.tracker.set(TRAIN_DATA_WAIT, metrics["train/data_wait_fraction"])
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
-        self.pending = []
+        self.tracker.flush()
 
 
-def _wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
-    if world == 1:
-        return torch.compile(model) if cfg.compile else model
-    if cfg.strategy == "fsdp":
-        from open_clip.transformer import ResidualAttentionBlock
-        from torch.distributed.fsdp import fully_shard
+@dataclass
+class Setup:
+    """What `build` makes for one rank."""
 
-        for m in list(model.modules()):
-            if isinstance(m, ResidualAttentionBlock):
-                fully_shard(m)
-        # FSDP2 cannot shard 0-d parameters (logit scale and bias): they stay replicated, and engine.step
-        # averages their gradients across ranks itself
-        scalars = {p for p in model.parameters() if p.ndim == 0}
-        fully_shard(model, ignored_params=scalars)
-        model.replicated_params = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
-        return torch.compile(model) if cfg.compile else model
-    ids = [device.index] if device.type == "cuda" else None
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return torch.compile(ddp) if cfg.compile else ddp  # compiled after wrapping: DDP's bucketing stays in the graph
+    model: Any  # wrapped for the ranks (parallel.wrap)
+    loss: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    flops_per_sample: float
+    autocast: Callable[[], Any]
+    bf16: bool
 
 
-def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any, Any, Any, float, Any, bool]:
-    """(wrapped model, loss, optimizer, scheduler, FLOPs per sample, autocast, bf16) for this rank."""
+def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> Setup:
+    """The model wrapped for the ranks, its loss, optimizer and schedule, for this rank."""
     from pipelines.models import create
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if engine._distributed() else (0, 1)
+    rank, world = parallel.rank_and_world()
     kwargs: dict[str, Any] = {"output_dict": True}
     if cfg.loss == "siglip":  # SigLIP's initialisation (open_clip's --siglip)
         kwargs.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
@@ -151,11 +129,11 @@ def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> tuple[Any, Any,
                            device, autocast)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model = _wrap(model, cfg, world, device)
+    model = parallel.wrap(model, cfg, world, device)
     # after wrapping: FSDP replaces the parameters with sharded ones, which the optimizer must hold
     opt = engine.optimizer(engine.unwrap(model), cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     sched = engine.scheduler(opt, cfg.warmup, plan.planned_steps)
-    return model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast, bf16
+    return Setup(model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast, bf16)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -169,87 +147,75 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model, loss_fn, opt, sched, fps, autocast, bf16 = build(cfg, plan, device)
+    setup = build(cfg, plan, device)
+    model, loss_fn, opt, sched = setup.model, setup.loss, setup.opt, setup.sched
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = engine.load(d, model, opt, sched)
-    log = StepLog(plan.tracking_uri, plan.run_id, cfg.log_every, plan.spool, plan.offline) if rank == 0 else None
-    prom = StageMetrics(plan.job, plan.stage) if rank == 0 else None
-    if log is not None and ckpt is not None:
-        log.client.set_tag(plan.run_id, "clipline.train.restored_from_step", str(state["step"]))
-    monitor = None
-    if log is not None and cfg.system_metrics and not log.client.offline:  # MLflow's monitor has no spool
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(plan.run_id, sampling_interval=5, resume_logging=True,
-                                       tracking_uri=plan.tracking_uri)
-        monitor.start()
-    peak = peak_flops(cfg, device, bf16)
-    evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
-                 else None)
-    global_batch = cfg.batch_size * cfg.accum_freq * world
-    shard = ray.train.get_dataset_shard("train")
-    # One pass over the dataset per epoch: each pass starts Ray Data's pipeline again (a few seconds here).
-    # The data position (epoch, step in the epoch) counts steps; a resumed epoch trains its remaining steps
-    # from a fresh pass (the stream's order is not reproducible, so replaying it would not skip the rows
-    # already seen).
-    step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    samples = state["samples"]
-    try:
-        while step < plan.planned_steps:
-            start_step, micro, wait = step, [], 0.0
-            batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                                    dtypes={"image": torch.float32, "text": torch.long},
-                                                    prefetch_batches=2,
-                                                    local_shuffle_buffer_size=cfg.shuffle_buffer or None))
-            t_start = time.perf_counter()
+            state = checkpoint.load(d, model, opt, sched)
+    tracker = plan.tracker.on_rank(rank)
+    log = StepLog(tracker, cfg.log_every)
+    if ckpt is not None:
+        tracker.set_tag("clipline.train.restored_from_step", str(state["step"]))
+    with tracker.system_metrics(cfg.system_metrics):
+        peak = peak_flops(cfg, device, setup.bf16)
+        evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
+                     else None)
+        global_batch = cfg.batch_size * cfg.accum_freq * world
+        shard = ray.train.get_dataset_shard("train")
+        # One pass over the dataset per epoch: each pass starts Ray Data's pipeline again (a few seconds here).
+        # The data position (epoch, step in the epoch) counts steps; a resumed epoch trains its remaining steps
+        # from a fresh pass (the stream's order is not reproducible, so replaying it would not skip the rows
+        # already seen).
+        step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        samples = state["samples"]
+        try:
             while step < plan.planned_steps:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                wait += time.perf_counter() - t0
-                micro.append((batch["image"], batch["text"]))
-                if len(micro) < cfg.accum_freq:
-                    continue
-                lr = opt.param_groups[0]["lr"]  # the rate this step used
-                loss = engine.step(model, loss_fn, opt, micro, autocast, cfg.grad_clip)
-                sched.step()
-                step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
-                if in_epoch >= plan.steps_per_epoch:
-                    epoch, in_epoch = epoch + 1, 0
-                t_end = time.perf_counter()
-                metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world, fps, peak,
-                                        device)
-                if evaluator is not None and (step == plan.planned_steps or (cfg.eval_every
-                                                                             and step % cfg.eval_every == 0)):
-                    scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
-                    metrics.update(scores if rank == 0 else {})
-                if log is not None:
-                    log.add(step, metrics)
-                if prom is not None:  # every step, recomputed ones too: the counters measure work done
-                    prom.inc(TRAIN_STEPS)
-                    prom.inc(TRAIN_SAMPLES, global_batch)
-                    prom.set(TRAIN_LOSS, metrics["train/loss"])
-                    prom.set(TRAIN_DATA_WAIT, metrics["train/data_wait_fraction"])
-                if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
-                    _checkpoint(model, opt, sched, rank, log, plan, {
-                        "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
-                        "loss": metrics["train/loss"]})
-                if in_epoch == 0:  # the epoch is done: the next one is a new pass
-                    break
-                wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
-            if step == start_step:
-                raise RuntimeError(f"train data: a pass over the stream gave worker {rank} no full step of "
-                                   f"{cfg.batch_size} x {cfg.accum_freq} rows")
-    finally:
-        if log is not None:
+                start_step, micro, wait = step, [], 0.0
+                batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                                        dtypes={"image": torch.float32, "text": torch.long},
+                                                        prefetch_batches=2,
+                                                        local_shuffle_buffer_size=cfg.shuffle_buffer or None))
+                t_start = time.perf_counter()
+                while step < plan.planned_steps:
+                    t0 = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    wait += time.perf_counter() - t0
+                    micro.append((batch["image"], batch["text"]))
+                    if len(micro) < cfg.accum_freq:
+                        continue
+                    lr = opt.param_groups[0]["lr"]  # the rate this step used
+                    loss = engine.step(model, loss_fn, opt, micro, setup.autocast, cfg.grad_clip)
+                    sched.step()
+                    step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
+                    if in_epoch >= plan.steps_per_epoch:
+                        epoch, in_epoch = epoch + 1, 0
+                    t_end = time.perf_counter()
+                    metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world,
+                                            setup.flops_per_sample, peak, device)
+                    if evaluator is not None and (step == plan.planned_steps or (cfg.eval_every
+                                                                                 and step % cfg.eval_every == 0)):
+                        scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
+                        metrics.update(scores if rank == 0 else {})
+                    log.step(step, metrics, global_batch)
+                    if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
+                        log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
+                        checkpoint.report(model, opt, sched, rank, {
+                            "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
+                            "loss": metrics["train/loss"], "mlflow_run_id": tracker.run_id, "arch": plan.arch,
+                            "planned_steps": plan.planned_steps})
+                    if in_epoch == 0:  # the epoch is done: the next one is a new pass
+                        break
+                    wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
+                if step == start_step:
+                    raise RuntimeError(f"train data: a pass over the stream gave worker {rank} no full step of "
+                                       f"{cfg.batch_size} x {cfg.accum_freq} rows")
+        finally:
             log.flush()
-        if monitor is not None:
-            monitor.finish()
 
 
 def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds: float, wait: float,
@@ -259,7 +225,7 @@ def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds:
     local = cfg.batch_size * cfg.accum_freq / seconds
     wait_frac = min(1.0, wait / seconds) if seconds > 0 else 0.0
     per = torch.tensor([local, wait_frac, loss], dtype=torch.float64, device=device)
-    if engine._distributed():
+    if parallel.distributed():
         gathered = [torch.zeros_like(per) for _ in range(world)]
         dist.all_gather(gathered, per)
     else:
@@ -283,22 +249,3 @@ def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds:
 def _scalar(p: torch.Tensor) -> float:
     p = p.detach()
     return float(p.full_tensor() if hasattr(p, "full_tensor") else p)  # FSDP2 parameters are DTensors
-
-
-def _checkpoint(model: Any, opt: Any, sched: Any, rank: int, log: StepLog | None, plan: Plan,
-                state: dict[str, Any]) -> None:
-    """Every rank reports (a collective gathers the full state); rank 0 writes the files."""
-    import ray.train
-
-    model_sd, optim_sd = engine.full_state(model, opt)
-    metrics = {"step": state["step"], "loss": state["loss"]}
-    if log is not None:
-        log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save(tmp, model_sd, optim_sd, sched, {**state, "mlflow_run_id": plan.run_id, "arch": plan.arch,
-                                                     "planned_steps": plan.planned_steps})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-{state['step']:08d}")

@@ -18,7 +18,7 @@ from pipelines.manifest import Manifest
 from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
 from pipelines.spool import unreachable
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.train import data, engine
+from pipelines.stages.train import checkpoint, data
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.loop import Plan, train_loop
 
@@ -69,10 +69,7 @@ class TrainStage(Stage):
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
-                                                        planned_steps=planned, tracking_uri=ctx.tracker.uri,
-                                                        run_id=ctx.tracker.run_id, job=ctx.job, stage=ctx.stage,
-                                                        spool=ctx.tracker.client.spool_dir,
-                                                        offline=ctx.tracker.client.offline)},
+                                                        planned_steps=planned, tracker=ctx.tracker.for_worker())},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=ray_dir,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -83,7 +80,7 @@ class TrainStage(Stage):
         if result.checkpoint is None:
             raise RuntimeError(f"train: Ray Train finished without a checkpoint under {ray_dir}")
         with result.checkpoint.as_directory() as d:
-            with open(os.path.join(d, engine.STATE_FILE)) as f:
+            with open(os.path.join(d, checkpoint.STATE_FILE)) as f:
                 state = json.load(f)
             if state["step"] != planned:
                 raise RuntimeError(f"train: the last checkpoint is at step {state['step']}, planned {planned}")
@@ -100,7 +97,7 @@ class TrainStage(Stage):
         """Write the final weights and config beside the manifest; log and register the model in MLflow."""
         from pipelines.models import ModelRef, create
 
-        weights = os.path.join(ckpt_dir, engine.MODEL_FILE)
+        weights = os.path.join(ckpt_dir, checkpoint.MODEL_FILE)
         model, _, _ = create(ModelRef(arch=cfg.model.arch, checkpoint=weights))
         name = arch_name(cfg.model.arch)
         config = {"arch": name, **model_config(cfg.model.arch)}
@@ -114,26 +111,24 @@ class TrainStage(Stage):
         reg = cfg.register
         registered = (reg.name or f"{ctx.job}-{ctx.stage}") if reg.enabled else None
         out: dict[str, Any] = {"arch": name, "weights": WEIGHTS_FILE, "config": CONFIG_FILE, "model_uri": None}
-        client = ctx.tracker.client
-        if not client.offline:
+        tracker = ctx.tracker
+        if not tracker.offline:
             try:
                 info = log_model(model, cfg.model.arch, name="model", registered_model_name=registered,
-                                 run_id=ctx.tracker.run_id, tracking_uri=ctx.tracker.uri)
+                                 run_id=tracker.run_id, tracking_uri=tracker.uri)
                 out["model_uri"] = info.model_uri
             except Exception as exc:  # noqa: BLE001 - a server that is down is reported below; others raise
                 if not unreachable(exc):
                     raise
-                client.go_offline(f"logging the model: {str(exc)[:300]}")
-        if client.offline:
+                tracker.go_offline(f"logging the model: {str(exc)[:300]}")
+        if tracker.offline:
             ctx.log.warning("MLflow is offline: the model is not logged%s (models are not spooled); its weights "
                             "and config are in %s, and a later --force run of this stage logs it",
                             f" nor registered as {registered}" if registered else "", ctx.output)
             return shards, out
         if registered:
-            from mlflow import MlflowClient
-
             version = str(info.registered_model_version)
-            MlflowClient(tracking_uri=ctx.tracker.uri).set_registered_model_alias(registered, reg.alias, version)
+            tracker.set_model_alias(registered, reg.alias, version)
             out.update(registered_model=registered, version=version, alias=reg.alias,
                        registry_uri=f"models:/{registered}@{reg.alias}")
             ctx.log.info("registered the model as models:/%s@%s (version %s)", registered, reg.alias, version)
