@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipelines.demo.server import DemoServer
-from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
+from pipelines.stages.crawl.fetch import Fetcher
+from pipelines.stages.crawl.netpolicy import AddressPolicy
 
 LOOPBACK = AddressPolicy.from_cidrs(["127.0.0.0/8"], [])
 

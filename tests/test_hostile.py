@@ -24,7 +24,8 @@ import pytest
 from pipelines import spec
 from pipelines.contracts import uid
 from pipelines.runner import run_job
-from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
+from pipelines.stages.crawl.fetch import Fetcher
+from pipelines.stages.crawl.netpolicy import AddressPolicy
 from tests.conftest import crawl_stage, read_output, write_job
 from tests.support import hostile
 from tests.support.procmem import ray_workers_peak_rss

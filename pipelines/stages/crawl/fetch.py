@@ -2,19 +2,18 @@
 
 Every connection urllib opens - the first request and each redirect hop - resolves the host itself,
 refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
-connects to the address it checked, so DNS cannot answer differently between check and connect.
-Proxies from the environment are ignored: through a proxy the check would see the proxy, not the host.
-Every read on those connections waits at most until the request's deadline, so a server that drips its
-status line, headers or body a byte at a time (each read well inside the timeout) cannot hold a thread
-past it, and a redirect's body is never read.
-Politeness per host (a connection cap, a rate, pauses and retries on 429/503) lives in polite.py.
+connects to the address it checked, so DNS cannot answer differently between check and connect
+(the policy: netpolicy.py). Proxies from the environment are ignored: through a proxy the check would
+see the proxy, not the host. Every read on those connections waits at most until the request's
+deadline, so a server that drips its status line, headers or body a byte at a time (each read well
+inside the timeout) cannot hold a thread past it (the sockets: sockets.py), and a redirect's body is
+never read. Politeness per host (a connection cap, a rate, pauses and retries on 429/503) lives in polite.py.
 """
 
 from __future__ import annotations
 
 import functools
 import http.client
-import ipaddress
 import math
 import socket
 import ssl
@@ -23,158 +22,18 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
 
 from pipelines import __version__
+from pipelines.stages.crawl.netpolicy import AddressPolicy, BlockedAddress
 from pipelines.stages.crawl.polite import HostLimiter, HostPaused, NoSlot, host_key, retry_after
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class BlockedAddress(OSError):
-    """The host resolves to an address the policy refuses."""
+from pipelines.stages.crawl.sockets import DeadlineSSLSocket, GuardedHTTP, GuardedHTTPS
 
 
 class TooLarge(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class AddressPolicy:
-    allow: tuple[Network, ...] = ()
-    deny: tuple[Network, ...] = ()
-
-    @classmethod
-    def from_cidrs(cls, allow: list[str], deny: list[str]) -> AddressPolicy:
-        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in allow),
-                   tuple(ipaddress.ip_network(c, strict=False) for c in deny))
-
-    def refuses(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        # an IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64, compatible) is judged by both
-        return any(self._refuses(a) for a in (ip, *_embedded_ipv4(ip)))
-
-    def _refuses(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        if any(ip in net for net in self.deny):
-            return True
-        if any(ip in net for net in self.allow):
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip not in _GLOBAL_UNICAST_V6 and ip not in _NAT64:
-            return True  # site-local fec0::/10, IPv4-compatible ::a.b.c.d and other legacy space
-        if isinstance(ip, ipaddress.IPv4Address) and ip in _IETF_V4:
-            return True  # Python counts some of it global; Oracle Cloud's legacy metadata service is 192.0.0.192
-        # not global: loopback, private, link-local (cloud metadata), shared, reserved, unspecified
-        return not ip.is_global or ip.is_multicast
-
-
-_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_IETF_V4 = ipaddress.ip_network("192.0.0.0/24")  # IETF protocol assignments: anycast relays, no web servers
-
-
-def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    if not isinstance(ip, ipaddress.IPv6Address):
-        return []
-    out = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
-    if ip in _NAT64:
-        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return out
-
-
-class _Deadline:
-    """A socket mixin: each read waits at most its timeout and at most until `deadline` (time.monotonic()).
-
-    A timeout bounds one read only: a server that sends a byte of its status line or headers every half
-    second keeps http.client reading them for ever, and a flood of `100 Continue` responses never pauses
-    at all. A read that would start at or past the deadline raises instead.
-    """
-
-    deadline: float = math.inf
-    read_timeout: float | None = None  # the timeout of one read; None: block (the connection's own setting)
-
-    if TYPE_CHECKING:  # a mixin: the socket class it is mixed into has it
-        def settimeout(self, value: float | None, /) -> None: ...
-
-    def _arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(self._LATE)
-        limit = left if self.read_timeout is None else min(left, self.read_timeout)
-        self.settimeout(None if limit == math.inf else limit)
-
-    def _within(self, read, *args, **kwargs):
-        self._arm()
-        try:
-            return read(*args, **kwargs)
-        except TimeoutError:
-            if time.monotonic() >= self.deadline:  # the deadline cut this read short, not its own timeout
-                raise TimeoutError(self._LATE) from None
-            raise
-
-    _LATE = ("response not complete by the request's deadline (3 x timeout): the server sends too slowly "
-             "or without end")
-
-    def recv_into(self, *args, **kwargs):
-        return self._within(super().recv_into, *args, **kwargs)
-
-    def recv(self, *args, **kwargs):
-        return self._within(super().recv, *args, **kwargs)
-
-
-class _DeadlineSocket(_Deadline, socket.socket):
-    pass
-
-
-class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
-    pass
-
-
-# what http.client passes for "no timeout given"; private, so typeshed has no name for it
-_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
-
-
-def _guarded_connect(policy: AddressPolicy, address, timeout=_DEFAULT_TIMEOUT, source_address=None,
-                     *, deadline: float = math.inf):
-    host, port = address
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    for *_, sockaddr in infos:
-        if policy.refuses(str(sockaddr[0])):
-            raise BlockedAddress(f"{host} resolves to {sockaddr[0]}, which is not a public address "
-                                 "(add its network to allow_networks to crawl it)")
-    last: OSError | None = None
-    for family, socktype, proto, _, sockaddr in infos:
-        sock = _DeadlineSocket(family, socktype, proto)
-        try:
-            sock.deadline = deadline
-            if timeout is not _DEFAULT_TIMEOUT:
-                sock.read_timeout = timeout
-            sock._arm()  # the connect, too, waits at most the timeout and until the deadline
-            sock.connect(sockaddr)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    raise last or OSError(f"no address for {host}")
-
-
-class _GuardedHTTP(http.client.HTTPConnection):
-    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connect, policy, deadline=deadline)
-
-
-class _GuardedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._deadline = deadline
-        self._create_connection = functools.partial(_guarded_connect, policy, deadline=deadline)
-
-    def connect(self):
-        super().connect()  # TCP through _guarded_connect, then the TLS handshake, within the timeout it left
-        self.sock.deadline, self.sock.read_timeout = self._deadline, self.timeout  # a _DeadlineSSLSocket
 
 
 class _TimedRequest(urllib.request.Request):
@@ -191,18 +50,18 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         self.policy = policy
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTP, policy=self.policy, deadline=_deadline(req)), req)
+        return self.do_open(functools.partial(GuardedHTTP, policy=self.policy, deadline=_deadline(req)), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, policy: AddressPolicy):
         context = ssl.create_default_context()
-        context.sslsocket_class = _DeadlineSSLSocket
+        context.sslsocket_class = DeadlineSSLSocket
         super().__init__(context=context)
         self.policy = policy
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_GuardedHTTPS, policy=self.policy, deadline=_deadline(req)), req,
+        return self.do_open(functools.partial(GuardedHTTPS, policy=self.policy, deadline=_deadline(req)), req,
                             context=self._context)
 
 
@@ -334,7 +193,7 @@ class Fetcher:
         """One request, redirects followed, finished by `deadline`; with a refusal's Retry-After in seconds."""
         try:
             req = _TimedRequest(url, headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
-            req.deadline = deadline  # every read of every hop's connection ends by it (_Deadline)
+            req.deadline = deadline  # every read of every hop's connection ends by it (sockets.Deadline)
             timeout = max(min(self.timeout, deadline - time.monotonic()), 0.001)
             with self.opener.open(req, timeout=timeout) as resp:
                 if self.disallowed and is_disallowed(resp.headers, self.token, self.disallowed):
@@ -364,7 +223,7 @@ class Fetcher:
     def _read(self, resp, deadline: float) -> bytes:
         """The body, cut off past max_bytes, and abandoned past the deadline (a slow-drip server).
 
-        read1 does at most one socket read, each bounded by the timeout and the deadline (_Deadline), so
+        read1 does at most one socket read, each bounded by the timeout and the deadline (sockets.Deadline), so
         a server that drips a byte at a time cannot hold the thread for a whole 64 KiB block's worth of reads.
         """
         chunks, size = [], 0

@@ -24,7 +24,8 @@ from pipelines import layout, storage
 from pipelines.contracts import CRAWLED
 from pipelines.prometheus import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
-from pipelines.stages.crawl.fetch import AddressPolicy, Fetcher
+from pipelines.stages.crawl.fetch import Fetcher
+from pipelines.stages.crawl.netpolicy import AddressPolicy
 from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE
 
 # the columns a crawl writes for a row; the others (uid, url, caption, source, source_row) come from the input
