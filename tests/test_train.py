@@ -24,6 +24,7 @@ from pipelines.stages.train import checkpoint, engine, parallel
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.stage import plan_steps
 from tests.conftest import mlflow_runs, write_job
+from tests.support.net import free_port
 
 BATCH = 8  # global batch of the equality checks
 
@@ -338,6 +339,33 @@ def _run_in_thread(job: Any) -> dict[str, Any]:
     outcome["thread"] = threading.Thread(target=target)
     outcome["thread"].start()
     return outcome
+
+
+@pytest.mark.slow
+def test_training_with_mlflow_down_spools_every_step_once_and_the_replay_sends_the_run(tmp_path, ray_local):
+    """`tracking.required: false` and no server: the workers get an offline handle, spool their steps (no
+    system metrics, no model logged), and the replay gives the train run each step once."""
+    from mlflow import MlflowClient
+
+    from pipelines import spool
+
+    with_ = {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 32, "warmup": 2, "lr": 2e-3, "steps": 6,
+             "checkpoint_every": 3, "log_every": 4}
+    path = write_job(tmp_path, {"data": {"uses": "demo_curated", "with": {"rows": 256}},
+                                "train": {"uses": "train", "needs": ["data"], "with": with_}},
+                     ray={"address": "local"}, tracking={"uri": f"http://127.0.0.1:{free_port()}", "required": False})
+    m = {o.stage: o for o in run_job(spec.load(path), progress=False)}["train"].manifest
+    assert m.counts["steps"] == 6 and m.extra["model"]["model_uri"] is None
+    assert (Path(m.location) / m.extra["model"]["weights"]).is_file()
+    uri = f"sqlite:///{tmp_path}/replayed.db"
+    spool.replay(spool.default_dir(str(tmp_path / "store")), uri)
+    client = MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "t"]
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("clipline.stage") == "train"]
+    assert run.info.status == "FINISHED" and run.data.params["plan.planned_steps"] == "6"
+    for key in ("train/loss", "train/lr"):
+        assert sorted(x.step for x in client.get_metric_history(run.info.run_id, key)) == list(range(1, 7)), key
+    assert not any(k.startswith("system/") for k in run.data.metrics)
 
 
 def _assert_one_continuous_run(store: Path, steps: int) -> Any:
