@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +19,39 @@ from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.tracking import log_bar_chart
 
 
+@dataclass
+class _Staged:
+    """The staged inputs: shards (id, url, rows), their plan, and the output a refresh starts from."""
+
+    shards: list[dict[str, Any]]
+    total: int  # input rows
+    counts: dict[str, int]  # rows_new, rows_retried, rows_reused
+    prior: dict[str, Any] | None
+    plan: pa.Table
+    offsets: list[int]  # shard i's rows are input rows offsets[i] .. offsets[i + 1] - 1
+
+    def shard_plan(self, s: dict[str, Any]) -> pa.Table:
+        """Shard s's slice of the plan, as a copy: a pickled slice could carry the whole plan's buffers."""
+        part = self.plan.slice(self.offsets[s["id"]], s["rows"])
+        return pa.Table.from_pylist(part.to_pylist(), schema=part.schema)
+
+
+@dataclass
+class _Tally:
+    """Rows per status and error class over the shards accounted for so far, and what their fetches did."""
+
+    status: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    fetched_ok: int = 0
+    http_retries: int = 0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.status.update(rec["status"])
+        self.errors.update(rec["errors"])
+        self.fetched_ok += rec.get("fetched_success", 0)  # only a shard task's record has these two
+        self.http_retries += rec.get("http_retries", 0)
+
+
 @register
 class CrawlStage(Stage):
     kind = "crawl"
@@ -28,12 +62,28 @@ class CrawlStage(Stage):
         return inputs.identity(self.config)
 
     def run(self, ctx: StageContext, upstream: dict) -> StageResult:
-        import ray
-
-        from pipelines.stages.crawl.shard import crawl_shard, describe_shard, failed_shard
-
-        cfg: CrawlConfig = self.config
+        """Stage the inputs, keep the shards a previous attempt wrote, crawl the others as Ray tasks, write
+        the rows of shards that kept failing as `shard_failed` (or fail, naming them), account for every row."""
         inputs_dir = storage.join(ctx.output, "_inputs")
+        staged = self._stage_inputs(ctx, inputs_dir)
+        width = self._width()
+        self._note_host_limits(ctx, width)
+        prom = StageMetrics.of(ctx)
+        records, todo = self._resume(ctx, staged)
+        resumed = len(records)
+        tally = _Tally()
+        for r in records.values():
+            tally.add(r)
+        failed, elapsed = self._crawl(ctx, staged, todo, width, records, tally, prom)
+        self._write_failed(ctx, staged, failed, records, tally, prom)
+        self._check_accounting(staged, records)
+        storage.remove_tree(inputs_dir)
+        return self._result(ctx, staged, records, tally, failed, resumed=resumed,
+                            images_per_sec=tally.fetched_ok / elapsed if todo and elapsed > 0 else 0.0)
+
+    def _stage_inputs(self, ctx: StageContext, inputs_dir: str) -> _Staged:
+        """The URL lists as input shards with their plan (inputs.py, plan.py), or those a previous attempt staged."""
+        cfg: CrawlConfig = self.config
         t0 = time.perf_counter()
         staged = inputs.stage(cfg, inputs_dir, lambda: plan.find_prior(cfg, ctx.output, ctx.log))
         shards, total, prior = staged["shards"], staged["rows"], staged["prior"]
@@ -41,58 +91,63 @@ class CrawlStage(Stage):
         if prior:
             ctx.log.info("refreshing from %s: %s", prior["location"],
                          ", ".join(f"{k.removeprefix('rows_')} {v}" for k, v in staged["counts"].items()))
-        width = self._width()
+        offsets = [0]
+        for s in shards:
+            offsets.append(offsets[-1] + s["rows"])
+        return _Staged(shards=shards, total=total, counts=staged["counts"], prior=prior,
+                       plan=storage.read_parquet(staged["plan"]), offsets=offsets)
+
+    def _note_host_limits(self, ctx: StageContext, width: int) -> None:
+        cfg: CrawlConfig = self.config
         if cfg.per_host_connections or cfg.per_host_rate:
             ctx.log.info("per-host limits (%s connections, %s requests/s) apply within each shard task; up to %d "
                          "tasks run at once, so one host may see that many times the limit",
                          cfg.per_host_connections or "no cap on", cfg.per_host_rate or "no limit on", width)
-        plan_table = storage.read_parquet(staged["plan"])
-        offsets = [0]
-        for s in shards:
-            offsets.append(offsets[-1] + s["rows"])
-        prior_urls = prior["shard_urls"] if prior else []
 
-        remote = ray.remote(crawl_shard).options(
-            num_cpus=ctx.resources.get("num_cpus", 1), num_gpus=ctx.resources.get("num_gpus", 0),
-            memory=ctx.resources.get("memory"), max_retries=cfg.shard_retries, retry_exceptions=True,
-            name="crawl_shard",
-        )
-        prom = StageMetrics.of(ctx)
+    @staticmethod
+    def _resume(ctx: StageContext, staged: _Staged) -> tuple[dict[int, dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+        """The records of shards already written (by an earlier attempt), and the (shard, output URL) still to crawl."""
+        from pipelines.stages.crawl.shard import describe_shard
+
         records: dict[int, dict[str, Any]] = {}
         todo = []
-        for s in shards:
+        for s in staged.shards:
             out_url = storage.join(ctx.output, layout.shard_name(s["id"]))
             if storage.is_file(out_url):
                 records[s["id"]] = describe_shard(out_url)
             else:
                 todo.append((s, out_url))
-        resumed = len(records)
-        if resumed:
-            ctx.log.info("resuming: %d of %d shards were already complete", resumed, len(shards))
+        if records:
+            ctx.log.info("resuming: %d of %d shards were already complete", len(records), len(staged.shards))
+        return records, todo
 
-        status: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        for r in records.values():
-            status.update(r["status"])
-            errors.update(r["errors"])
-        bar = tqdm(total=total, initial=sum(r["rows"] for r in records.values()), unit="img", desc=ctx.stage,
+    def _crawl(self, ctx: StageContext, staged: _Staged, todo: list[tuple[dict[str, Any], str]], width: int,
+               records: dict[int, dict[str, Any]], tally: _Tally, prom: StageMetrics) -> tuple[dict[int, str], float]:
+        """Run a shard task per shard in `todo`, at most `width` at once, adding each one's record as it
+        finishes; the error of each shard whose task still failed after its retries, and the seconds it took."""
+        import ray
+
+        from pipelines.stages.crawl.shard import crawl_shard
+
+        cfg: CrawlConfig = self.config
+        remote = ray.remote(crawl_shard).options(
+            num_cpus=ctx.resources.get("num_cpus", 1), num_gpus=ctx.resources.get("num_gpus", 0),
+            memory=ctx.resources.get("memory"), max_retries=cfg.shard_retries, retry_exceptions=True,
+            name="crawl_shard",
+        )
+        prior_urls = staged.prior["shard_urls"] if staged.prior else []
+        bar = tqdm(total=staged.total, initial=sum(r["rows"] for r in records.values()), unit="img", desc=ctx.stage,
                    disable=not ctx.progress, smoothing=0.1)
         crawl_t0 = time.perf_counter()
         pending: dict[Any, tuple[dict[str, Any], str]] = {}  # in-flight task -> (shard, output URL)
         queue = list(todo)
         failed: dict[int, str] = {}
-        fetched_ok = http_retries = 0
-
-        def shard_plan(s: dict[str, Any]) -> Any:  # a copy: a pickled slice could carry the whole plan's buffers
-            part = plan_table.slice(offsets[s["id"]], s["rows"])
-            return pa.Table.from_pylist(part.to_pylist(), schema=part.schema)
-
-
         try:
             while queue or pending:
                 while queue and len(pending) < width:
                     s, out_url = queue.pop(0)
-                    pending[remote.remote(cfg, s["url"], out_url, shard_plan(s), prior_urls, prom)] = (s, out_url)
+                    ref = remote.remote(cfg, s["url"], out_url, staged.shard_plan(s), prior_urls, prom)
+                    pending[ref] = (s, out_url)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 s, out_url = pending.pop(ready[0])
                 try:
@@ -103,11 +158,9 @@ class CrawlStage(Stage):
                     ctx.log.warning("shard %d failed after %d retries: %s", s["id"], cfg.shard_retries, failed[s["id"]])
                     continue
                 records[s["id"]] = rec
-                status.update(rec["status"])
-                errors.update(rec["errors"])
+                tally.add(rec)
                 prom.inc_each(CRAWL_ROWS, rec["status"], "status")
-                fetched_ok += rec.get("fetched_success", 0)
-                http_retries += rec.get("http_retries", 0)
+                status = tally.status
                 bar.update(rec["rows"])
                 bar.set_postfix(ok=f"{status['success'] / max(1, sum(status.values())):.0%}")
                 ctx.tracker.log_metrics({"rows_done": sum(status.values()), "success": status["success"],
@@ -121,38 +174,53 @@ class CrawlStage(Stage):
             if pending:
                 ray.wait(list(pending), num_returns=len(pending), timeout=60)
         bar.close()
-        elapsed = time.perf_counter() - crawl_t0
+        return failed, time.perf_counter() - crawl_t0
+
+    def _write_failed(self, ctx: StageContext, staged: _Staged, failed: dict[int, str],
+                      records: dict[int, dict[str, Any]], tally: _Tally, prom: StageMetrics) -> None:
+        """More failed shards than max_failed_shards fail the stage, naming them; fewer are written with every
+        row `shard_failed`, so that the output still accounts for each input row."""
+        from pipelines.stages.crawl.shard import failed_shard
+
+        cfg: CrawlConfig = self.config
         if len(failed) > cfg.max_failed_shards:
+            offsets = staged.offsets
             listing = "; ".join(f"shard {i} (input rows {offsets[i]}-{offsets[i + 1] - 1}): {e}"
                                 for i, e in sorted(failed.items()))
             raise RuntimeError(f"crawl: {len(failed)} shard(s) failed after {cfg.shard_retries} retries each, more "
                                f"than max_failed_shards {cfg.max_failed_shards}: {listing}. The {len(records)} "
                                "completed shards are kept; a re-run crawls only the others")
         for i, error in sorted(failed.items()):
-            s = shards[i]
+            s = staged.shards[i]
             # its own name: whatever kept the task from writing part-NNNNN may still be in the way
-            rec = failed_shard(s["url"], storage.join(ctx.output, layout.shard_name(i, failed=True)), shard_plan(s),
-                               error)
+            rec = failed_shard(s["url"], storage.join(ctx.output, layout.shard_name(i, failed=True)),
+                               staged.shard_plan(s), error)
             ctx.log.warning("shard %d: its %d rows are written as shard_failed (max_failed_shards %d)", i, rec["rows"],
                             cfg.max_failed_shards)
             records[i] = rec
-            status.update(rec["status"])
-            errors.update(rec["errors"])
+            tally.add(rec)
             prom.inc_each(CRAWL_ROWS, rec["status"], "status")
 
+    @staticmethod
+    def _check_accounting(staged: _Staged, records: dict[int, dict[str, Any]]) -> None:
+        """Every staged row written, in one record per shard."""
         written = sum(r["rows"] for r in records.values())
-        if written != total or len(records) != len(shards):
-            raise RuntimeError(f"crawl accounting: {total} input rows staged but {written} written "
-                               f"in {len(records)} of {len(shards)} shards")
-        storage.remove_tree(inputs_dir)
+        if written != staged.total or len(records) != len(staged.shards):
+            raise RuntimeError(f"crawl accounting: {staged.total} input rows staged but {written} written "
+                               f"in {len(records)} of {len(staged.shards)} shards")
+
+    def _result(self, ctx: StageContext, staged: _Staged, records: dict[int, dict[str, Any]], tally: _Tally,
+                failed: dict[int, str], resumed: int, images_per_sec: float) -> StageResult:
+        """Counts, metrics, the status chart, the shard list and the dataset version this crawl made."""
+        status, prior, total = tally.status, staged.prior, staged.total
         counts = {k: status.get(k, 0) for k in STATUSES} | {k: v for k, v in status.items() if k not in STATUSES}
-        counts |= {f"error_{k}": v for k, v in errors.items()}
-        counts |= staged["counts"] | {"shards_failed": len(failed)}
+        counts |= {f"error_{k}": v for k, v in tally.errors.items()}
+        counts |= staged.counts | {"shards_failed": len(failed)}
         metrics = {
             "success_rate": status["success"] / total if total else 0.0,
-            "images_per_sec": fetched_ok / elapsed if todo and elapsed > 0 else 0.0,
+            "images_per_sec": images_per_sec,
             "shards_resumed": resumed,
-            "http_retries": http_retries,  # 429/503 answers retried after their Retry-After or a backoff
+            "http_retries": tally.http_retries,  # 429/503 answers retried after their Retry-After or a backoff
         }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_"))})
         out_shards = [layout.shard_entry(layout.shard_name(i, failed=i in failed), r) for i, r in sorted(records.items())]
