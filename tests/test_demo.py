@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-
 import mlflow
 import pytest
 
 from pipelines.demo import web
 from pipelines.demo.run import DEMO_FAULTS, DEMO_SEED
 from pipelines.demo.server import url_list
-from tests.conftest import REPO, mlflow_runs
+from tests.conftest import mlflow_runs
+from tests.support.cli import run_cli
+from tests.support.net import free_port
 
 
 def test_generator_is_deterministic_and_covers_the_classes():
@@ -28,21 +26,14 @@ def test_generator_is_deterministic_and_covers_the_classes():
     assert len({web.encoded(0, i)[0] for i in range(500)}) == 500
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_demo_runs_then_is_a_cache_hit(tmp_path):
     store = tmp_path / "data"
-    cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--storage", str(store), "--images", "300",
-           "--port", str(_free_port()), "--no-progress",
+    cmd = ["demo", "--storage", str(store), "--images", "300", "--port", str(free_port()), "--no-progress",
            # about 200 curated rows: 2 workers x 16, three epochs; evaluation on 60 held-out images
            "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3",
            "--set", "stages.evaluate.with.datasets.0.limit=60"]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    first = run_cli(*cmd, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "crawl      ran      300 rows" in first.stdout
     assert "curate     ran" in first.stdout
@@ -51,7 +42,7 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
 
     # the port is part of every URL: the same port gives the same list and so the same cache key
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    second = run_cli(*cmd, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "crawl      cached   300 rows" in second.stdout
     assert "curate     cached" in second.stdout

@@ -16,7 +16,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import yaml
 
 from pipelines import prometheus as metrics
 from tests.conftest import REPO, crawl_stage, mlflow_runs, write_job
+from tests.support.net import free_ports, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -187,12 +187,6 @@ def test_recording_without_ray_is_a_no_op_and_wrong_labels_are_refused():
 # ---- end to end: a job on Ray, scraped by Prometheus ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 10) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback only: 127.0.0.1 URLs
         return json.loads(r.read())
@@ -219,18 +213,9 @@ class Prom:
         return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
 
 
-def _wait(what: str, check: Any, deadline_s: float, every: float = 0.5) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after the deadline."""
-    end, last = time.monotonic() + deadline_s, None
-    while time.monotonic() < end:
-        try:
-            got = check()
-        except (OSError, ValueError) as exc:  # a server still starting
-            got, last = None, exc
-        if got:
-            return got
-        time.sleep(every)
-    pytest.fail(f"timed out after {deadline_s:.0f}s waiting for {what} (last error: {last})")
+def _wait(what: str, check: Any, deadline_s: float) -> Any:
+    """Poll `check` until it returns something truthy (a server still starting may refuse or answer garbage)."""
+    return wait_until(check, deadline_s, what, interval=0.5, errors=(OSError, ValueError))
 
 
 def _lines(proc: subprocess.Popen) -> queue.Queue:
@@ -282,13 +267,14 @@ def test_a_job_exports_every_dashboard_metric_to_prometheus_through_ray(tmp_path
 
     from pipelines.contracts import STATUSES
 
-    metrics_port, dashboard_port, prom_port = _free_port(), _free_port(), _free_port()
+    metrics_port, dashboard_port, prom_port, dashboard_metric_port, autoscaler_metric_port = free_ports(5)
     log = tmp_path / "driver.log"
     driver = subprocess.Popen(
         [sys.executable, "-m", "tests.test_prometheus", str(_job(tmp_path, web)), str(metrics_port), str(dashboard_port)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
         # the dashboard's and autoscaler's own metrics ports are fixed by default: free ones, beside other Rays
-        env={**os.environ, "DASHBOARD_METRIC_PORT": str(_free_port()), "AUTOSCALER_METRIC_PORT": str(_free_port())})
+        env={**os.environ, "DASHBOARD_METRIC_PORT": str(dashboard_metric_port),
+             "AUTOSCALER_METRIC_PORT": str(autoscaler_metric_port)})
     prometheus = None
     try:
         lines = _lines(driver)

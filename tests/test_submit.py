@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,15 +21,11 @@ from pipelines import spec
 from pipelines.demo.run import DEMO_JOB, write_url_list
 from pipelines.runner import plan
 from tests.conftest import REPO, mlflow_runs
+from tests.support.cli import run_cli
+from tests.support.net import free_port, free_ports, wait_until
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(token: Path) -> dict[str, str]:
@@ -46,12 +40,13 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = _env(token)
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard_port, gcs_port, client_port, agent_port, metrics_port = free_ports(5)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-           dashboard.rsplit(":", 1)[1], "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+           "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+           str(dashboard_port), "--ray-client-server-port", str(client_port), "--num-cpus", "2",
            # the job agent's HTTP port is fixed (52365) by default: the suite's other local Ray has it
-           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(agent_port), "--metrics-export-port", str(metrics_port),
            "--disable-usage-stats"]
     log = open(tmp / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -59,15 +54,16 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         # the client reads the token from the environment: check from a subprocess with it, not this process
         probe = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
                  f"JobSubmissionClient({dashboard!r})\n")
-        deadline, err = time.monotonic() + 180, ""
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"ray start exited {proc.returncode}: {(tmp / 'ray-start.log').read_text()}"
+        err = ""
+
+        def answers() -> bool:
+            nonlocal err
             r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-            if r.returncode == 0:
-                break
             err = r.stderr[-500:]
-        else:
-            pytest.fail(f"the Ray head at {dashboard} did not answer in 180 s: {err}")
+            return r.returncode == 0
+
+        wait_until(answers, 180, f"the Ray head at {dashboard}", alive=lambda: proc.poll() is None,
+                   detail=lambda: f"{err}\nray start log: {(tmp / 'ray-start.log').read_text()}")
         yield dashboard, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -82,11 +78,6 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         log.close()
 
 
-def _clipline(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
 DEMO_SMALL = ["stages.train.with.epochs=1", "stages.train.with.batch_size=16",
               "stages.evaluate.with.datasets.0.limit=36", "stages.evaluate.with.datasets.1.limit=40"]
 
@@ -96,7 +87,7 @@ def test_submit_runs_the_demo_job_on_the_cluster_and_reports_it(head, web, tmp_p
     store = tmp_path / "store"
     write_url_list(f"{store}/demo-web/urls.parquet", web.base_url, 240)
     sets = [w for s in DEMO_SMALL for w in ("--set", s)]
-    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(store), *sets, "--wait")
+    r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(store), *sets, "--wait", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sid = r.stdout.splitlines()[0]
     assert sid.startswith("clipline-demo-"), r.stdout[:500]
@@ -118,9 +109,9 @@ def test_submit_runs_the_demo_job_on_the_cluster_and_reports_it(head, web, tmp_p
     evaluate = next(c for c in children if c.data.tags["clipline.stage"] == "evaluate")
     assert 0.0 <= evaluate.data.metrics["eval/demo_heldout/acc1"] <= 1.0
 
-    r = _clipline(env, "status", sid, "--address", dashboard, timeout=120)
+    r = run_cli("status", sid, "--address", dashboard, timeout=120, env=env)
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout and "driver_exit_code  0" in r.stdout, r.stdout + r.stderr
-    r = _clipline(env, "logs", sid, "--address", dashboard, timeout=120)
+    r = run_cli("logs", sid, "--address", dashboard, timeout=120, env=env)
     assert r.returncode == 0 and "crawl: done" in r.stdout and "evaluate: done" in r.stdout, r.stderr[-2000:]
 
     # the code ran from the uploaded package and the spec from the uploaded working dir
@@ -133,34 +124,34 @@ def test_submit_runs_the_demo_job_on_the_cluster_and_reports_it(head, web, tmp_p
 
 def test_a_failing_job_is_exit_code_1_and_a_bad_spec_never_reaches_the_cluster(head, tmp_path):
     dashboard, env = head
-    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(tmp_path / "s"), "--wait")
+    r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(tmp_path / "s"), "--wait", env=env)
     # no URL list under this storage: the crawl stage fails on the cluster, and so does the submission
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "urls.parquet" in r.stdout and "FAILED" in r.stderr
 
-    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard, "--set", "stages.crawl.with.image_size=big")
+    r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, "--set", "stages.crawl.with.image_size=big", env=env)
     assert r.returncode == 2 and "stages.crawl.with.image_size: expected integer" in r.stderr
-    r = _clipline(env, "submit", str(DEMO_JOB), "--address", dashboard)  # storage ./clipline-data
+    r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, env=env)  # storage ./clipline-data
     assert r.returncode == 2 and "relative to the job's working directory" in r.stderr
 
-    r = _clipline(env, "status", "clipline-no-such-job", "--address", dashboard, timeout=120)
+    r = run_cli("status", "clipline-no-such-job", "--address", dashboard, timeout=120, env=env)
     assert r.returncode == 1 and "clipline-no-such-job" in r.stderr
 
 
 def test_an_address_that_does_not_answer_and_a_missing_token_are_named(tmp_path):
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(32))
-    r = _clipline(_env(token), "submit", str(DEMO_JOB), "--address", closed, "--storage", str(tmp_path), timeout=180)
+    r = run_cli("submit", str(DEMO_JOB), "--address", closed, "--storage", str(tmp_path), timeout=180, env=_env(token))
     assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr, r.stderr[-2000:]
     # an explicit --address wins over RAY_API_SERVER_ADDRESS (which Ray's client would otherwise prefer)
-    exported = f"http://127.0.0.1:{_free_port()}"
-    r = _clipline(_env(token) | {"RAY_API_SERVER_ADDRESS": exported}, "status", "x", "--address", closed, timeout=180)
+    exported = f"http://127.0.0.1:{free_port()}"
+    r = run_cli("status", "x", "--address", closed, timeout=180, env=_env(token) | {"RAY_API_SERVER_ADDRESS": exported})
     assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr and exported not in r.stderr, r.stderr
     # without one, the error names the variable it used
-    r = _clipline(_env(token) | {"RAY_API_SERVER_ADDRESS": exported}, "logs", "x", timeout=180)
+    r = run_cli("logs", "x", timeout=180, env=_env(token) | {"RAY_API_SERVER_ADDRESS": exported})
     assert r.returncode == 1 and f"no Ray Jobs API at RAY_API_SERVER_ADDRESS={exported}" in r.stderr, r.stderr
-    r = _clipline(_env(tmp_path / "absent"), "logs", "x", "--address", closed, timeout=180)
+    r = run_cli("logs", "x", "--address", closed, timeout=180, env=_env(tmp_path / "absent"))
     assert r.returncode == 1 and "wants its auth token: RAY_AUTH_TOKEN_PATH is set but file cannot be opened" \
         in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 

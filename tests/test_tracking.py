@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from pipelines.tracking import REDACTED, flatten, resolve_uri, scrub
 from tests.conftest import REPO
+from tests.support.net import free_port, wait_until
 
 
 def test_params_are_flattened_and_secrets_redacted():
@@ -68,23 +67,20 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ui_serves_the_store_on_loopback(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--storage", str(tmp_path), "--port",
                              str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # MLflow's UI spawns job consumers: stop the whole group
+
+    def experiments() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                                    timeout=2) as resp:
+            return resp.read().decode()
+
     try:
-        deadline, body = time.monotonic() + 90, None
-        while body is None:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "MLflow UI did not answer in 90 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
-                                            timeout=2) as resp:
-                    body = resp.read().decode()
-            except OSError:
-                time.sleep(0.5)  # polling for the server to accept, with a deadline
+        body = wait_until(experiments, 90, "MLflow UI", interval=0.5, alive=lambda: proc.poll() is None,
+                          errors=(OSError,),  # its output once it has exited (a read before would block)
+                          detail=lambda: proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "")
         assert '"experiments"' in body
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

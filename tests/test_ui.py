@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -21,16 +19,11 @@ from pipelines import spec
 from pipelines.runner import run_job
 from tests.conftest import REPO, write_job
 from tests.support.browser import artifacts_dir, chromium, open_runs_table
+from tests.support.net import free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "clipline-ui-test"  # not the job's name, so the page's links to the two are told apart
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(base: str, path: str, **query: Any) -> dict[str, Any]:
@@ -62,7 +55,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, 
 @pytest.fixture(scope="module")
 def ui(job: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`clipline ui JOB --port P` as a user starts it; yields its base URL once /health answers."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ui-log") / "ui.log"
     # one server process: the default of 4 costs half a minute of start-up on a 2-core machine
     env = {**os.environ, "MLFLOW_WORKERS": "1"}
@@ -71,19 +64,8 @@ def ui(job: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"clipline ui exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"clipline ui did not answer on {base}/health within 120 s:\n{log.read_text()}")
-            time.sleep(0.5)  # polling interval of a bounded wait
+        wait_until(lambda: http_ok(f"{base}/health"), 120, f"clipline ui on {base}/health", interval=0.5,
+                   alive=lambda: proc.poll() is None, detail=log.read_text)
         assert f"MLflow UI for sqlite:///{job['path'].parent}/store/mlflow.db at {base}" in log.read_text()
         yield base
     finally:
