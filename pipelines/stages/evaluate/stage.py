@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import storage
+from pipelines import layout, storage
 from pipelines.evaluation import datasets
 from pipelines.evaluation.datasets import load
 from pipelines.evaluation.embed import embed
@@ -70,8 +70,7 @@ class EvaluateStage(Stage):
                 blob = json.dumps(record, indent=2, allow_nan=True).encode()
                 rel = f"{data.name}_{TASKS[task]}.json"
                 storage.atomic_write(storage.join(ctx.output, rel), blob)
-                shards.append({"path": rel, "rows": len(data.images), "bytes": len(blob),
-                               "sha256": storage.sha256_bytes(blob)})
+                shards.append(layout.shard_record(rel, len(data.images), blob))
                 flat.update({mlflow_key(data.name, k): v for k, v in m.items()})
                 for k, v in m.items():
                     prom.set(EVAL_METRIC, v, dataset=data.name, task=TASKS[task], metric=k)
