@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from pipelines import cli, kuberay, spec
+from tests.support.net import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -334,16 +334,6 @@ def test_cluster_launcher_validation_bites():
 
 # ---------------------------------------------------------------- cluster/local.sh
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _group(pgid: int) -> list[int]:
     """The live processes of process group `pgid` (zombies, exited but not yet reaped, left out)."""
     pids = []
@@ -405,7 +395,7 @@ print(json.dumps({"alive": len(nodes), "ips": sorted({n["NodeManagerAddress"] fo
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_cluster_script_starts_two_loopback_nodes_and_stops_them():
-    port, dashboard, client = _free_ports(3)
+    port, dashboard, client = free_ports(3)
     # short: Ray's Unix socket paths under the state directory may not pass 107 bytes
     state = Path(tempfile.mkdtemp(prefix="clc-", dir="/tmp"))
     script = [str(CLUSTER / "local.sh")]

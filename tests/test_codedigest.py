@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import yaml
 
 from pipelines.codedigest import digest_files, module_closure
 from pipelines.stage import stage_class
+from tests.support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,9 +78,7 @@ def test_each_builtin_stage_covers_the_shared_code_it_runs():
 
 
 def _clipline(copy: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=copy, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run_cli(*args, cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)}, timeout=300)
 
 
 @pytest.mark.slow

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,18 +22,14 @@ import pytest
 from pipelines import cli, spool, storage
 from pipelines.demo.server import DemoServer
 from tests.conftest import REPO, crawl_stage, write_job
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.cli import run_cli
+from tests.support.net import free_port, http_ok, wait_until
 
 
 @contextmanager
 def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over root/mlflow.db and root/artifacts, until the block ends."""
-    port = port or _port()
+    port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     with (root / f"mlflow-{port}.log").open("a") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -45,16 +39,9 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
             cwd=root, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / f"mlflow-{port}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:  # loopback
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)  # polling for the server to accept, with a deadline
+        wait_until(lambda: http_ok(f"{uri}/health"), 120, f"mlflow server on {uri}", interval=0.3,
+                   alive=lambda: proc.poll() is None,
+                   detail=lambda: (root / f"mlflow-{port}.log").read_text()[-3000:])
         yield uri
     finally:
         stop(proc)
@@ -68,13 +55,8 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def run_cli(job: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *extra, str(job)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_a_tracking_server_down_at_start_fails_before_any_work_and_names_it(tmp_path, web, capsys):
-    uri = f"http://127.0.0.1:{_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     urls = tmp_path / "urls.csv"
     pd.DataFrame({"url": [web.url("img", 0)], "caption": ["a picture"]}).to_csv(urls, index=False)
     job = write_job(tmp_path, {"crawl": crawl_stage(str(urls))}, tracking={"uri": uri})
@@ -89,7 +71,7 @@ def test_a_tracking_server_down_at_start_fails_before_any_work_and_names_it(tmp_
 
 @pytest.mark.slow
 def test_tracking_not_required_spools_the_whole_run_and_replay_sends_it(tmp_path, web, ray_local, capsys):
-    uri = f"http://127.0.0.1:{_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     urls = tmp_path / "urls.csv"
     pd.DataFrame({"url": [web.url("img", i) for i in range(6)] + [web.url("missing", 0)],
                   "caption": [f"picture {i}" for i in range(7)]}).to_csv(urls, index=False)
@@ -128,7 +110,7 @@ def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_t
     spool, and once the server is back the replay makes the run whole: params from before, metrics after."""
     server_root = tmp_path / "server"
     server_root.mkdir()
-    port = _port()
+    port = free_port()
     with DemoServer(port=0, seed=0, slow_seconds=120) as web:
         urls = tmp_path / "urls.csv"
         rows = [web.url("img", i) for i in range(8)] + [web.url("slow", 0)]
@@ -167,7 +149,7 @@ def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_t
         (exp,) = [e for e in client.search_experiments() if e.name == "t"]
         (before,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "crawl"]
         assert before.info.status == "RUNNING" and "crawl/rows" not in before.data.metrics  # the server missed these
-        result = run_cli(job, "replay", timeout=120)
+        result = run_cli("replay", job, timeout=120)
         assert result.returncode == 0, result.stderr
         runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
         assert set(runs) == {"t", "crawl"}  # the spooled writes landed in the runs created before the outage

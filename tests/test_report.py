@@ -7,7 +7,6 @@ import html
 import io
 import re
 import subprocess
-import sys
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,8 +23,9 @@ from pipelines import manifest as manifests
 from pipelines import spec
 from pipelines.demo.server import url_list
 from pipelines.runner import run_job
-from tests.conftest import REPO, crawl_stage, mlflow_runs, write_job
+from tests.conftest import crawl_stage, mlflow_runs, write_job
 from tests.support.browser import artifacts_dir, chromium
+from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +80,7 @@ def job_run(tmp_path_factory: pytest.TempPathFactory, web: Any, ray_local: None)
 
 
 def _report(job_run: dict[str, Any], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", "report", str(job_run["path"]), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    return run_cli("report", job_run["path"], *args, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +179,7 @@ def test_a_later_job_run_without_those_stages_says_so_and_bad_run_ids_are_named(
     outcomes = run_job(spec.load(lean_path), progress=False)
     assert [o.state for o in outcomes] == ["cached", "cached"]
 
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "report", str(lean_path), "--images", "5"],
-                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = run_cli("report", lean_path, "--images", "5", timeout=180)
     assert done.returncode == 0, done.stderr
     out = Path(done.stdout.strip())
     assert out.parent == job_run["store"] / "rep" / "_reports"  # the default place

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from pipelines import cli, manifest, spec, storage
 from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import Selection, StageFailed, plan, run_job
 from tests.conftest import REPO, crawl_stage, mlflow_runs, read_output, write_job
+from tests.support.cli import run_cli
+from tests.support.net import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -115,8 +115,7 @@ def test_killed_crawl_is_never_read_as_complete_and_resumes(tmp_path, ray_local)
 
         assert manifest.read(out) is None
         assert plan(spec.load(path))[0]["state"] == "incomplete"
-        assert subprocess.run([sys.executable, "-m", "pipelines.cli", "status", str(path)], cwd=REPO,
-                              capture_output=True, text=True).stdout.split()[:2] == ["crawl", "incomplete"]
+        assert run_cli("status", path).stdout.split()[:2] == ["crawl", "incomplete"]
 
         web.release.set()  # the web recovers; the rerun finishes the interrupted shard only
         (outcome,) = run_job(spec.load(path), progress=False)
@@ -138,11 +137,8 @@ def _run_killed_when(path, ready, what: str) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
                                 cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while not ready():
-            assert proc.poll() is None, f"the job ended before {what}:\n" + log.read_text()[-4000:]
-            assert time.monotonic() < deadline, f"no {what} in 300 s"
-            time.sleep(0.05)  # polling the file system for a condition, with a deadline
+        wait_until(ready, 300, what, interval=0.05, alive=lambda: proc.poll() is None,
+                   detail=lambda: log.read_text()[-4000:])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -222,14 +218,10 @@ def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
 
 
 def test_unreachable_ray_address_fails_fast_and_names_it(tmp_path, web):
-    with socket.socket() as sock:  # a loopback port that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a loopback port that nothing listens on
     url_list(web.base_url, 5).to_parquet(tmp_path / "urls.parquet")
     path = write_job(tmp_path, {"crawl": crawl_stage(str(tmp_path / "urls.parquet"))})
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path), "--set",
-                           f"ray.address=ray://127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = run_cli("run", path, "--set", f"ray.address=ray://127.0.0.1:{port}", timeout=120)
     assert done.returncode == cli.EXIT_STAGE_FAILED
     assert (f"stage 'crawl' failed: RuntimeError: ray.address 'ray://127.0.0.1:{port}' does not answer: "
             "[Errno 111] Connection refused") in done.stderr

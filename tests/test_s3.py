@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +29,8 @@ from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import Selection, _clean_temp, plan, run_job
 from pipelines.stage import Stage
 from tests.conftest import REPO, crawl_stage
+from tests.support.cli import run_cli
+from tests.support.net import wait_until
 
 BUCKET = "clipline-jobs"
 
@@ -259,11 +260,9 @@ def test_a_writer_killed_mid_shard_leaves_no_object_under_a_final_name(s3, tmp_p
     proc = subprocess.Popen([sys.executable, str(script), directory, str(flag)], cwd=REPO, stdin=subprocess.PIPE,
                             stderr=(tmp_path / "writer.log").open("w"))
     try:
-        deadline = time.monotonic() + 120
-        while not flag.exists():  # polling for the writer's own signal, with a deadline
-            assert proc.poll() is None, (tmp_path / "writer.log").read_text()
-            assert time.monotonic() < deadline, "the writer never reached part 2 of its upload"
-            time.sleep(0.05)
+        # the writer's own signal
+        wait_until(flag.exists, 120, "the writer reaching part 2 of its upload", interval=0.05,
+                   alive=lambda: proc.poll() is None, detail=(tmp_path / "writer.log").read_text)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -320,8 +319,7 @@ def test_remote_storage_without_a_tracking_uri_fails_before_anything_runs(s3, tm
     path.write_text(yaml.safe_dump({"name": "j", "storage": f"s3://{BUCKET}/notrack",
                                     "stages": {"crawl": crawl_stage(f"s3://{BUCKET}/nowhere.parquet")}}))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=REPO, env=env, check=False,
-                         capture_output=True, text=True, timeout=120)
+    out = run_cli("run", path, env=env, timeout=120)
     assert out.returncode != 0
     assert f"storage 's3://{BUCKET}/notrack' is not local" in out.stderr and "set tracking.uri in the job" in out.stderr
     assert s3.keys(BUCKET, "notrack/") == []

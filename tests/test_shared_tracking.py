@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.support.browser import artifacts_dir, chromium, open_runs_table
+from tests.support.cli import run_cli
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,8 @@ def job(mlflow_server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     """`clipline demo` with tracking.uri on the server: every stage, the model registration and the
     artifacts go over HTTP; storage stays on local disk."""
     store = tmp_path_factory.mktemp("shared") / "data"
-    cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--storage", str(store), "--images", "100",
-           "--port", str(free_port()), "--no-progress", *_demo_overrides(mlflow_server.uri)]
-    done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = run_cli("demo", "--storage", store, "--images", "100", "--port", str(free_port()), "--no-progress",
+                   *_demo_overrides(mlflow_server.uri), timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     locations = dict(re.findall(r"^(\w+)\s+ran\s+.*?\s(/\S+)$", done.stdout, re.MULTILINE))
     assert sorted(locations) == sorted(STAGES), done.stdout
@@ -184,18 +183,15 @@ def test_the_rows_are_in_postgresql(postgres, job, runs):
 
 def test_clipline_ui_points_at_the_server_instead_of_serving_one(mlflow_server, job):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "ui", str(REPO / "jobs" / "demo.yaml"),
-                           "--storage", str(job["store"])], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+    done = run_cli("ui", REPO / "jobs" / "demo.yaml", "--storage", job["store"], env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{mlflow_server.uri}/\n"
     assert f"logs to the tracking server {mlflow_server.uri}, which serves the MLflow UI" in done.stderr
 
 
 def test_clipline_report_logs_the_page_on_the_server(s3, mlflow_server, job, runs):
-    cmd = [sys.executable, "-m", "pipelines.cli", "report", str(REPO / "jobs" / "demo.yaml"), "--storage",
-           str(job["store"]), *_demo_overrides(mlflow_server.uri)]
-    done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = run_cli("report", REPO / "jobs" / "demo.yaml", "--storage", job["store"],
+                   *_demo_overrides(mlflow_server.uri), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     page = Path(done.stdout.strip())
     assert page.read_bytes().startswith(b"<!doctype html>")
