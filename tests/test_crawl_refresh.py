@@ -19,6 +19,7 @@ from pipelines.cli import main
 from pipelines.demo.server import DemoServer
 from pipelines.runner import StageFailed, plan, run_job
 from tests.conftest import crawl_stage, read_output, write_job
+from tests.support.net import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -176,18 +177,17 @@ def test_worker_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path, ray_loca
         outcome: dict[str, Any] = {}
         runner = threading.Thread(target=lambda: outcome.update(result=run_job(job, progress=False)))
         runner.start()
-        killed = None
-        deadline = time.monotonic() + 120
-        while killed is None and time.monotonic() < deadline and runner.is_alive():
+
+        def kill_the_crawl_workers() -> list[int]:
             with web.lock:
                 waiting = web.hits.get("/slow/34007", 0) >= 1
             workers = _crawl_workers() if waiting else []
-            if workers:
-                for pid in workers:  # the one holding the slow request is among them; kill them all
-                    os.kill(pid, signal.SIGKILL)
-                killed = workers
-            time.sleep(0.05)
-        assert killed, "the crawl never reached the slow row"
+            for pid in workers:  # the one holding the slow request is among them; kill them all
+                os.kill(pid, signal.SIGKILL)
+            return workers
+
+        wait_until(kill_the_crawl_workers, 120, "the crawl reaching the slow row", interval=0.05,
+                   alive=runner.is_alive)
         # Ray reruns the killed task: it asks for the slow row again; then let it answer
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and web.hits.get("/slow/34007", 0) < 2 and runner.is_alive():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from pipelines import manifest, spec, storage
 from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import plan
 from tests.conftest import REPO, crawl_stage, mlflow_runs, read_output, write_job
+from tests.support.net import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -109,17 +109,19 @@ def start_driver(job: Path, log: Path) -> subprocess.Popen:
 def lose_a_node_running(nodes: ThreeNodes, title: str, driver: subprocess.Popen, log: Path,
                         ready: Any = None, timeout: float = 300) -> None:
     """Once `ready()` holds (if given), wait for a worker node running `title`, then remove that node."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert driver.poll() is None, f"the job ended before a node was lost:\n{log.read_text()[-4000:]}"
-        if ready is None or ready():
-            node = nodes.busy(title)
-            if node is not None:
-                nodes.lose(node)
-                return
-        time.sleep(0.05)  # polling the process table for a condition, with a deadline
-    driver.kill()
-    pytest.fail(f"no worker node ran {title!r} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+    def lost() -> bool:
+        node = nodes.busy(title) if ready is None or ready() else None
+        if node is not None:
+            nodes.lose(node)
+        return node is not None
+
+    try:  # polling the process table for a condition, with a deadline
+        wait_until(lost, timeout, f"a worker node running {title!r} (before the job ended)", interval=0.05,
+                   alive=lambda: driver.poll() is None, detail=lambda: log.read_text()[-4000:])
+    except TimeoutError:
+        driver.kill()
+        raise
 
 
 def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> str:
