@@ -82,8 +82,10 @@ class DemoWeb:
         self.info: dict[str, str] = {}
         self.err: list[str] = []
         # drain both pipes in threads: a full pipe would block the server
-        threading.Thread(target=self._read_out, daemon=True).start()
-        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read_out, daemon=True),
+                        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)]
+        for reader in self.readers:
+            reader.start()
         wait_until(lambda: {"base_url", "url_list", "storage"} <= self.info.keys(), 60, "the demo web",
                    alive=lambda: self.proc.poll() is None)
 
@@ -94,7 +96,10 @@ class DemoWeb:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        return self.proc.wait(30)
+        code = self.proc.wait(30)
+        for reader in self.readers:  # what it wrote last is read to the end of its pipes before a test looks
+            reader.join(30)
+        return code
 
 
 @pytest.mark.slow

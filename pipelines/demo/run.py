@@ -80,7 +80,11 @@ def serve_web(storage_url: str, port: int, images: int, stop: threading.Event | 
         return 2
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ctrl-C too, set here rather than left to Python's KeyboardInterrupt: a process started in the
+        # background of a non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then
+        # installs no handler, so Ctrl-C would not stop the server
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     with server:
         try:
             _publish(server, store, images)
@@ -89,10 +93,7 @@ def serve_web(storage_url: str, port: int, images: int, stop: threading.Event | 
         print(f"base_url {server.base_url}\nurl_list {url_list_path(store)}\nstorage {store}", flush=True)
         print(f"clipline: serving until SIGTERM or Ctrl-C; run the demo job against it with e.g.\n"
               f"  clipline submit jobs/demo.yaml --storage {store} --wait", file=sys.stderr, flush=True)
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        while not stop.wait(0.5):
             pass
     print("clipline: demo web stopped", file=sys.stderr)
     return 0
