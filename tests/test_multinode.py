@@ -96,7 +96,12 @@ class DemoWeb:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        code = self.proc.wait(30)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # a server the signal did not stop is not left behind the failing test
+            self.proc.wait(30)
+            raise
         for reader in self.readers:  # what it wrote last is read to the end of its pipes before a test looks
             reader.join(30)
         return code
