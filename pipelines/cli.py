@@ -292,7 +292,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.split("://", 1)[0].lower() in ("http", "https"):
         # a tracking server serves its own UI beside the REST API the job logs to; a local `mlflow ui` could not
         # open that store anyway (a database that only the server holds the credentials of)
-        from pipelines.tracking import scrub
+        from pipelines.redact import scrub
 
         print(f"clipline: job {job.name} logs to the tracking server {scrub(uri)}, which serves the MLflow UI; "
               f"open it (experiment {job.experiment!r}) instead of starting one here", file=sys.stderr)

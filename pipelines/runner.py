@@ -21,9 +21,10 @@ from typing import Any
 
 from pipelines import __version__, layout, manifest, storage
 from pipelines.manifest import Manifest
+from pipelines.redact import scrub
 from pipelines.spec import JobSpec, StageSpec
 from pipelines.stage import StageContext, StageResult
-from pipelines.tracking import Tracker, git_sha, resolve_uri, scrub
+from pipelines.tracking import Tracker, git_sha, resolve_uri
 
 log = logging.getLogger("clipline")
 

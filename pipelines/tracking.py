@@ -22,7 +22,7 @@ from typing import Any
 
 from pipelines import __version__, prometheus, storage
 from pipelines import spool as spooling
-from pipelines.redact import REDACTED, scrub  # here too: runner, cli and the demo import them from tracking
+from pipelines.redact import REDACTED, scrub
 
 log = logging.getLogger("clipline.tracking")
 

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from pipelines.tracking import REDACTED, flatten, resolve_uri, scrub
+from pipelines.redact import REDACTED, scrub
+from pipelines.tracking import flatten, resolve_uri
 from tests.conftest import REPO
 from tests.support.net import free_port, wait_until
 

@@ -129,7 +129,7 @@ def run_demo(storage: str, port: int, images: int, overrides: list[str], progres
             print(f"{'':<19} {row['dataset']} {row['task']}: {row['main_metric']} {row['value']:.3f}")
     server_uri = job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if server_uri.split("://", 1)[0].lower() in ("http", "https"):  # a tracking server: its own UI has the runs
-        from pipelines.tracking import scrub
+        from pipelines.redact import scrub
 
         print(f"\nOutputs under {store}/{job.name}/. Browse the runs at {scrub(server_uri)} "
               f"(experiment {job.experiment})")
