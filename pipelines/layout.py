@@ -2,7 +2,8 @@
 
 A stage's output is `{storage}/{job}/{stage}/{fingerprint}/`. Its data files are shards named
 `part-NNNNN.parquet` by their index (a crawl shard written by the driver after its task failed is
-`part-NNNNN-failed.parquet`); curate's ledger keeps one `ledger/part-NNNNN.parquet` per crawled shard.
+`part-NNNNN-failed.parquet`); curate's ledger keeps one `ledger/part-NNNNN.parquet` per crawled shard;
+export's webdataset shards are `part-NNNNN.tar`, with open_clip's `sizes.json` (shard name -> samples) beside them.
 The manifest lists each shard as a record `{"path", "rows", "bytes", "sha256"}`: its path within the stage
 directory, its rows, and the size and sha256 of the bytes written.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 SHARD_FIELDS = ("path", "rows", "bytes", "sha256")  # a manifest's shard record (manifest.schema.json)
 LEDGER_DIR = "ledger"
+WDS_SIZES = "sizes.json"  # open_clip_train reads the sample count of webdataset shards from this file beside them
 
 
 def stage_dir(root: str, job: str, stage: str, fingerprint: str) -> str:
@@ -25,6 +27,11 @@ def stage_dir(root: str, job: str, stage: str, fingerprint: str) -> str:
 def shard_name(index: int, failed: bool = False) -> str:
     """A data shard's file name (and path within the stage directory)."""
     return f"part-{index:05d}{'-failed' if failed else ''}.parquet"
+
+
+def tar_name(index: int) -> str:
+    """A webdataset (tar) shard's file name, numbered like the Parquet shards."""
+    return f"part-{index:05d}.tar"
 
 
 def ledger_name(index: int) -> str:

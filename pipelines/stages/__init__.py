@@ -12,4 +12,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "train": ("pipelines.stages.train.config:TrainConfig", "pipelines.stages.train.stage:TrainStage"),
     "evaluate": ("pipelines.stages.evaluate.config:EvaluateConfig",
                  "pipelines.stages.evaluate.stage:EvaluateStage"),
+    "export": ("pipelines.stages.export.config:ExportConfig", "pipelines.stages.export.stage:ExportStage"),
 }
