@@ -94,7 +94,9 @@ def digest_files(files: Iterable[Path], root: Path) -> str:
         paths.update(f.parent.glob("*.json"))
     h = hashlib.sha256()
     for f in sorted(paths):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
+        # a plugin's module lives outside the project: its folder and name, not where this machine keeps it
+        rel = f.relative_to(root) if f.is_relative_to(root) else Path("<plugin>", f.parent.name, f.name)
+        h.update(str(rel).encode() + b"\0")
         h.update(f.read_bytes())
         h.update(b"\0")
     return h.hexdigest()

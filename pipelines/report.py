@@ -173,9 +173,15 @@ def section_stages(stages: list[StageRun]) -> str:
 
 
 def _reasons(m: Manifest) -> list[str]:
-    from pipelines.contracts import RULE_REASONS
+    """The funnel's reasons in rule order (each rule's, from the registry), then any others the counts have."""
+    from pipelines import configschema
+    from pipelines.stages.curate.config import CurateConfig
+    from pipelines.stages.curate.stage import funnel_reasons
 
-    order = ["not_downloaded", *[r for rule in m.params.get("rules", []) for r in RULE_REASONS.get(rule, ())]]
+    try:
+        order = funnel_reasons(configschema.build(CurateConfig, m.params).instances())
+    except (KeyError, TypeError, ValueError):  # a manifest of rules this installation no longer has
+        order = ["not_downloaded"]
     extra = sorted(k.removeprefix("dropped_") for k in m.counts if k.startswith("dropped_"))
     return list(dict.fromkeys([*order, *extra]))
 

@@ -23,18 +23,21 @@ def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
 
 
 def documents() -> dict[str, Any]:
-    from pipelines.contracts import CRAWLED, CURATED, LEDGER
+    from pipelines.contracts import CRAWLED
     from pipelines.manifest import MANIFEST_SCHEMA
     from pipelines.spec import job_schema
     from pipelines.stage import builtin_kinds
+    from pipelines.stages.curate.rules import schemas as curate_schemas
+
+    curate = curate_schemas()
 
     return {
         "job.schema.json": job_schema(builtin_kinds()),
         "manifest.schema.json": MANIFEST_SCHEMA,
         "crawled.schema.json": arrow_schema_json(CRAWLED, "crawled shards (stage `crawl`)"),
-        "curated.schema.json": arrow_schema_json(CURATED, "curated shards (stage `curate`); crawl passthrough "
+        "curated.schema.json": arrow_schema_json(curate["curated"], "curated shards (stage `curate`); crawl passthrough "
                                                           "columns follow the crawled ones"),
-        "ledger.schema.json": arrow_schema_json(LEDGER, "curate ledger: one row per crawled row"),
+        "ledger.schema.json": arrow_schema_json(curate["ledger"], "curate ledger: one row per crawled row"),
     }
 
 

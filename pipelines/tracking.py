@@ -51,6 +51,15 @@ def resolve_uri(job_uri: str | None, store: str) -> str:
     return f"sqlite:///{store}/mlflow.db"
 
 
+_METRIC_KEY_BAD = re.compile(r"[^\w./ :-]")
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts (letters, digits, `_-./: `): a curate reason naming a predicate, such as
+    `metadata: punsafe < 0.1`, has other characters, each written as `_`."""
+    return _METRIC_KEY_BAD.sub("_", name)
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested params as dotted keys; values that look like secrets are redacted, never logged."""
     out: dict[str, str] = {}
@@ -98,7 +107,7 @@ class StageTracker:
         now = int(time.time() * 1000)
         prefix = self.stage if prefix is None else prefix
         items = [
-            Metric(f"{prefix}/{k}" if prefix else k, float(v), now, step or 0)
+            Metric(metric_key(f"{prefix}/{k}" if prefix else k), float(v), now, step or 0)
             for k, v in metrics.items()
             if v is not None and not (isinstance(v, float) and math.isnan(v))
         ]
@@ -204,7 +213,7 @@ class WorkerTracker:
         if not self.active:
             return
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+        self._pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()
                           if v is not None and math.isfinite(v)]
 
     def flush(self) -> None:

@@ -8,17 +8,21 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipelines.models import ModelRef
-from pipelines.stages.curate.features import typed
+from pipelines.stages.curate.rules import Work
 
 
 class ClipScorer:
-    def __init__(self, model: ModelRef, batch_size: int, threads: int, device: str | None = None) -> None:
+    def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
+                 device: str | None = None) -> None:
         import torch
+
+        self.work = work  # None: return pandas batches (scoring outside a curate stage, as the benchmark does)
 
         from pipelines import models
 
@@ -56,12 +60,12 @@ class ClipScorer:
             out[[start + i for i in bad]] = np.nan
         return out
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> Any:
         todo = batch["image"].notna().to_numpy()
         if todo.any():
             scores = batch["clip_score"].to_numpy(dtype=np.float32).copy()
             scores[todo] = self.scores(list(batch["image"][todo]), list(batch["caption"][todo]))
             batch = batch.assign(clip_score=scores)
-        return typed(batch)
+        return self.work.table(batch) if self.work is not None else batch
 
 

@@ -1,4 +1,4 @@
-"""Set rules: decisions that depend on other rows (dedup, near dedup, top fraction by CLIP score).
+"""What the set rules share: decisions that depend on other rows (dedup, near dedup, top fraction by CLIP score).
 
 Each works on the working table as a Ray Dataset, never collecting it in one process: dedup hash-partitions
 the candidate rows by their key (every group lands whole in one block, as in Ray's own `map_groups`) and
@@ -10,13 +10,17 @@ A row's order is its input order, (crawled shard, row), so "the first of a group
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.stages.curate.features import hamming, typed
+from pipelines.stages.curate.features import hamming
+from pipelines.stages.curate.rules import Rule, Work, mark
+
+if TYPE_CHECKING:
+    import ray.data
 
 ORDER = ["shard", "row"]
 
@@ -31,9 +35,9 @@ def candidates(df: pd.DataFrame, pos: int, key: str | None = None, want: bool = 
     return df[mask if want else ~mask]
 
 
-def part(df: pd.DataFrame, pos: int, key: str | None = None, want: bool = True) -> pa.Table:
-    """`candidates` as a typed block, for Dataset.map_batches."""
-    return typed(candidates(df, pos, key, want))
+def part(df: pd.DataFrame, work: Work, pos: int, key: str | None = None, want: bool = True) -> pa.Table:
+    """`candidates` as a block of the working table, for Dataset.map_batches."""
+    return work.table(candidates(df, pos, key, want))
 
 
 def with_band(df: pd.DataFrame, shift: int, bits: int) -> pd.DataFrame:
@@ -49,20 +53,43 @@ def bands(max_distance: int) -> list[tuple[int, int]]:
     return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
 
 
-def in_block(df: pd.DataFrame, rule: str, pos: int, max_distance: int = 0) -> pa.Table:
+def in_block(df: pd.DataFrame, work: Work, key: str, reason: str, pos: int, max_distance: int = 0) -> pa.Table:
     """Apply a dedup rule to one block that holds every candidate of each of its groups."""
-    if rule == "near_duplicate":
+    if key == "phash":
         # bands one after another: a row dropped in one band is no longer a candidate in the next
         for shift, bits in bands(max_distance):
             c = candidates(df, pos, "phash")
             rest = candidates(df, pos, "phash", want=False)
-            df = _concat(rest, drop_near(with_band(c, shift, bits), "_key", pos, rule, max_distance))
-        return typed(df)
-    key = "sha256" if rule == "dedup_image" else "text_key"
+            df = _concat(rest, drop_near(with_band(c, shift, bits), "_key", pos, reason, max_distance))
+        return work.table(df)
     c = candidates(df, pos, key)
     rest = candidates(df, pos, key, want=False)
-    reason = "duplicate_image" if rule == "dedup_image" else "duplicate_text"
-    return typed(_concat(rest, drop_all_but_first(c, key, pos, reason)))
+    return work.table(_concat(rest, drop_all_but_first(c, key, pos, reason)))
+
+
+def dedup(ds: ray.data.Dataset, rule: Rule, key: str, reason: str, max_distance: int = 0) -> ray.data.Dataset:
+    """A dedup rule over the working table. Up to 200k rows (~300 bytes each) the whole table is one block;
+    beyond, candidates are hash-partitioned by their key (each pHash band in turn), so every group lands whole
+    in one block."""
+    pos, work = rule.position, rule.work
+    assert work is not None
+    parts = max(1, min(256, math.ceil(ds.count() / 200_000)))
+    if parts == 1:
+        return ds.repartition(1).map_batches(in_block, batch_size=None, batch_format="pandas", fn_kwargs={
+            "work": work, "key": key, "reason": reason, "pos": pos, "max_distance": max_distance}).materialize()
+    for band in bands(max_distance) if key == "phash" else [None]:
+        def pick(df: pd.DataFrame, band: tuple[int, int] | None = band) -> pa.Table:
+            c = candidates(df, pos, key)
+            return work.table(with_band(c, *band) if band else c.assign(_key=c[key]))
+
+        cand = ds.map_batches(pick, batch_format="pandas")
+        rest = ds.map_batches(part, batch_format="pandas", fn_kwargs={"work": work, "pos": pos, "key": key,
+                                                                      "want": False})
+        decided = cand.repartition(parts, keys=["_key"]).map_batches(
+            in_partition, batch_size=None, batch_format="pandas",
+            fn_kwargs={"work": work, "reason": reason, "pos": pos, "max_distance": max_distance, "near": key == "phash"})
+        ds = rest.union(decided).materialize()
+    return ds
 
 
 def _concat(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +100,7 @@ def drop_all_but_first(df: pd.DataFrame, key: str, pos: int, reason: str) -> pd.
     """Exact dedup within one block holding whole groups: the first row of each key is kept."""
     df = df.sort_values(ORDER, kind="stable")
     dup = df.duplicated(subset=[key], keep="first").to_numpy()
-    return _mark(df, dup, pos, reason)
+    return mark(df, dup, pos, reason)
 
 
 def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int) -> pd.DataFrame:
@@ -94,16 +121,7 @@ def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: i
                 dup[i] = True
             else:
                 kept.append(i)
-    return _mark(df, dup, pos, reason)
-
-
-def _mark(df: pd.DataFrame, dup: np.ndarray, pos: int, reason: str) -> pd.DataFrame:
-    df = df.copy()
-    drop_at = df["drop_at"].to_numpy().copy()
-    reasons = df["reason"].to_numpy(dtype=object).copy()
-    drop_at[dup] = pos
-    reasons[dup] = reason
-    return df.assign(drop_at=drop_at, reason=reasons).drop(columns=["_key"], errors="ignore")
+    return mark(df, dup, pos, reason)
 
 
 # ---- top fraction -------------------------------------------------------------------------------------------
@@ -143,7 +161,8 @@ def top_count(n: int, fraction: float) -> int:
     return min(n, math.ceil(n * fraction - 1e-9))
 
 
-def drop_below(df: pd.DataFrame, pos: int, key: int, keep_ties: set[tuple[int, int]]) -> pa.Table:
+def drop_below(df: pd.DataFrame, work: Work, pos: int, key: int, keep_ties: set[tuple[int, int]],
+               reason: str) -> pa.Table:
     """Drop candidates scoring below the k-th key, and ties at it beyond the first ones in input order."""
     cand = (df["drop_at"].to_numpy() > pos)
     scores = df["clip_score"].to_numpy(dtype=np.float32)
@@ -152,7 +171,7 @@ def drop_below(df: pd.DataFrame, pos: int, key: int, keep_ties: set[tuple[int, i
     tie = (keys == np.uint64(key)) & ~nan
     tie_kept = np.array([(s, r) in keep_ties for s, r in zip(df["shard"], df["row"], strict=True)], dtype=bool)
     drop = cand & (nan | (keys < np.uint64(key)) | (tie & ~tie_kept))
-    return typed(_mark(df, drop, pos, "clip_score"))
+    return work.table(mark(df, drop, pos, reason))
 
 
 def ties(df: pd.DataFrame, pos: int, key: int) -> pd.DataFrame:
@@ -164,9 +183,37 @@ def ties(df: pd.DataFrame, pos: int, key: int) -> pd.DataFrame:
     return c.loc[hit, ORDER]
 
 
-def in_partition(df: pd.DataFrame, rule: str, pos: int, max_distance: int = 0) -> pa.Table:
+def in_partition(df: pd.DataFrame, work: Work, reason: str, pos: int, max_distance: int, near: bool) -> pa.Table:
     """A hash partition of candidates carrying `_key`: decide each group of the block."""
-    if rule == "near_duplicate":
-        return typed(drop_near(df, "_key", pos, rule, max_distance))
-    reason = "duplicate_image" if rule == "dedup_image" else "duplicate_text"
-    return typed(drop_all_but_first(df, "_key", pos, reason))
+    if near:
+        return work.table(drop_near(df, "_key", pos, reason, max_distance))
+    return work.table(drop_all_but_first(df, "_key", pos, reason))
+
+
+def top_fraction(ds: ray.data.Dataset, rule: Rule, fraction: float, reason: str
+                 ) -> tuple[ray.data.Dataset, float | None]:
+    """Keep the best `fraction` of the rule's candidates by `clip_score` (ties in input order): the exact k-th
+    best score by radix select; returns the working table and that cutoff score (None if nothing is kept)."""
+    pos, work = rule.position, rule.work
+    n = int(sum(ds.map_batches(lambda df: pd.DataFrame({"n": [len(candidates(df, pos))]}),
+                               batch_format="pandas").to_pandas()["n"]))
+    k = top_count(n, fraction)
+    if k == 0:
+        return ds, None
+
+    def count_pass(prefix: int, shift: int) -> np.ndarray:
+        hist = ds.map_batches(histogram, batch_format="pandas",
+                              fn_kwargs={"pos": pos, "prefix": prefix, "shift": shift}).to_pandas()
+        return hist.groupby("byte")["count"].sum().reindex(range(256), fill_value=0).to_numpy()
+
+    key, above = kth_key(count_pass, k)
+    if above + int(count_pass(key >> 8, 0)[key & 255]) < k:
+        key = 0  # fewer scorable rows than k: keep every scored candidate
+        above = k
+    tied = ds.map_batches(ties, batch_format="pandas", fn_kwargs={"pos": pos, "key": key}).to_pandas()
+    keep = {(int(s), int(r)) for s, r in tied.sort_values(ORDER).head(k - above).itertuples(index=False)}
+    out = ds.map_batches(drop_below, batch_format="pandas", fn_kwargs={
+        "work": work, "pos": pos, "key": key, "keep_ties": keep, "reason": reason}).materialize()
+    cutoff = np.array([key], dtype=np.uint32)
+    cutoff = np.where(cutoff & np.uint32(0x80000000), cutoff & np.uint32(0x7FFFFFFF), ~cutoff).view(np.float32)
+    return out, float(cutoff[0])

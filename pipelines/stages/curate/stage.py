@@ -1,9 +1,11 @@
 """The curate stage's driver: score every crawled row, apply the rules in order, write ledger and shards.
 
-Streaming plan on Ray Data (nothing is gathered in one process but per-shard summaries and histograms):
-1. featurize: one task per crawled shard computes per-row scores and the row rules (no image bytes kept,
-   except for rows the CLIP scorer still has to see);
-2. CLIP scores: an actor pool (`clip_score.actors`) scores those rows in batches;
+The rules are objects (`pipelines.stages.curate.rules`); this driver only sequences them. Streaming plan on
+Ray Data (nothing is gathered in one process but per-shard summaries and histograms):
+1. featurize: one task per crawled shard computes the features, every rule's per-row scores and the per-row
+   rules (no image bytes kept, except for rows a model rule still has to score);
+2. model rules (`uses_images`: CLIP score, embedding heads), in rule order: each scores its candidates with
+   its own actor pool, then decides per row on those scores;
 3. set rules (dedup, near dedup, top fraction) on the materialised working table, in the configured order;
 4. the ledger: one Parquet file per crawled shard, one row per crawled row;
 5. repack: kept rows are numbered across shards (prefix sums of per-shard counts or image bytes), and each
@@ -12,10 +14,12 @@ Streaming plan on Ray Data (nothing is gathered in one process but per-shard sum
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,33 +27,39 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines import layout, storage
-from pipelines.contracts import LEDGER, RULE_REASONS, SCORES
+from pipelines.codedigest import module_closure
+from pipelines.contracts import FEATURES, NOT_DOWNLOADED, ledger_schema
 from pipelines.manifest import Manifest
 from pipelines.prometheus import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.curate import select
 from pipelines.stages.curate.config import CurateConfig
-from pipelines.stages.curate.features import KEPT, Featurizer, load_eval_hashes, phash_hex, to_arrow, typed
+from pipelines.stages.curate.features import KEPT, Featurizer, phash_hex, to_arrow
+from pipelines.stages.curate.rules import Rule, Work, apply_decisions, job_scores
 from pipelines.tracking import log_bar_chart
 
 
-def _featurize(batch: dict[str, np.ndarray], cfg: CurateConfig, eval_hashes: np.ndarray,
-               eval_names: list[str]) -> pd.DataFrame:
-    return Featurizer(cfg, eval_hashes, eval_names)(batch)
+def _featurize(batch: dict[str, np.ndarray], rules: list[Rule], work: Work) -> pa.Table:
+    return Featurizer(rules, work)(batch)
 
 
-def _threshold(df: pd.DataFrame, pos: int, threshold: float | None) -> pd.DataFrame:
-    """Apply a CLIP-score threshold (a row rule) and drop the columns only the scorer needed."""
-    df = df.drop(columns=["image", "caption"], errors="ignore")
-    if threshold is None:
-        return typed(df)
-    scores = df["clip_score"].to_numpy(dtype=np.float32)
-    low = (df["drop_at"].to_numpy() > pos) & ~(scores >= threshold)  # NaN (unscorable) fails too
-    return typed(select._mark(df, low, pos, "clip_score"))
+def _only_candidates_images(df: pd.DataFrame, work: Work, pos: int) -> pa.Table:
+    """Before a later model rule scores: rows an earlier rule dropped need no scoring, so no image."""
+    return work.table(df.assign(image=df["image"].where(df["drop_at"].to_numpy() > pos, None)))
 
 
-def funnel_reasons(cfg: CurateConfig) -> list[str]:
-    return ["not_downloaded", *[r for rule in cfg.rules for r in RULE_REASONS[rule]]]
+def _decide_scored(df: pd.DataFrame, rule: Rule) -> pa.Table:
+    """A model rule's per-row decisions, once its scores are in."""
+    assert rule.work is not None
+    return rule.work.table(apply_decisions(df, rule, rule.decide(df, None)))
+
+
+def _without_images(df: pd.DataFrame, work: Work) -> pa.Table:
+    return work.table(df.drop(columns=["image", "caption"], errors="ignore"))
+
+
+def funnel_reasons(rules: list[Rule]) -> list[str]:
+    """Every reason of the job's rules, in rule order: the funnel, the ledger's reasons, Prometheus labels."""
+    return list(dict.fromkeys([NOT_DOWNLOADED, *(r for rule in rules for r in rule.reasons())]))
 
 
 @register
@@ -57,6 +67,19 @@ class CurateStage(Stage):
     kind = "curate"
     Config = CurateConfig
     dependencies = ("imagehash", "py3langid", "open_clip_torch", "torch", "pillow", "pyarrow")
+
+    @classmethod
+    def code_files(cls) -> list[Path]:
+        """The stage's own closure, every rule module's (built-in ones are found by listing their package, which
+        import statements do not show), and the modules of installed rule plugins."""
+        from pipelines.stages.curate import rules
+
+        root = Path(rules.__file__).resolve().parents[4]
+        files = set(super().code_files())
+        files.update(module_closure(Path(rules.__file__).parent.glob("*.py"), root, "pipelines"))
+        for rule in rules.plugins().values():
+            files.add(Path(inspect.getfile(rule)).resolve())
+        return sorted(files)
 
     def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
         import ray.data
@@ -68,30 +91,28 @@ class CurateStage(Stage):
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = ctx.progress
         dctx.enable_operator_progress_bars = ctx.progress
-        pos = {r: i + 1 for i, r in enumerate(cfg.rules)}
         t0 = time.perf_counter()
 
-        eval_hashes, eval_names = (load_eval_hashes(cfg) if "decontaminate" in cfg.rules
-                                   else (np.zeros(0, np.int64), []))
-        if "decontaminate" in cfg.rules:
-            ctx.log.info("decontaminating against %d images of %s", len(eval_hashes),
-                         ", ".join(s.name for s in cfg.decontaminate.sets))
+        rules = cfg.instances()
+        self.work = Work(job_scores(rules))
+        for rule in rules:
+            rule.work = self.work
+            rule.prepare(ctx.log)
+        self.ledger = ledger_schema([f.arrow() for f in self.work.scores], funnel_reasons(rules))
         urls = crawl.shard_urls()
         ds = ray.data.from_items([{"shard": i, "url": u} for i, u in enumerate(urls)],
                                  override_num_blocks=max(1, len(urls)))
         ds = ds.map_batches(_featurize, batch_size=1, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"cfg": cfg, "eval_hashes": eval_hashes, "eval_names": eval_names})
-        clip = cfg.clip_score
-        if "clip_score" in cfg.rules:
-            from pipelines.stages.curate.scorer import ClipScorer
-
-            ds = ds.map_batches(ClipScorer, batch_size=clip.batch_size, batch_format="pandas",
-                                compute=ray.data.ActorPoolStrategy(size=clip.actors), num_cpus=clip.num_cpus,
-                                num_gpus=clip.num_gpus,
-                                fn_constructor_kwargs={"model": clip.model, "batch_size": clip.batch_size,
-                                                       "threads": max(1, int(clip.num_cpus))})
-        ds = ds.map_batches(_threshold, batch_format="pandas",
-                            fn_kwargs={"pos": pos.get("clip_score", 0), "threshold": clip.threshold})
+                            fn_kwargs={"rules": rules, "work": self.work})
+        scored = sorted((r for r in rules if r.uses_images), key=lambda r: r.position)
+        for i, rule in enumerate(scored):
+            if i:  # the featurize task kept images for the first model rule's candidates
+                ds = ds.map_batches(_only_candidates_images, batch_format="pandas",
+                                    fn_kwargs={"work": self.work, "pos": rule.position})
+            ds = rule.stream(ds, ctx)
+            ds = ds.map_batches(_decide_scored, batch_format="pandas", fn_kwargs={"rule": rule})
+        if scored:
+            ds = ds.map_batches(_without_images, batch_format="pandas", fn_kwargs={"work": self.work})
         work = ds.materialize()
         rows_in = work.count()
         if rows_in != crawl.rows:
@@ -99,23 +120,20 @@ class CurateStage(Stage):
         ctx.log.info("scored %d rows in %.1fs", rows_in, time.perf_counter() - t0)
 
         metrics: dict[str, float] = {}
+        for rule in rules:  # set rules, in rule order
+            if rule.decides_sets():
+                work, rule_metrics = rule.decide_set(work, ctx)
+                metrics.update(rule_metrics)
+
         # hash partitions of the working table (~300 bytes a row): one block up to 200k rows, then more
         parts = max(1, min(256, math.ceil(rows_in / 200_000)))
-        for rule in cfg.rules:
-            p = pos[rule]
-            if rule in ("dedup_image", "dedup_text", "near_duplicate"):
-                work = self._dedup(work, rule, p, cfg.near_duplicate.max_distance, parts)
-            elif rule == "clip_score" and clip.top_fraction is not None:
-                work, cutoff = self._top_fraction(work, p, clip.top_fraction)
-                if cutoff is not None:
-                    metrics["clip_score_cutoff"] = cutoff
-
         summaries = self._write_ledger(ctx, work, parts)
         shards = self._repack(ctx, summaries, dict(enumerate(urls)))
         reasons: Counter[str] = Counter()
         for s in summaries:
             reasons.update(s["reasons"])
-        counts = {"rows_in": rows_in, **{f"dropped_{r}": reasons.get(r, 0) for r in funnel_reasons(cfg)},
+        funnel = funnel_reasons(rules)
+        counts = {"rows_in": rows_in, **{f"dropped_{r}": reasons.get(r, 0) for r in funnel},
                   "rows_out": sum(s["rows"] for s in shards)}
         if counts["rows_out"] != reasons.get("kept", 0) or sum(reasons.values()) != rows_in:
             raise RuntimeError(f"curate accounting: {rows_in} rows in, {dict(reasons)} decided, "
@@ -123,61 +141,12 @@ class CurateStage(Stage):
         metrics["kept_fraction"] = counts["rows_out"] / rows_in if rows_in else 0.0
         prom = StageMetrics.of(ctx)  # the funnel for Prometheus, once its accounting holds
         prom.inc(CURATE_ROWS_IN, rows_in)
-        prom.inc_each(CURATE_DROPPED, {r: counts[f"dropped_{r}"] for r in funnel_reasons(cfg)}, "reason")
+        prom.inc_each(CURATE_DROPPED, {r: counts[f"dropped_{r}"] for r in funnel}, "reason")
         prom.inc(CURATE_ROWS_OUT, counts["rows_out"])
-        self._plots(ctx, cfg, counts, work)
+        self._plots(ctx, cfg, funnel, counts, work)
         ledger = [layout.shard_entry(s["path"], s) for s in summaries]
         return StageResult(shards=[layout.shard_entry(s["path"], s) for s in shards],
                            counts=counts, metrics=metrics, extra={"ledger": ledger})
-
-    # ---- set rules -------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _dedup(work: Any, rule: str, pos: int, max_distance: int, parts: int) -> Any:
-        """Dedup rules: with one partition the whole table is one block; otherwise candidates are
-        hash-partitioned by their key (each pHash band in turn), so every group lands whole in one block."""
-        if parts == 1:
-            return work.repartition(1).map_batches(select.in_block, batch_size=None, batch_format="pandas",
-                                                   fn_kwargs={"rule": rule, "pos": pos,
-                                                              "max_distance": max_distance}).materialize()
-        key = {"dedup_image": "sha256", "dedup_text": "text_key", "near_duplicate": "phash"}[rule]
-        for band in select.bands(max_distance) if rule == "near_duplicate" else [None]:
-            def pick(df: pd.DataFrame, band: tuple[int, int] | None = band) -> pa.Table:
-                c = select.candidates(df, pos, key)
-                return typed(select.with_band(c, *band) if band else c.assign(_key=c[key]))
-
-            cand = work.map_batches(pick, batch_format="pandas")
-            rest = work.map_batches(select.part, batch_format="pandas", fn_kwargs={"pos": pos, "key": key, "want": False})
-            decided = cand.repartition(parts, keys=["_key"]).map_batches(
-                select.in_partition, batch_size=None, batch_format="pandas",
-                fn_kwargs={"rule": rule, "pos": pos, "max_distance": max_distance})
-            work = rest.union(decided).materialize()
-        return work
-
-    @staticmethod
-    def _top_fraction(work: Any, pos: int, fraction: float) -> tuple[Any, float | None]:
-        n = int(sum(work.map_batches(lambda df: pd.DataFrame({"n": [len(select.candidates(df, pos))]}),
-                                     batch_format="pandas").to_pandas()["n"]))
-        k = select.top_count(n, fraction)
-        if k == 0:
-            return work, None
-
-        def count_pass(prefix: int, shift: int) -> np.ndarray:
-            hist = work.map_batches(select.histogram, batch_format="pandas",
-                                    fn_kwargs={"pos": pos, "prefix": prefix, "shift": shift}).to_pandas()
-            return hist.groupby("byte")["count"].sum().reindex(range(256), fill_value=0).to_numpy()
-
-        key, above = select.kth_key(count_pass, k)
-        if above + int(count_pass(key >> 8, 0)[key & 255]) < k:
-            key = 0  # fewer scorable rows than k: keep every scored candidate
-            above = k
-        tied = work.map_batches(select.ties, batch_format="pandas", fn_kwargs={"pos": pos, "key": key}).to_pandas()
-        keep = {(int(s), int(r)) for s, r in tied.sort_values(select.ORDER).head(k - above).itertuples(index=False)}
-        out = work.map_batches(select.drop_below, batch_format="pandas",
-                               fn_kwargs={"pos": pos, "key": key, "keep_ties": keep}).materialize()
-        cutoff = np.array([key], dtype=np.uint32)
-        cutoff = np.where(cutoff & np.uint32(0x80000000), cutoff & np.uint32(0x7FFFFFFF), ~cutoff).view(np.float32)
-        return out, float(cutoff[0])
 
     # ---- outputs ---------------------------------------------------------------------------------------------
 
@@ -193,7 +162,7 @@ class CurateStage(Stage):
                 reason = g["reason"].to_numpy(dtype=object, copy=True)
                 reason[kept] = None
                 ledger = g.assign(kept=kept, phash=phash_hex(g["phash"], g["phash_ok"]), reason=reason)
-                written = storage.write_shard(out, layout.ledger_name(int(shard)), to_arrow(ledger, LEDGER))
+                written = storage.write_shard(out, layout.ledger_name(int(shard)), to_arrow(ledger, self.ledger))
                 w = np.ones(int(kept.sum()), np.int64) if weight == "rows" else g["image_bytes"].to_numpy()[kept]
                 recs.append({"shard": int(shard), **written, "kept": int(kept.sum()),
                              "weight": int(w.sum()), "last_weight": int(w[-1]) if len(w) else 0,
@@ -228,6 +197,7 @@ class CurateStage(Stage):
             return []
         out = ctx.output
         weight = "rows" if cfg.shard_rows else "image_bytes"
+        columns = [*FEATURES, *(self.ledger.field(f.name) for f in self.work.scores)]
 
         def build(item: dict[str, Any]) -> dict[str, Any]:
             tables = []
@@ -241,8 +211,8 @@ class CurateStage(Stage):
                 mine = np.flatnonzero(kept)[(start // target) == item["part"]]
                 if len(mine):
                     t = crawled.take(pa.array(mine))
-                    scores = ledger.select([f.name for f in SCORES]).take(pa.array(mine))
-                    for f in SCORES:
+                    scores = ledger.select([f.name for f in columns]).take(pa.array(mine))
+                    for f in columns:
                         t = t.append_column(f, scores.column(f.name).cast(f.type))
                     tables.append(t)
             return storage.write_shard(out, layout.shard_name(item["part"]), pa.concat_tables(tables))
@@ -256,7 +226,7 @@ class CurateStage(Stage):
     # ---- MLflow charts ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _plots(ctx: StageContext, cfg: CurateConfig, counts: dict[str, int], work: Any) -> None:
+    def _plots(ctx: StageContext, cfg: CurateConfig, funnel: list[str], counts: dict[str, int], work: Any) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -264,7 +234,7 @@ class CurateStage(Stage):
 
         # the funnel: rows remaining after each reason, in rule order
         steps, left = [("crawled", counts["rows_in"])], counts["rows_in"]
-        for r in funnel_reasons(cfg):
+        for r in funnel:
             left -= counts[f"dropped_{r}"]
             steps.append((f"- {r} ({counts[f'dropped_{r}']})", left))
         log_bar_chart(ctx.tracker, steps, f"{ctx.stage}: funnel, {counts['rows_in']} rows in, {counts['rows_out']} out",
