@@ -110,7 +110,7 @@ def find_job_run(client: Any, job: JobSpec, run_id: str | None = None) -> Any:
 
 def stage_runs(client: Any, job: JobSpec, parent: Any) -> list[StageRun]:
     """The job's stages in order, each with its run under `parent` and the manifest of its fingerprint."""
-    from pipelines.runner import stage_dir
+    from pipelines.runner import read_current, stage_dir  # read_current: a taken-down version's replacement
 
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
@@ -119,7 +119,7 @@ def stage_runs(client: Any, job: JobSpec, parent: Any) -> list[StageRun]:
     for name, st in job.stages.items():
         run = by_stage.get(name)
         fp = run.data.tags.get("clipline.fingerprint") if run else None
-        m = manifest.read(stage_dir(job, name, fp)) if run and fp and run.info.status == "FINISHED" else None
+        m = read_current(stage_dir(job, name, fp)) if run and fp and run.info.status == "FINISHED" else None
         out.append(StageRun(name, st.uses, run, m))
     return out
 

@@ -30,6 +30,7 @@ log = logging.getLogger("clipline")
 
 
 RUN_MARKER = "_mlflow_run.json"  # in an incomplete stage directory: the MLflow run a resumed attempt continues
+SUPERSEDED = "_superseded.json"  # in a stage output that `clipline takedown` replaced: where its new version is
 
 
 class StageFailed(RuntimeError):
@@ -91,6 +92,21 @@ def fingerprint(st: StageSpec, upstream: dict[str, Manifest], external: dict[str
     )[:16]
 
 
+def read_current(directory: str) -> Manifest | None:
+    """The manifest of a stage output, or of the version that replaced it (`clipline takedown` writes a new
+    version and leaves `_superseded.json` naming it in the old directory): what a later run reads."""
+    m, seen = manifest.read(directory), {directory}
+    while m is not None and storage.exists(marker := storage.join(m.location, SUPERSEDED)):
+        newer = storage.read_json(marker)["location"]
+        if newer in seen:
+            raise ValueError(f"{marker}: names {newer}, a version that leads back to it")
+        seen.add(newer)
+        m = manifest.read(newer)
+        if m is None:
+            raise ValueError(f"{marker}: names {newer}, which holds no complete stage output")
+    return m
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
@@ -126,7 +142,7 @@ def plan(job: JobSpec) -> list[dict[str, Any]]:
             continue
         fp = fingerprint(st, ups, _external(st))
         path = stage_dir(job, name, fp)
-        m = manifest.read(path)
+        m = read_current(path)
         done[name] = m
         if m is not None:
             state = "cached"
@@ -134,7 +150,8 @@ def plan(job: JobSpec) -> list[dict[str, Any]]:
             state = "incomplete"
         else:
             state = "missing"
-        rows.append({"stage": name, "state": state, "rows": m.rows if m else None, "fingerprint": fp, "path": path,
+        rows.append({"stage": name, "state": state, "rows": m.rows if m else None, "fingerprint": fp,
+                     "path": m.location if m else path,
                      "counts": m.counts if m else {}})
     return rows
 
@@ -206,7 +223,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
                     done[name] = None
                 else:
                     fp = fingerprint(st, ups, _external(st))
-                    m = done[name] = manifest.read(stage_dir(job, name, fp))
+                    m = done[name] = read_current(stage_dir(job, name, fp))
                 outcomes.append(StageOutcome(name, "not selected", None, m))
                 continue
             if isinstance(ups, str):
@@ -245,7 +262,7 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     external = _external(st)
     fp = fingerprint(st, ups, external)
     out = stage_dir(job, st.name, fp)
-    existing = manifest.read(out)
+    existing = read_current(out)
     if existing is not None and not force:
         child = tracker.start_stage(job.name, st.name, st.uses, fp, {"clipline.cache": "hit"})
         _log_stage(tracker, child, st, ups, existing)
