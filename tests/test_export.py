@@ -22,7 +22,6 @@ from pipelines import configschema, spec, storage
 from pipelines.contracts import CRAWLED, uid
 from pipelines.demo import web
 from pipelines.manifest import Manifest
-from pipelines.models import CONFIG_DIR
 from pipelines.runner import run_job
 from pipelines.stage import StageContext, StageResult
 from pipelines.stages.export.config import ExportConfig
@@ -203,19 +202,10 @@ def test_a_curated_dataset_exported_by_the_runner_carries_its_scores(tmp_path, r
         assert "language" not in meta  # a score no rule computed is null, and left out
 
 
-TRAIN = """
-import sys
-import open_clip
-from open_clip_train.main import main
-
-open_clip.add_model_config(sys.argv[1])
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.slow
 def test_open_clip_train_trains_on_the_export(tmp_path, ray_local):
-    """open_clip's own training script, on CPU, reads the export's shards and sizes.json and takes its steps."""
+    """open_clip's own training script, on CPU, reads the export's shards and sizes.json and takes its steps; run
+    through clipline's launcher (tiny model configs registered, webdataset's EOF marker off), watched by netaudit."""
     export = export_job(tmp_path, 48, shard_rows=12)["export"]
     assert [s["rows"] for s in export.shards] == [12, 12, 12, 12]
     audit = tmp_path / "audit"
@@ -228,11 +218,13 @@ def test_open_clip_train_trains_on_the_export(tmp_path, ray_local):
             "--workers", "1", "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
             "--log-every-n-steps", "1", "--zeroshot-frequency", "0", "--report-to", "", "--seed", "0",
             "--logs", str(tmp_path / "logs"), "--name", "tiny"]
-    proc = subprocess.run([sys.executable, "-c", TRAIN, str(CONFIG_DIR / "clip-rn-tiny.json"), *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipelines.stages.export.openclip", *args], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "logs" / "tiny" / "out.log").read_text()
-    assert "Train Epoch: 0 [48/48 (100%)]" in log and "Contrastive_loss: " in log, log[-2000:]
+    steps = [line for line in log.splitlines() if "Train Epoch: 0 [" in line]
+    assert len(steps) == 6 and "[48/48 (100%)]" in steps[-1], log[-2000:]  # 48 samples / batch 8, every step logged
+    assert all("Contrastive_loss: " in line for line in steps)
     assert (tmp_path / "logs" / "tiny" / "checkpoints" / "epoch_1.pt").is_file()
     assert list(audit.glob("*.started")), "the audit hook did not run"
     assert not list(audit.glob("*.jsonl")), [p.read_text() for p in audit.glob("*.jsonl")]
