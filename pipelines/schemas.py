@@ -23,16 +23,20 @@ def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
 
 
 def documents() -> dict[str, Any]:
+    from pipelines.configschema import dataclass_schema
     from pipelines.contracts import CRAWLED
     from pipelines.manifest import MANIFEST_SCHEMA
     from pipelines.spec import job_schema
     from pipelines.stage import builtin_kinds
-    from pipelines.stages.curate.rules import schemas as curate_schemas
+    from pipelines.stages.curate import config as curate_config
+    from pipelines.stages.curate import rules
 
-    curate = curate_schemas()
+    curate = rules.schemas()
+    job = job_schema(builtin_kinds())
+    job["$defs"]["curate"] = dataclass_schema(curate_config.make(rules.builtin()))  # installed plugins left out
 
     return {
-        "job.schema.json": job_schema(builtin_kinds()),
+        "job.schema.json": job,
         "manifest.schema.json": MANIFEST_SCHEMA,
         "crawled.schema.json": arrow_schema_json(CRAWLED, "crawled shards (stage `crawl`)"),
         "curated.schema.json": arrow_schema_json(curate["curated"], "curated shards (stage `curate`); crawl passthrough "

@@ -22,7 +22,7 @@ import yaml
 
 from pipelines import configschema, storage
 from pipelines.configschema import Keywords, dataclass_schema
-from pipelines.stage import Stage, config_class, stage_class
+from pipelines.stage import Stage, config_class, is_path, stage_class
 from pipelines.stage import kinds as stage_kinds
 
 SCHEMA_ID = "https://clipline.dev/schemas/job.schema.json"
@@ -112,9 +112,30 @@ def job_schema(kinds: list[str] | None = None) -> dict[str, Any]:
         }
         for kind in kinds
     ]
-    defs = {"stage": stage, **{k: dataclass_schema(config_class(k)) for k in kinds}}
+    defs = {"stage": stage}
+    for k in kinds:
+        try:
+            defs[k] = dataclass_schema(config_class(k))
+        except (ImportError, TypeError, ValueError) as exc:  # a plugin that does not load
+            raise SpecError(f"stage kind {k!r}: {exc}") from None
     return configschema.document_schema(JobDocument, SCHEMA_ID, "clipline job", defs,
                                         refs={StageDocument: "#/$defs/stage"})
+
+
+def schema_for(raw: Any, source: str) -> dict[str, Any]:
+    """The job schema for one document: every installed kind, and each `uses: package.module:Class` the document
+    names (imported here, so that one that does not import is an error naming its field)."""
+    paths: set[str] = set()
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    for name, st in (stages.items() if isinstance(stages, dict) else ()):
+        uses = st.get("uses") if isinstance(st, dict) else None
+        if isinstance(uses, str) and is_path(uses):
+            try:
+                config_class(uses)
+            except (ImportError, TypeError, ValueError) as exc:
+                raise SpecError(f"{source}: stages.{name}.uses: {exc}") from None
+            paths.add(uses)
+    return job_schema([*stage_kinds(), *sorted(paths)]) if paths else job_schema()
 
 
 @dataclass
@@ -265,7 +286,7 @@ def validate(raw: Any, source: str, schema: dict[str, Any] | None = None) -> Non
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     if problems := _data_errors(raw):  # before the schema, whose validator assumes JSON-like data
         raise SpecError("invalid job spec:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
-    schema = schema or job_schema()
+    schema = schema or schema_for(raw, source)
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     # if/then branches report the same problem twice (once per branch); keep the most specific ones
@@ -301,7 +322,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
     """`stages.crawl.with.image_size=32` style overrides, each value typed by the schema at its path; a number
     in the path indexes a list (`stages.evaluate.with.datasets.0.limit=60`)."""
     raw = copy.deepcopy(raw)
-    schema = schema or job_schema()
+    schema = schema or schema_for(raw, source)
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"{source}: --set {item!r}: expected KEY=VALUE, e.g. stages.crawl.with.image_size=32")
@@ -367,7 +388,7 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
             schema: dict[str, Any] | None = None) -> JobSpec:
     """Validate a raw spec and turn it into typed stage configs in dependency order.  Keys the spec leaves
     out take their dataclass defaults, which are the schema's (both come from the same fields)."""
-    validate(raw, source, schema or job_schema())
+    validate(raw, source, schema or schema_for(raw, source))
     doc: JobDocument = configschema.build(JobDocument, raw)
     store_url, store_field = (storage_override, "--storage") if storage_override else (doc.storage, "storage")
     if "\0" in store_url:  # os.path.expanduser raises on it; no filesystem takes it
@@ -404,8 +425,26 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
             resources=dict(cast("dict[str, float]", st.resources)),  # a TypedDict of floats
             retries=st.retries,
         )
+    _check_columns(stages, source)
     return JobSpec(name=doc.name, storage=store, tracking=doc.tracking, ray=doc.ray, stages=stages, source=source,
                    raw=raw)
+
+
+def _check_columns(stages: dict[str, StageSpec], source: str) -> None:
+    """A stage that reads columns beyond the contracts (a curate rule over passthrough columns) must find them in
+    what each stage it needs writes, where that stage's config says (`output_columns`)."""
+    for name, st in stages.items():
+        required = getattr(st.config, "required_columns", None)
+        if required is None:
+            continue
+        for column, reader in required().items():
+            for dep in st.needs:
+                written = getattr(stages[dep].config, "output_columns", None)
+                if written is not None and column not in (cols := written()):
+                    hint = (f"; add it to stages.{dep}.with.passthrough" if stages[dep].uses == "crawl" else "")
+                    raise SpecError(f"{source}: stages.{name}.with.{reader}: reads the column {column!r}, which stage "
+                                    f"{dep!r} ({stages[dep].uses}) does not write{hint}; its columns: "
+                                    f"{', '.join(cols)}")
 
 
 def load(path: str | Path, overrides: list[str] | None = None, storage_override: str | None = None) -> JobSpec:
@@ -425,7 +464,7 @@ def load(path: str | Path, overrides: list[str] | None = None, storage_override:
         raise SpecError(f"{source}: not valid YAML: nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    schema = job_schema()
+    schema = schema_for(raw, source)
     if overrides:
         raw = apply_overrides(raw, overrides, source, schema)
-    return resolve(raw, source, storage_override, schema)
+    return resolve(raw, source, storage_override, schema_for(raw, source) if overrides else schema)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pipelines.tracking import StageTracker
 
 _REGISTRY: dict[str, type[Stage]] = {}
+ENTRY_POINTS = "clipline.stages"  # a user's stages: `kind = "package.module:Class"` in a package's entry points
 
 
 @dataclass
@@ -70,9 +71,12 @@ class Stage:
 
     @classmethod
     def code_files(cls) -> list[Path]:
-        """The files of the stage's package and every project module they import (`pipelines.codedigest`)."""
+        """The files of the stage's package and every project module they import (`pipelines.codedigest`);
+        for a plugin's stage, the files of its own package."""
         here = Path(inspect.getfile(cls)).resolve()
         package_root = Path(__file__).resolve().parent
+        if not here.is_relative_to(package_root.parent):
+            return sorted(here.parent.glob("*.py"))
         return module_closure(here.parent.glob("*.py"), package_root.parent, package_root.name)
 
     @classmethod
@@ -100,21 +104,50 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _entry_points() -> dict[str, str]:
+    """Stage kinds installed packages provide (entry point group `clipline.stages`): kind -> module:Class."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+
+
+def is_path(kind: str) -> bool:
+    """`uses: package.module:Class`, a stage class named by where it lives rather than by a registered kind."""
+    return ":" in kind
+
+
+def _plugin(kind: str) -> type[Stage]:
+    """The Stage class of an entry point or a `module:Class` path, imported and checked."""
+    where = kind if is_path(kind) else _entry_points()[kind]
+    origin = f"{where}" if is_path(kind) else f"{where} (entry point {kind!r} in group {ENTRY_POINTS})"
+    try:
+        cls = _load(where)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ImportError(f"stage {origin}: cannot import it: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise TypeError(f"stage {origin}: expected a subclass of pipelines.stage.Stage, got {cls!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"stage {origin}: needs a nested Config dataclass")
+    if not is_path(kind) and getattr(cls, "kind", None) != kind:
+        raise ValueError(f"stage {origin}: the class's kind is {getattr(cls, 'kind', None)!r}, not {kind!r}")
+    return cls
+
+
 def kinds() -> list[str]:
-    """Every stage kind a job may use: the built-in ones and any registered by a plugin."""
+    """Every stage kind a job may use: the built-in ones, those registered, and installed plugins' entry points."""
     from pipelines.stages import BUILTIN
 
-    return sorted({*BUILTIN, *_REGISTRY})
+    return sorted({*BUILTIN, *_REGISTRY, *_entry_points()})
 
 
 def config_class(kind: str) -> type:
-    """A kind's Config dataclass, without importing its stage driver (validation stays light)."""
+    """A kind's Config dataclass, without importing a built-in's stage driver (validation stays light)."""
     from pipelines.stages import BUILTIN
 
     if kind in _REGISTRY:
         return _REGISTRY[kind].Config
     if kind in BUILTIN:
         return _load(BUILTIN[kind][0])
+    if is_path(kind) or kind in _entry_points():
+        return _plugin(kind).Config
     raise KeyError(f"no stage kind {kind!r}; expected one of {', '.join(kinds())}")
 
 
@@ -124,11 +157,11 @@ def stage_class(kind: str) -> type[Stage]:
 
     if kind not in _REGISTRY and kind in BUILTIN:
         _load(BUILTIN[kind][1])
+    if kind not in _REGISTRY and (is_path(kind) or kind in _entry_points()):
+        return _plugin(kind)
     if kind not in _REGISTRY:
         raise KeyError(f"no stage kind {kind!r}; expected one of {', '.join(kinds())}")
     return _REGISTRY[kind]
-
-
 def registry() -> dict[str, type[Stage]]:
     """Every stage class, built-in drivers imported: for tools that need them all, not for validation."""
     return {kind: stage_class(kind) for kind in kinds()}

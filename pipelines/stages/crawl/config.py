@@ -59,6 +59,12 @@ class CrawlConfig:
     allow_networks: list[str] = field([], "CIDRs allowed although non-public (e.g. 127.0.0.0/8 for a loopback demo)")
     deny_networks: list[str] = field([], "CIDRs refused in addition to all non-public addresses")
 
+    def output_columns(self) -> list[str]:
+        """The columns of the crawled shards: the contract's, then the passthrough ones as they are written."""
+        from pipelines.contracts import CRAWLED
+
+        return [*CRAWLED.names, *(f"source_{c}" if c in CRAWLED.names else c for c in self.passthrough)]
+
     def __post_init__(self) -> None:
         if isinstance(self.input, str):
             self.input = [self.input]

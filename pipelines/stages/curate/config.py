@@ -58,8 +58,8 @@ def _help(cls: type[rule_registry.Rule]) -> str:
     return f"settings of the {cls.name} rule{origin}" + (f": {first}" if first else "")
 
 
-def _make() -> type:
-    reg = rule_registry.registry()
+def make(reg: dict[str, type[rule_registry.Rule]]) -> type:
+    """A CurateConfig class with one field per rule of `reg`."""
     names = tuple(reg)
     rule_name = Literal[names]  # type: ignore[valid-type]  # an enum of the registry's names in the schema
     fields: list[tuple[str, Any, Any]] = [
@@ -76,4 +76,4 @@ def _make() -> type:
 if TYPE_CHECKING:
     CurateConfig = CurateSettings
 else:
-    CurateConfig = _make()
+    CurateConfig = make(rule_registry.registry())

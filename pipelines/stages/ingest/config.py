@@ -23,6 +23,12 @@ class IngestConfig:
     image_size: int = field(64, "side of a built-in set's images", minimum=8)
     shard_rows: int = field(10_000, "rows per output shard", minimum=1)
 
+    def output_columns(self) -> list[str]:
+        """The crawled contract's columns: ingest passes no other column through."""
+        from pipelines.contracts import CRAWLED
+
+        return list(CRAWLED.names)
+
     def __post_init__(self) -> None:
         if (self.builtin is None) == (self.path is None):
             raise ValueError("ingest: give exactly one of builtin or path")
