@@ -228,3 +228,39 @@ def test_open_clip_train_trains_on_the_export(tmp_path, ray_local):
     assert (tmp_path / "logs" / "tiny" / "checkpoints" / "epoch_1.pt").is_file()
     assert list(audit.glob("*.started")), "the audit hook did not run"
     assert not list(audit.glob("*.jsonl")), [p.read_text() for p in audit.glob("*.jsonl")]
+
+
+@pytest.fixture
+def ray_s3(s3, ray_local):
+    """Ray whose workers see the moto endpoint (as tests/test_s3.py's: a Ray started before `s3` is restarted)."""
+    import ray
+
+    @ray.remote
+    def endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(endpoint.remote()) != s3.endpoint:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+@pytest.mark.slow
+def test_an_export_to_s3_writes_its_tars_and_sizes_json_to_the_bucket(s3, ray_s3, tmp_path):
+    bucket = s3.bucket("clipline-export")
+    job = write_job(tmp_path, {
+        "ingest": {"uses": "ingest", "with": {"path": str(demo_pairs(tmp_path, 10)), "shard_rows": 4}},
+        "export": {"uses": "export", "needs": ["ingest"], "with": {"shard_rows": 6}},
+    }, storage=f"{bucket}/store", tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}, ray={"address": "local"})
+    export = {o.stage: o.manifest for o in run_job(spec.load(job), progress=False)}["export"]
+    assert export is not None and export.counts == {"rows_in": 10, "rows_out": 10}
+    prefix = export.location.removeprefix(f"{bucket}/") + "/"
+    assert sorted(s3.keys("clipline-export", prefix)) == [
+        prefix + k for k in ("_manifest.json", "_mlflow_run.json", "part-00000.tar", "part-00001.tar", "sizes.json")]
+    get = s3.client().get_object
+    assert json.loads(get(Bucket="clipline-export", Key=prefix + "sizes.json")["Body"].read()) == {
+        "part-00000.tar": 6, "part-00001.tar": 4}
+    data = get(Bucket="clipline-export", Key=prefix + "part-00001.tar")["Body"].read()
+    assert storage.sha256_bytes(data) == export.shards[1]["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert len(tf.getnames()) == 3 * 4
