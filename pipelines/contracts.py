@@ -1,7 +1,8 @@
 """The Arrow contracts between stages: the crawled, curated and ledger schemas (DESIGN.md, data contracts).
 
 Every stage that writes or reads these tables imports them from here, never from another stage's package:
-crawl and ingest write `CRAWLED`, curate reads it and writes `CURATED` and the `LEDGER`.
+crawl and ingest write `CRAWLED`; curate reads it and writes curated shards and the ledger, whose schemas
+(`curated_schema`, `ledger_schema`) take the score columns and reasons of the job's rules.
 `schemas/*.schema.json` are generated from these (`clipline schemas`).
 """
 
