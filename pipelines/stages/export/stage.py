@@ -185,7 +185,8 @@ class ExportStage(Stage):
             storage.write_json(storage.join(ctx.output, layout.WDS_SIZES), {r["path"]: r["rows"] for r in recs})
             extra.update(sizes=layout.WDS_SIZES, train_data=shards_pattern(len(recs)) if recs else None)
             if recs:
-                ctx.log.info("open_clip_train --dataset-type webdataset --train-data '%s' --train-num-samples %d",
+                ctx.log.info("train open_clip on it: python -m pipelines.stages.export.openclip --dataset-type "
+                             "webdataset --train-data '%s' --train-num-samples %d ...",
                              storage.join(ctx.output, extra["train_data"]), rows_out)
         if not recs:
             ctx.log.warning("no row of %r was exported (%s)", name, dict(skipped) or "it has no rows")
