@@ -1,4 +1,4 @@
-"""`clipline`: validate, run, status, submit, logs, demo, ui, report, replay, schemas and render."""
+"""`clipline`: validate, run, status, submit, logs, demo, ui, report, replay, takedown, schemas and render."""
 
 from __future__ import annotations
 
@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--spool", metavar="DIR", help="the spool directory (default: the job's)")
     p.add_argument("--uri", help="tracking URI to send to (default: the job's)")
+
+    p = sub.add_parser("takedown", help="write new versions of a job's datasets without the listed rows and tag the "
+                                        "MLflow runs and model versions that used them")
+    _job_args(p)
+    p.add_argument("--list", dest="takedown_list", required=True, metavar="FILE",
+                   help="one entry a line: a URL, a sha256 (64 hex) or a pHash (16 hex); # comments")
+    p.add_argument("--max-distance", type=int, default=0, metavar="N", help="pHash match within N bits (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be taken down and tagged; write nothing")
 
     p = sub.add_parser("schemas", help="write or check schemas/*.json against the code that defines them")
     p.add_argument("--check", action="store_true", help="exit 1 if a file differs from the code")
@@ -354,6 +362,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from pipelines import spec, takedown
+    from pipelines.spool import TrackingUnavailable
+    from pipelines.storage import StorageError
+
+    job = spec.load(args.job, args.overrides, args.storage)
+    try:
+        result = takedown.takedown(job, takedown.read_list(args.takedown_list), args.max_distance, args.dry_run)
+    except (TrackingUnavailable, StorageError) as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ValueError as exc:  # TakedownError: the list's FILE:LINE, or an output that cannot be taken down
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    print("\n".join(takedown.report_lines(result)))
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from pipelines.schemas import check, write
 
@@ -389,7 +415,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "submit": cmd_submit, "logs": cmd_logs,
              "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "replay": cmd_replay,
-             "schemas": cmd_schemas, "render": cmd_render}
+             "takedown": cmd_takedown, "schemas": cmd_schemas, "render": cmd_render}
 
 if __name__ == "__main__":  # `python -m pipelines.cli`: how a submitted job starts on a cluster
     try:
