@@ -164,6 +164,16 @@ def test_parquet_reshards_and_a_caption_column_or_a_missing_one(tmp_path, ray_lo
         run_export(tmp_path, upstream, name="bad", caption_column="alt_text")
 
 
+def test_a_caption_column_the_upstream_does_not_write_fails_when_the_job_is_loaded(tmp_path):
+    job = write_job(tmp_path, {
+        "ingest": {"uses": "ingest", "with": {"builtin": "digits_train"}},
+        "export": {"uses": "export", "needs": ["ingest"], "with": {"caption_column": "alt_text"}},
+    })
+    with pytest.raises(spec.SpecError, match="stages.export.with.caption_column: reads the column 'alt_text', which "
+                                             "stage 'ingest' \\(ingest\\) does not write"):
+        spec.load(job)
+
+
 def demo_pairs(tmp: Path, n: int) -> Path:
     path = tmp / "pairs.parquet"
     pq.write_table(pa.table({"image": [web.encoded(0, i, 32)[0] for i in range(n)],

@@ -22,3 +22,8 @@ class ExportConfig:
         "caption", "column written as each sample's caption (<key>.txt): `caption` or a passthrough column")
     json_columns: bool = field(
         True, "webdataset: also write <key>.json (uid, url, sizes, sha256, scores, passthrough columns)")
+
+    def required_columns(self) -> dict[str, str]:
+        """The column it reads beyond the contract, with the field naming it: checked when the job is loaded
+        against what a crawl or ingest it needs writes (and when the stage runs, against the shards)."""
+        return {self.caption_column: "caption_column"}
