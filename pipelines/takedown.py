@@ -244,6 +244,19 @@ def _copy(src: str, dst: str) -> None:
     storage.atomic_write(dst, fs.cat_file(p))
 
 
+def _write(out: str, path: str, table: Any, dry_run: bool) -> dict[str, Any]:
+    """Write a shard of a new version (as storage.write_shard does); a dry run only computes its record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    if not dry_run:
+        storage.atomic_write(storage.join(out, path), data)
+    return layout.shard_record(path, table.num_rows, data)
+
+
 def _taken(t: Any, uids: Any) -> Any:
     import pyarrow.compute as pc
 
@@ -291,8 +304,7 @@ def _new_source(old: Manifest, out: str, uids: Any, tl: TakedownList, dry_run: b
         counts[f"error_{REASON}"] = counts.get(f"error_{REASON}", 0) + n
         taken += n
         new = _blank_crawled(t, mask, note)
-        shards.append(storage.write_shard(out, s["path"], new) if not dry_run
-                      else layout.shard_entry(s["path"], {**s, "sha256": "0" * 64}))
+        shards.append(_write(out, s["path"], new, dry_run))
     counts["taken_down"] = counts.get("taken_down", 0) + taken
     extra = {**old.extra, "version": int(old.extra.get("version", 1)) + 1}
     return _replace(old, out, shards, counts, extra, old.inputs, tl, taken), taken
@@ -331,8 +343,7 @@ def _new_curate(old: Manifest, out: str, inputs: dict[str, Any], uids: Any, tl: 
                 col = pc.if_else(mask, pa.scalar(None, f.type), col)
             cols.append(col)
         new = pa.Table.from_arrays(cols, schema=t.schema)
-        ledger.append(storage.write_shard(out, rec["path"], new) if not dry_run
-                      else layout.shard_entry(rec["path"], {**rec, "sha256": "0" * 64}))
+        ledger.append(_write(out, rec["path"], new, dry_run))
     shards = []
     for s, url in zip(old.shards, old.shard_urls(), strict=True):
         t = storage.read_parquet(url)
@@ -343,10 +354,10 @@ def _new_curate(old: Manifest, out: str, inputs: dict[str, Any], uids: Any, tl: 
             shards.append(layout.shard_entry(s["path"], s))
             continue
         left = t.filter(pc.invert(mask))
-        if left.num_rows and not dry_run:  # a shard left empty is dropped from the list
-            shards.append(storage.write_shard(out, s["path"], left))
+        if left.num_rows:  # a shard left empty is dropped from the list
+            shards.append(_write(out, s["path"], left, dry_run))
     counts[f"dropped_{REASON}"] = counts.get(f"dropped_{REASON}", 0) + taken
-    if "rows_out" in counts and not dry_run and counts["rows_out"] != sum(s["rows"] for s in shards):
+    if "rows_out" in counts and counts["rows_out"] != sum(s["rows"] for s in shards):
         raise TakedownError(f"{old.location}: takedown accounting: the ledger keeps {counts['rows_out']} rows but "
                             f"the curated shards hold {sum(s['rows'] for s in shards)}")
     metrics = dict(old.metrics)

@@ -64,10 +64,16 @@ def test_a_takedown_writes_new_versions_without_the_rows_and_tags_the_train_run_
     sha = hashlib.sha256(listing.read_bytes()).hexdigest()
     old_files = {p: p.read_bytes() for m in (crawl, curate) for p in Path(m.location).rglob("*") if p.is_file()}
 
+    assert cli.main(["takedown", str(path), "--list", str(listing), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "dry run: nothing written or tagged" in dry and "model   t-train version 1" in dry
+    assert read_current(crawl.location) == crawl and read_current(curate.location) == curate
+    assert [len(list(Path(m.location).parent.iterdir())) for m in (crawl, curate)] == [1, 1]  # no new directory
     assert cli.main(["takedown", str(path), "--list", str(listing)]) == 0
     out = capsys.readouterr().out
 
     # nothing changed in place: the old versions' files are as they were, beside a pointer to the new version
+    assert dry.splitlines()[1:] == out.splitlines()[1:]  # the dry run said what the takedown did
     for p, data in old_files.items():
         assert p.read_bytes() == data, p
     new_crawl, new_curate = read_current(crawl.location), read_current(curate.location)
