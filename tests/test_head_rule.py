@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipelines import heads
@@ -198,3 +199,77 @@ def dark_head(tmp_path_factory):
 def test_trained_head_separates_dark_from_light(dark_head):
     _, _, accuracy = dark_head
     assert accuracy >= 0.9
+
+
+# ---- the curate rule -------------------------------------------------------------------------------------
+
+def rule(**config):
+    from pipelines.stages.curate.rules.head import HeadRule, HeadRuleConfig
+
+    return HeadRule(HeadRuleConfig(**config), 1)
+
+
+def test_rule_names_its_score_and_reason_after_the_head(dark_head):
+    path, _, _ = dark_head
+    r = rule(path=str(path), max=0.5)
+    assert [f.name for f in r.score_fields()] == ["dark_background"]
+    assert r.reasons() == ("head:dark_background",)
+    assert rule().reasons() == ("head",) and rule().score_fields() == ()  # unlisted, with the default settings
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"max": 0.5}, r"head\.path: the rule is listed but names no head directory"),
+    ({"path": "x"}, r"head: give min, max or both"),
+    ({"path": "x", "min": 0.6, "max": 0.4}, r"head: min \(0\.6\) is above max \(0\.4\)"),
+    ({"path": "x", "min": float("nan")}, r"head\.min: must be a finite number"),
+])
+def test_spec_time_checks(config, message):
+    from pipelines import configschema
+    from pipelines.stages.curate.config import CurateConfig
+
+    with pytest.raises(ValueError, match=message):
+        configschema.build(CurateConfig, {"rules": ["head"], "head": config})
+
+
+def test_prepare_checks_the_head_against_the_model(tmp_path):
+    import logging
+
+    narrow = {**HEAD, "layers": [32, 1]}
+    heads.save_head(str(tmp_path / "narrow"), narrow, random_state(narrow))
+    with pytest.raises(ValueError, match=r"reads 32-dim embeddings \(layers \[32, 1\]\), but model clip-tiny embeds "
+                                         r"images in 64"):
+        rule(path=str(tmp_path / "narrow"), max=0.5, model={"arch": ARCH}).prepare(logging.getLogger("t"))
+    taken = {**HEAD, "output": "clip_score"}
+    heads.save_head(str(tmp_path / "taken"), taken, random_state(taken))
+    with pytest.raises(ValueError, match=r"output 'clip_score' is already a column of the curate working table"):
+        rule(path=str(tmp_path / "taken"), max=0.5).score_fields()
+    with pytest.raises(FileNotFoundError, match=rf"head {tmp_path / 'none'}: no head.json"):
+        rule(path=str(tmp_path / "none"), max=0.5).prepare(logging.getLogger("t"))
+
+
+@pytest.mark.slow
+def test_curate_keeps_the_light_background_rows(tmp_path, ray_local, dark_head):
+    from tests.test_curate import GOOD, row, run_curate, write_crawl
+
+    path, module, _ = dark_head
+    images, dark = labelled(24, seed=2)
+    rows = [row(f"{GOOD} {i}", image=b) for i, b in enumerate(images)]
+    rows.insert(5, row(f"{GOOD} broken", image=b"not an image"))  # unscorable: NaN, dropped
+    rows.insert(9, row(status="failed_to_download"))
+    crawl = write_crawl(tmp_path, [rows[:13], rows[13:]])
+    result, ledger, curated, _ = run_curate(
+        tmp_path, crawl, rules=["head"], shard_rows=100,
+        head={"path": str(path), "model": {"arch": ARCH, "seed": SEED}, "max": 0.5, "batch_size": 8, "actors": 1})
+
+    shapes = ledger.drop(index=[5, 9]).reset_index(drop=True)
+    expected = heads.score(module, embed(images))  # what the head itself says of each image
+    np.testing.assert_allclose(shapes["dark_background"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the rule keeps exactly the rows its head scores within [min, max], and those are the light ones
+    assert shapes["kept"].tolist() == (expected <= 0.5).tolist()
+    assert (shapes["kept"] == ~dark).mean() >= 0.9
+    assert set(shapes.loc[~shapes["kept"], "reason"]) == {"head:dark_background"}
+    assert pd.isna(ledger.loc[5, "dark_background"]) and ledger.loc[5, "reason"] == "head:dark_background"
+    assert ledger.loc[9, "reason"] == "not_downloaded"
+    assert result.counts["dropped_head:dark_background"] == int((expected > 0.5).sum()) + 1
+    assert curated["uid"].tolist() == ledger.loc[ledger["kept"], "uid"].tolist()
+    assert "dark_background" in curated.columns and (curated["dark_background"] <= 0.5).all()

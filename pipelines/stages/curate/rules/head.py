@@ -1,0 +1,214 @@
+"""`head`: an embedding-head classifier (pipelines/heads.py) on a CLIP model's image embeddings.
+
+LAION's aesthetic and NSFW predictors are such heads.  A pool of Ray actors, each loading the CLIP model and the
+head once, embeds every candidate row's image and writes the head's score to a column named by the head's
+`output` (e.g. `aesthetic`); the rule then drops rows scoring below `min` or above `max`.  A row whose image
+cannot be decoded scores NaN, and is dropped.  The reason is `head:<output>`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipelines.configschema import field
+from pipelines.models import ModelRef
+from pipelines.stages.curate.rules import BASE, EXTRA, TAIL, Rule, ScoreField, Work, contract_scores, register_rule
+
+if TYPE_CHECKING:
+    import logging
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import ray.data
+
+    from pipelines.heads import HeadConfig
+    from pipelines.stage import StageContext
+
+
+@dataclass(kw_only=True)
+class HeadRuleConfig:
+    """A small classifier on CLIP image embeddings (LAION's aesthetic or NSFW predictor, say): keep rows it scores
+    within [min, max]."""
+
+    path: str | None = field(None, "the head's directory (fsspec): head.json and head.safetensors (pipelines/heads.py)")
+    model: ModelRef = field(ModelRef, "the open_clip model whose image embeddings the head reads")
+    min: float | None = field(None, "drop rows the head scores below this")
+    max: float | None = field(None, "drop rows the head scores above this")
+    batch_size: int = field(64, "images per forward pass", minimum=1)
+    actors: int = field(1, "scoring actors in the pool", minimum=1)
+    num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
+    num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelRef(**self.model)
+
+
+@register_rule
+class HeadRule(Rule):
+    """Scores each candidate's image embedding with an embedding head; drops rows outside [min, max]."""
+
+    name = "head"
+    Config = HeadRuleConfig
+    uses_images = True
+
+    def __init__(self, config: Any, position: int) -> None:
+        super().__init__(config, position)
+        self._head: HeadConfig | None = None  # read from the head's directory on first use (a small JSON file)
+
+    def head(self) -> HeadConfig:
+        """The head's config, read once, its score name checked against the working table's columns."""
+        if self._head is None:
+            from pipelines import heads
+
+            if not self.config.path:
+                raise ValueError("head.path: the rule is listed but names no head directory")
+            cfg = heads.read_config(self.config.path)
+            taken = {n for n, _ in (*BASE, *TAIL)} | set(EXTRA) | {f.name for f in contract_scores()}
+            if cfg.output in taken:
+                raise ValueError(f"head {self.config.path}: output {cfg.output!r} is already a column of the curate "
+                                 "working table; rename the head's output")
+            self._head = cfg
+        return self._head
+
+    @property
+    def output(self) -> str:
+        return self.head().output
+
+    def reasons(self) -> tuple[str, ...]:
+        return (f"head:{self.output}",) if self.config.path else (self.name,)
+
+    def score_fields(self) -> tuple[ScoreField, ...]:
+        if not self.config.path:
+            return ()
+        return (ScoreField(self.output, "float32", f"score of the embedding head at {self.config.path}"),)
+
+    def check(self) -> None:
+        c = self.config
+        if not c.path:
+            raise ValueError("head.path: the rule is listed but names no head directory")
+        if c.min is None and c.max is None:
+            raise ValueError("head: give min, max or both (rows scoring outside [min, max] are dropped)")
+        for key in ("min", "max"):
+            value = getattr(c, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"head.{key}: must be a finite number, got {value}")
+        if c.min is not None and c.max is not None and c.min > c.max:
+            raise ValueError(f"head: min ({c.min}) is above max ({c.max}); no row could be kept")
+
+    def prepare(self, log: logging.Logger) -> None:
+        """Read the head on the driver, so that a missing file or a weight of the wrong shape stops the stage
+        before any actor starts; check its input width against the model's embedding width when the config
+        names it (a model_uri's config is only known once downloaded, and an actor checks it)."""
+        from pipelines import heads, models
+
+        self._head = None
+        cfg = self.head()
+        heads.load_head(self.config.path)  # the module is dropped: self must stay picklable and light
+        ref = self.config.model
+        if not ref.model_uri:
+            dim = models.model_config(ref.arch).get("embed_dim")
+            if dim is not None and dim != cfg.input_dim:
+                raise ValueError(f"head {self.config.path}: reads {cfg.input_dim}-dim embeddings (layers "
+                                 f"{list(cfg.layers)}), but model {ref.arch} embeds images in {dim}")
+        log.info("head %s: %s from %s embeddings (layers %s)", self.config.path, cfg.output, ref.model_uri or ref.arch,
+                 list(cfg.layers))
+
+    def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
+        import ray.data
+
+        c = self.config
+        return ds.map_batches(HeadScorer, batch_size=c.batch_size, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=c.actors), num_cpus=c.num_cpus,
+                              num_gpus=c.num_gpus,
+                              fn_constructor_kwargs={"model": c.model, "head": c.path, "batch_size": c.batch_size,
+                                                     "work": self.work, "threads": max(1, int(c.num_cpus))})
+
+    def decide(self, work: pd.DataFrame, crawled: pa.Table | None) -> list[tuple[str, np.ndarray]]:
+        import numpy as np
+
+        scores = work[self.output].to_numpy(dtype=np.float32)
+        c = self.config
+        keep = ~np.isnan(scores)  # unscorable: dropped
+        if c.min is not None:
+            keep &= scores >= c.min
+        if c.max is not None:
+            keep &= scores <= c.max
+        return [(f"head:{self.output}", ~keep)]
+
+
+class HeadScorer:
+    """A Ray Data actor: the CLIP model and the head loaded once, each batch's images embedded and scored.
+
+    Rows whose `image` is null (dropped by an earlier rule, or not downloaded) pass through unscored."""
+
+    def __init__(self, model: ModelRef, head: str, batch_size: int, threads: int, work: Work | None = None,
+                 device: str | None = None) -> None:
+        import torch
+
+        from pipelines import heads, models
+
+        torch.set_num_threads(max(1, threads))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.preprocess, _ = models.create(model, device=self.device)
+        self.head, self.config = heads.load_head(head)
+        self.head.to(self.device)
+        self.where = head
+        self.batch_size = batch_size
+        self.work = work  # None: return pandas batches (scoring outside a curate stage)
+
+    def embed(self, images: list[bytes]) -> tuple[Any, list[int]]:
+        """Image embeddings (float32, not normalised: the head's config says whether to) and the indices of
+        images that could not be decoded (their rows are zeros)."""
+        import torch
+        from PIL import Image
+
+        tensors, bad = [], []
+        for i, b in enumerate(images):
+            try:
+                tensors.append(self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
+            except Exception:  # noqa: BLE001  (an undecodable image scores NaN, which the rule drops)
+                bad.append(i)
+                tensors.append(None)
+        shape = next((t.shape for t in tensors if t is not None), None)
+        if shape is None:
+            return None, bad
+        pixels = torch.stack([t if t is not None else torch.zeros(shape) for t in tensors])
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            emb = self.model.encode_image(pixels.to(self.device))
+        return emb.float(), bad
+
+    def scores(self, images: list[bytes]) -> np.ndarray:
+        """The head's score of each image, in batches of `batch_size`; NaN for an image that cannot be decoded."""
+        import numpy as np
+        import torch
+
+        out = np.full(len(images), np.nan, dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            emb, bad = self.embed(images[start:start + self.batch_size])
+            if emb is None:
+                continue
+            if emb.shape[1] != self.config.input_dim:
+                raise ValueError(f"head {self.where}: reads {self.config.input_dim}-dim embeddings (layers "
+                                 f"{list(self.config.layers)}), but the model embeds images in {emb.shape[1]}")
+            with torch.inference_mode():
+                values = self.head(emb).cpu().numpy()
+            values[bad] = np.nan
+            out[start:start + len(values)] = values
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table | pd.DataFrame:
+        import numpy as np
+
+        name = self.config.output
+        todo = batch["image"].notna().to_numpy()
+        if todo.any():
+            values = (batch[name].to_numpy(dtype=np.float32).copy() if name in batch
+                      else np.full(len(batch), np.nan, dtype=np.float32))
+            values[todo] = self.scores(list(batch["image"][todo]))
+            batch = batch.assign(**{name: values})
+        return self.work.table(batch) if self.work is not None else batch
