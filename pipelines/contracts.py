@@ -25,7 +25,7 @@ CRAWLED = pa.schema(
         pa.field("error_class", pa.string(), metadata={
             "doc": "invalid_url, missing_caption, ssrf, dns, connection, timeout, tls, redirect, protocol, "
                    "http_4xx, http_429, http_5xx, http_other, too_large, too_many_pixels, decode, opted_out, duplicate, "
-                   "shard_failed"}),
+                   "shard_failed, takedown (a row `clipline takedown` emptied: status opted_out)"}),
         pa.field("error_message", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("image", pa.binary(), metadata={"doc": "encoded image bytes"}),

@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import __version__, layout, manifest, storage
+from pipelines.contracts import TAKEDOWN
 from pipelines.manifest import Manifest
 from pipelines.spec import JobSpec
 
 log = logging.getLogger("clipline.takedown")
 
-REASON = "takedown"  # the ledger reason of a taken-down row (and the crawled rows' error class)
+REASON = TAKEDOWN  # the ledger reason of a taken-down row (and the crawled rows' error class)
 STATUS = "opted_out"  # the crawled status of a taken-down row: a permanent failure, never fetched again
 TAG, TAG_ROWS = "clipline.takedown", "clipline.takedown.rows"
 SOURCE_KINDS = ("crawl", "ingest")
