@@ -271,3 +271,140 @@ def test_random_predicates_match_pandas():
         assert parse(p.text).mask(t).tolist() == want.tolist(), p.text  # the normalised text means the same
         checked += int(want.any() and not want.all())
     assert checked > 100  # most predicates split the rows, so the comparison says something
+
+
+# ---- the rule: config checks, the spec-time column check, a curate run ----------------------------------------
+
+def metadata_config(*keep: str, rules: tuple[str, ...] = ("metadata",)) -> Any:
+    from pipelines import configschema
+    from pipelines.stages.curate.config import CurateConfig
+
+    return configschema.build(CurateConfig, {"rules": list(rules), "metadata": {"keep": list(keep)}})
+
+
+def test_config_errors_name_the_field_and_position():
+    cfg = metadata_config("punsafe < 0.1", "WIDTH>=256", "punsafe < 0.1 and lang in ['en']")
+    (rule,) = cfg.instances()
+    assert rule.reasons() == ("metadata: punsafe < 0.1", "metadata: WIDTH >= 256",
+                              "metadata: punsafe < 0.1 and lang in ['en']")
+    assert rule.columns() == ("punsafe", "WIDTH", "lang")
+    assert cfg.required_columns() == {"punsafe": "metadata", "WIDTH": "metadata", "lang": "metadata"}
+    for keep, message in [
+        (["punsafe < 0.1", "WIDTH >> 256"],
+         "metadata.keep[1]: predicate 'WIDTH >> 256', position 8: expected a number, a 'string' literal, true or "
+         "false after '>', got '>'"),
+        (["__import__('os')"], "metadata.keep[0]: predicate \"__import__('os')\", position 11: expected a comparison"),
+        ([], "metadata.keep: the rule is listed but has no predicates"),
+        (["a < 1", "a<1"], "metadata.keep[1]: 'a < 1' is the predicate keep[0] already is; give each once"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            metadata_config(*keep)
+        assert message in str(info.value)
+    metadata_config("not a predicate at all", rules=("basic",))  # an unlisted rule's settings are not its concern
+
+
+def test_decide_names_the_first_failing_predicate_and_type_errors():
+    from pipelines.stages.curate.rules.metadata import MetadataRule
+
+    cfg = metadata_config("punsafe < 0.1", "WIDTH >= 256")
+    rule = MetadataRule(cfg.metadata, 1)
+    crawled = pa.table({"punsafe": [0.0, 0.5, None, 0.05], "WIDTH": [300, 300, 300, 100]})
+    decisions = rule.decide(pd.DataFrame(index=range(4)), crawled)
+    assert [(r, m.tolist()) for r, m in decisions] == [("metadata: punsafe < 0.1", [False, True, True, False]),
+                                                        ("metadata: WIDTH >= 256", [False, False, False, True])]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(rule)).decide(pd.DataFrame(index=range(4)), crawled)[1][1].tolist() == \
+        [False, False, False, True]
+    with pytest.raises(ValueError, match=r"curate rule metadata, keep\[1\]: predicate 'WIDTH >= 256': column 'WIDTH' "
+                                         r"is string, which does not compare with a number"):
+        rule.decide(pd.DataFrame(index=range(1)), pa.table({"punsafe": [0.0], "WIDTH": ["300"]}))
+
+
+def job(tmp_path, passthrough: list[str], keep: list[str]) -> Any:
+    import yaml
+
+    raw = {"name": "j", "storage": str(tmp_path / "store"), "stages": {
+        "crawl": {"uses": "crawl", "with": {"input": "/x.parquet", "passthrough": passthrough}},
+        "curate": {"uses": "curate", "needs": ["crawl"], "with": {"rules": ["basic", "metadata"],
+                                                                  "metadata": {"keep": keep}}}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_column_the_crawl_does_not_write_is_a_spec_error(tmp_path):
+    from pipelines import spec
+    from tests.support.cli import run_cli
+
+    good = spec.load(job(tmp_path, ["punsafe", "WIDTH"], ["punsafe < 0.1", "WIDTH >= 256", "width > 8"]))
+    assert good.stages["curate"].config.metadata.keep[1] == "WIDTH >= 256"
+    with pytest.raises(spec.SpecError) as info:
+        spec.load(job(tmp_path, ["punsafe"], ["punsafe < 0.1", "WIDTH >= 256"]))
+    assert ("stages.curate.with.metadata: reads the column 'WIDTH', which stage 'crawl' (crawl) does not write; add "
+            "it to stages.crawl.with.passthrough") in str(info.value)
+    with pytest.raises(spec.SpecError) as info:
+        spec.load(job(tmp_path, ["punsafe"], ["punsafe < 0.1", "punsafe <"]))
+    assert "stages.curate.with: metadata.keep[1]: predicate 'punsafe <', position 10: expected" in str(info.value)
+
+    done = run_cli("validate", job(tmp_path, ["uid"], ["source_uid != 'x'", "similarity > 0.3"]))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "reads the column 'similarity', which stage 'crawl' (crawl) does not write" in done.stderr
+
+
+def test_validating_predicates_imports_no_pandas(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = job(tmp_path, ["punsafe", "lang"], ["punsafe < 0.1", "lang in ['en']", "not (punsafe is null)"])
+    code = (f"import sys; from pipelines import cli; rc = cli.main(['validate', {str(path)!r}]); "
+            "print(sorted(m for m in ('torch', 'pandas', 'ray') if m in sys.modules)); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_curate_keeps_the_rows_the_predicates_keep(tmp_path, ray_local):
+    import pyarrow.parquet as pq
+
+    from tests.test_curate import row, run_curate, write_crawl
+
+    rng = np.random.default_rng(3)
+    shards = [[row(f"a photo of a small red house number {i}", seed=i + 40 * s,
+                   status="failed_to_download" if i % 9 == 4 else "success")
+               for i in range(15)] for s in range(2)]
+    shards[0][0]["caption"] = "two words"  # basic drops it first, whatever its metadata
+    crawl = write_crawl(tmp_path, shards)
+    passthrough = []
+    for s, shard in enumerate(crawl.shards):
+        path = tmp_path / "crawl" / shard["path"]
+        t = pq.read_table(path)
+        n = t.num_rows
+        cols = {"punsafe": pa.array(rng.random(n).round(2), mask=rng.random(n) < 0.2),
+                "WIDTH": pa.array(rng.integers(100, 600, n)),
+                "LANGUAGE": pa.array(rng.choice(["en", "de", "fr"], n))}
+        for name, values in cols.items():
+            t = t.append_column(name, values)
+        pq.write_table(t, path)
+        passthrough.append(t.select(["uid", "status", *cols]).to_pandas().assign(shard=s, row=range(n)))
+    keep = ["punsafe < 0.5 or punsafe is null", "WIDTH >= 256", "LANGUAGE in ['en', 'de']"]
+    result, ledger, curated, _ = run_curate(tmp_path, crawl, rules=["basic", "metadata"], metadata={"keep": keep},
+                                            basic={"min_side": 0})
+    meta = pd.concat(passthrough, ignore_index=True)
+    fails = [~(meta["punsafe"].lt(0.5) | meta["punsafe"].isna()), meta["WIDTH"].lt(256),
+             ~meta["LANGUAGE"].isin(["en", "de"])]
+    reasons = ["metadata: punsafe < 0.5 or punsafe is null", "metadata: WIDTH >= 256",
+               "metadata: LANGUAGE in ['en', 'de']"]
+    want = pd.Series([None] * len(meta), dtype=object)
+    for reason, fail in reversed(list(zip(reasons, fails, strict=True))):  # the first failing predicate wins
+        want[fail.to_numpy()] = reason
+    want[(meta["shard"] == 0) & (meta["row"] == 0)] = "caption_words"
+    want[meta["status"] != "success"] = "not_downloaded"
+    got = meta[["shard", "row"]].merge(ledger[["shard", "row", "reason"]], on=["shard", "row"], how="left")
+    assert got["reason"].tolist() == want.tolist()
+    assert set(curated["uid"]) == set(meta.loc[want.isna(), "uid"]) and len(curated) == want.isna().sum() > 3
+    for reason in reasons:
+        assert 0 < (want == reason).sum() == result.counts[f"dropped_{reason}"]
+    assert {"punsafe", "WIDTH", "LANGUAGE"} <= set(curated.columns)  # the passthrough columns travel on

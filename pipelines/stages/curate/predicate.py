@@ -23,6 +23,7 @@ predicate is true. So `punsafe < 0.1` and `not punsafe >= 0.1` both drop a row w
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -455,10 +456,14 @@ class Predicate:
     """A parsed predicate: its normalised text, the Arrow expression, and the columns it reads (first use order)."""
 
     text: str
-    expression: pc.Expression
     columns: tuple[str, ...]
     source: str  # the text as written
     tree: Node
+
+    @functools.cached_property
+    def expression(self) -> pc.Expression:
+        # built on first use: an Arrow scalar imports pandas, which validating a job must not
+        return self.tree.expression()
 
     def check(self, schema: pa.Schema) -> None:
         """Raise PredicateError if a column is missing from `schema` or is compared with a literal of another kind."""
@@ -492,8 +497,7 @@ def parse(text: str) -> Predicate:
     if not isinstance(text, str):
         raise PredicateError(str(text), f"expected text, got {type(text).__name__}")
     tree = _Parser(text).parse()
-    return Predicate(text=tree.render(), expression=tree.expression(), columns=tuple(dict.fromkeys(tree.columns())),
-                     source=text, tree=tree)
+    return Predicate(text=tree.render(), columns=tuple(dict.fromkeys(tree.columns())), source=text, tree=tree)
 
 
 def mask(text: str | Predicate, table: pa.Table) -> np.ndarray:
