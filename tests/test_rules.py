@@ -119,3 +119,20 @@ def test_reasons_that_name_a_predicate_become_metric_keys_mlflow_accepts(tmp_pat
     run = client.create_run(client.create_experiment("e"))
     client.log_metric(run.info.run_id, key, 3)  # the unsanitised name is refused by MLflow
     assert client.get_run(run.info.run_id).data.metrics[key] == 3
+
+
+def test_files_a_rule_reads_are_part_of_the_stage_fingerprint(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.curate.stage import CurateStage
+
+    evalset = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"image": [b"x"]}), evalset)
+    cfg = configschema.build(CurateConfig, {"rules": ["basic", "decontaminate"], "decontaminate": {
+        "sets": [{"name": "e", "path": str(evalset)}]}})
+    before = CurateStage(cfg).input_identity()
+    assert list(before) == ["decontaminate"] and str(evalset) in json.dumps(before)
+    pq.write_table(pa.table({"image": [b"x", b"a second image"]}), evalset)  # another size: another key
+    assert CurateStage(cfg).input_identity() != before
+    assert CurateStage(configschema.build(CurateConfig, {"rules": ["basic"]})).input_identity() == {}

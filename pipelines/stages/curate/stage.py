@@ -68,6 +68,10 @@ class CurateStage(Stage):
     Config = CurateConfig
     dependencies = ("imagehash", "py3langid", "open_clip_torch", "torch", "pillow", "pyarrow")
 
+    def input_identity(self) -> dict[str, Any]:
+        """The files the listed rules read from outside the job (head weights, evaluation sets, checkpoints)."""
+        return {r.name: ident for r in self.config.instances() if (ident := r.identity())}
+
     @classmethod
     def code_files(cls) -> list[Path]:
         """The stage's own closure, every rule module's (built-in ones are found by listing their package, which

@@ -88,6 +88,11 @@ class Rule:
     def check(self) -> None:
         """Spec-time checks beyond the schema; raise ValueError naming the field."""
 
+    def identity(self) -> dict[str, Any]:
+        """Files outside the job that the rule reads (weights, evaluation sets), by their fsspec keys (size and
+        modification time, or ETag): part of the stage's fingerprint, so that replacing one reruns the stage."""
+        return {}
+
     def prepare(self, log: logging.Logger) -> None:
         """On the driver, once before any task: load what every task needs. The rule must stay picklable."""
 
@@ -246,6 +251,14 @@ class Work:
 
         return {f.name: np.full(n, np.nan, dtype=f.type if f.type.startswith("float") else "float64")
                 if f.type.startswith(("float", "int")) else [None] * n for f in self.scores}
+
+
+def model_identity(ref: Any) -> dict[str, Any]:
+    """The keys of a ModelRef's files (a checkpoint, a JSON architecture): what `identity()` of a model rule has."""
+    from pipelines import storage
+
+    files = [f for f in (ref.checkpoint, ref.arch if str(ref.arch).endswith(".json") else None) if f]
+    return storage.file_keys(files) if files else {}
 
 
 def candidates(df: pd.DataFrame, position: int) -> np.ndarray:

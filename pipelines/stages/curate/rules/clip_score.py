@@ -7,11 +7,11 @@ reaching the rule (a set decision: the exact k-th best score by radix select), o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import Rule, ScoreField, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, model_identity, register_rule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,6 +50,9 @@ class ClipScoreRule(Rule):
     Config = ClipScoreConfig
     scores = (ScoreField("clip_score", "float32", "cosine similarity of image and caption embeddings"),)
     uses_images = True
+
+    def identity(self) -> dict[str, Any]:
+        return model_identity(self.config.model)
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         import ray.data

@@ -45,6 +45,15 @@ class DecontaminateRule(Rule):
     def reasons(self) -> tuple[str, ...]:
         return ("contaminated",)
 
+    def identity(self) -> dict[str, Any]:
+        from pipelines import storage
+
+        files = []
+        for es in self.config.sets:
+            fs, pattern = storage.filesystem(es.path)
+            files += [fs.unstrip_protocol(p) for p in sorted(fs.glob(pattern))]
+        return storage.file_keys(files)
+
     def prepare(self, log: logging.Logger) -> None:
         """pHashes of every image in the configured evaluation sets, with each one's set name."""
         import numpy as np

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import BASE, EXTRA, TAIL, Rule, ScoreField, Work, contract_scores, register_rule
+from pipelines.stages.curate.rules import (
+    BASE,
+    EXTRA,
+    TAIL,
+    Rule,
+    ScoreField,
+    Work,
+    contract_scores,
+    model_identity,
+    register_rule,
+)
 
 if TYPE_CHECKING:
     import logging
@@ -99,6 +109,12 @@ class HeadRule(Rule):
                 raise ValueError(f"head.{key}: must be a finite number, got {value}")
         if c.min is not None and c.max is not None and c.min > c.max:
             raise ValueError(f"head: min ({c.min}) is above max ({c.max}); no row could be kept")
+
+    def identity(self) -> dict[str, Any]:
+        from pipelines import heads, storage
+
+        files = [storage.join(self.config.path, n) for n in (heads.CONFIG_FILE, heads.WEIGHTS_FILE)]
+        return {"head": storage.file_keys(files), "model": model_identity(self.config.model)}
 
     def prepare(self, log: logging.Logger) -> None:
         """Read the head on the driver, so that a missing file or a weight of the wrong shape stops the stage
