@@ -38,9 +38,10 @@ def test_the_ledger_contract_comes_from_the_rules():
     ledger = json.loads((REPO / "schemas" / "ledger.schema.json").read_text())
     names = [f["name"] for f in ledger["fields"]]
     reason_doc = next(f["doc"] for f in ledger["fields"] if f["name"] == "reason")
-    for rule in rules.default_instances():
-        assert all(f.name in names for f in rule.score_fields()), rule.name
-        assert all(r in reason_doc for r in rule.reasons()), rule.name
+    for name, cls in rules.builtin().items():
+        assert all(f.name in names for f in cls.scores), name
+        assert all(r in reason_doc for r in cls.reason_doc()), name
+    assert "head:<output>" in reason_doc and "metadata: <the predicate>" in reason_doc
     assert "takedown" in reason_doc
 
 

@@ -81,6 +81,12 @@ class Rule:
     def score_fields(self) -> tuple[ScoreField, ...]:
         return self.scores
 
+    @classmethod
+    def reason_doc(cls) -> tuple[str, ...]:
+        """The reasons as the ledger's contract documents them; a rule whose reasons its settings name says
+        their form (`head:<output>`)."""
+        return cls(cls.Config(), 1).reasons()
+
     def columns(self) -> tuple[str, ...]:
         """Crawled columns the rule reads beyond the crawled contract (passthrough ones): checked at spec time."""
         return ()
@@ -293,24 +299,11 @@ def apply_decisions(df: pd.DataFrame, rule: Rule, decisions: list[tuple[str, np.
     return df.assign(drop_at=drop_at, reason=reasons)
 
 
-def default_instances() -> list[Rule]:
-    """One instance of every built-in rule with its default settings (what its reasons are by default)."""
-    return [cls(cls.Config(), i + 1) for i, cls in enumerate(builtin().values()) if _defaults_valid(cls)]
-
-
-def _defaults_valid(cls: type[Rule]) -> bool:
-    try:
-        cls.Config()
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def schemas() -> dict[str, pa.Schema]:
     """The ledger and curated schemas of the built-in rules: the contract in `schemas/*.schema.json` (a job's
     plugin rules, and rules whose columns their settings name, add columns after these)."""
     from pipelines.contracts import TAKEDOWN, curated_schema, ledger_schema
 
     scores = [f.arrow() for f in contract_scores()]
-    reasons = [r for rule in default_instances() for r in rule.reasons()]
+    reasons = [r for cls in builtin().values() for r in cls.reason_doc()]
     return {"ledger": ledger_schema(scores, [*reasons, TAKEDOWN]), "curated": curated_schema(scores)}

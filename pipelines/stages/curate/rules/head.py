@@ -89,6 +89,10 @@ class HeadRule(Rule):
     def output(self) -> str:
         return self.head().output
 
+    @classmethod
+    def reason_doc(cls) -> tuple[str, ...]:
+        return ("head:<output>",)
+
     def reasons(self) -> tuple[str, ...]:
         return (f"head:{self.output}",) if self.config.path else (self.name,)
 

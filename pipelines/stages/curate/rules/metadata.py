@@ -45,6 +45,10 @@ class MetadataRule(Rule):
             self._parsed = [parse(text) for text in self.config.keep]
         return self._parsed
 
+    @classmethod
+    def reason_doc(cls) -> tuple[str, ...]:
+        return (f"{cls.name}: <the predicate>",)
+
     def reasons(self) -> tuple[str, ...]:
         return tuple(f"{self.name}: {p.text}" for p in self.predicates())
 
