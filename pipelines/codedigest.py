@@ -60,6 +60,8 @@ def _module_file(name: str, root: Path, package: str) -> Path | None:
 
 
 def _module_name(path: Path, root: Path) -> str:
+    if not path.is_relative_to(root):  # a plugin's file: its own relative imports are not followed
+        return path.stem
     rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
@@ -86,17 +88,25 @@ def module_closure(start: Iterable[Path], root: Path, package: str) -> list[Path
     return sorted(seen)
 
 
+def digest_name(f: Path, root: Path, package: str = "pipelines") -> str:
+    """The name a file is digested under: its path from root for the project's package; for anything else (a
+    plugin's module, wherever this machine installed it, a venv inside the repo included) its folder and name."""
+    f = f.resolve()
+    if f.is_relative_to(root.resolve() / package):
+        return str(f.relative_to(root.resolve()))
+    return str(Path("<plugin>", f.parent.name, f.name))
+
+
 def digest_files(files: Iterable[Path], root: Path) -> str:
-    """sha256 over each file's path (relative to root) and bytes, and the JSON data files beside them."""
+    """sha256 over each file's name (`digest_name`) and bytes, and the JSON data files beside them, in name order:
+    the same code gives the same digest on every machine."""
     paths = set()
     for f in files:
         paths.add(f)
         paths.update(f.parent.glob("*.json"))
     h = hashlib.sha256()
-    for f in sorted(paths):
-        # a plugin's module lives outside the project: its folder and name, not where this machine keeps it
-        rel = f.relative_to(root) if f.is_relative_to(root) else Path("<plugin>", f.parent.name, f.name)
-        h.update(str(rel).encode() + b"\0")
+    for name, f in sorted((digest_name(f, root), f) for f in paths):
+        h.update(name.encode() + b"\0")
         h.update(f.read_bytes())
         h.update(b"\0")
     return h.hexdigest()

@@ -67,6 +67,18 @@ FEATURES = [
 ]
 
 
+# The order of the feature and score columns in the ledger and curated shards (as it was before rules were
+# objects, so files of both versions line up); columns of rules added since follow, in the order given.
+SCORE_ORDER = ("caption_words", "caption_chars", "min_side", "max_side", "aspect_ratio", "language", "language_score",
+               "phash", "eval_distance", "contaminated_by", "clip_score")
+
+
+def scored_fields(scores: list[pa.Field]) -> list[pa.Field]:
+    """The features and the rules' score columns, in the contract's order."""
+    rank = {name: i for i, name in enumerate(SCORE_ORDER)}
+    return sorted([*FEATURES, *scores], key=lambda f: rank.get(f.name, len(rank)))  # stable: new ones keep order
+
+
 def ledger_schema(scores: list[pa.Field], reasons: list[str]) -> pa.Schema:
     """The ledger: one row per crawled row, with the rules' score columns and the reasons they can give."""
     return pa.schema(
@@ -82,12 +94,11 @@ def ledger_schema(scores: list[pa.Field], reasons: list[str]) -> pa.Schema:
                 "doc": "first rule that dropped the row: " + ", ".join(dict.fromkeys([NOT_DOWNLOADED, *reasons]))}),
             pa.field("sha256", pa.string(), metadata={"doc": "sha256 of the image bytes"}),
             pa.field("image_bytes", pa.int64(), metadata={"doc": "size of the stored image"}),
-            *FEATURES,
-            *scores,
+            *scored_fields(scores),
         ]
     )
 
 
 def curated_schema(scores: list[pa.Field]) -> pa.Schema:
     """Curated shards: the crawled columns, then the features and rule scores of each kept row."""
-    return pa.schema([*CRAWLED, *FEATURES, *scores])
+    return pa.schema([*CRAWLED, *scored_fields(scores)])

@@ -75,9 +75,8 @@ class Stage:
         for a plugin's stage, the files of its own package."""
         here = Path(inspect.getfile(cls)).resolve()
         package_root = Path(__file__).resolve().parent
-        if not here.is_relative_to(package_root.parent):
-            return sorted(here.parent.glob("*.py"))
-        return module_closure(here.parent.glob("*.py"), package_root.parent, package_root.name)
+        start = plugin_files(cls) if not here.is_relative_to(package_root) else here.parent.glob("*.py")
+        return module_closure(start, package_root.parent, package_root.name)
 
     @classmethod
     def code_version(cls) -> str:
@@ -87,6 +86,12 @@ class Stage:
             h.update(f"{dist}=={importlib.metadata.version(dist)}".encode())
         h.update(digest_files(cls.code_files(), Path(__file__).resolve().parents[1]).encode())
         return h.hexdigest()[:16]
+
+
+def plugin_files(cls: type) -> list[Path]:
+    """A plugin class's own code: the modules of its package, or its module alone when it has no package."""
+    here = Path(inspect.getfile(cls)).resolve()
+    return sorted(here.parent.glob("*.py")) if "." in cls.__module__ else [here]
 
 
 def register(cls: type[Stage]) -> type[Stage]:
@@ -120,7 +125,7 @@ def _plugin(kind: str) -> type[Stage]:
     origin = f"{where}" if is_path(kind) else f"{where} (entry point {kind!r} in group {ENTRY_POINTS})"
     try:
         cls = _load(where)
-    except (ImportError, AttributeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises (SyntaxError too) is the plugin's error
         raise ImportError(f"stage {origin}: cannot import it: {type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Stage)):
         raise TypeError(f"stage {origin}: expected a subclass of pipelines.stage.Stage, got {cls!r}")

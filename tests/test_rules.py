@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pkgutil
 
 import mlflow
@@ -43,6 +44,65 @@ def test_the_ledger_contract_comes_from_the_rules():
         assert all(r in reason_doc for r in cls.reason_doc()), name
     assert "head:<output>" in reason_doc and "metadata: <the predicate>" in reason_doc
     assert "takedown" in reason_doc
+
+
+def test_the_ledger_keeps_its_column_order():
+    """Rules as objects must not reorder the contract: files written before and after line up."""
+    ledger = [f["name"] for f in json.loads((REPO / "schemas" / "ledger.schema.json").read_text())["fields"]]
+    assert ledger == ["uid", "source", "source_row", "shard", "row", "status", "kept", "reason", "sha256",
+                      "image_bytes", "caption_words", "caption_chars", "min_side", "max_side", "aspect_ratio",
+                      "language", "language_score", "phash", "eval_distance", "contaminated_by", "clip_score"]
+
+
+def test_a_rule_cannot_write_a_column_that_is_taken():
+    @dataclasses.dataclass(kw_only=True)
+    class Empty:
+        pass
+
+    def rule(column: str) -> Rule:
+        cls = type("Cols", (Rule,), {"name": "cols", "Config": Empty, "scores": (ScoreField(column, "int32", "d"),)})
+        return cls(Empty(), 1)
+
+    with pytest.raises(ValueError, match="rule cols: its score column 'phash' is a column every row already has"):
+        rules.job_scores([rule("phash")])
+    with pytest.raises(ValueError, match="rule cols: its score column 'clip_score' is also rule clip_score's"):
+        rules.job_scores([rule("clip_score")])
+    assert rules.job_scores([rule("mine")])[-1].name == "mine"
+
+
+def test_a_rule_plugin_that_does_not_load_is_an_error_every_time(tmp_path):
+    """A broken entry point must not fail once and then leave its rule silently missing."""
+    import subprocess
+    import sys
+
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[clipline.rules]\nbroken = no_such_module.rules:Broken\n")
+    code = ("from pipelines.stages.curate import rules\n"
+            "for attempt in range(2):\n"
+            "    try:\n        rules.registry()\n    except ImportError as exc:\n        print('error:', exc)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2, r.stdout + r.stderr
+    assert all("rule plugin 'broken' (no_such_module.rules:Broken, entry point group clipline.rules): cannot load "
+               "it: ModuleNotFoundError" in line for line in lines)
+
+
+def test_a_plugins_code_digest_does_not_depend_on_where_it_is_installed(tmp_path):
+    import shutil
+
+    from pipelines.codedigest import digest_files
+
+    digests = []
+    for where in ("a/site-packages", "b/deeper/lib"):
+        pkg = tmp_path / where / "clipline_example_plugin"
+        shutil.copytree(REPO / "tests" / "fixtures" / "plugin" / "clipline_example_plugin", pkg)
+        digests.append(digest_files(sorted(pkg.glob("*.py")) + [REPO / "pipelines" / "storage.py"], REPO))
+    assert digests[0] == digests[1]
+    (pkg / "rules.py").write_text((pkg / "rules.py").read_text() + "\n# changed\n")
+    assert digest_files(sorted(pkg.glob("*.py")) + [REPO / "pipelines" / "storage.py"], REPO) != digests[0]
 
 
 def test_the_funnel_lists_each_rules_reasons_in_rule_order():
@@ -107,6 +167,16 @@ def test_registering_checks_the_rule():
     clash = type("Clash", (Rule,), {"name": "basic", "Config": Empty})
     with pytest.raises(ValueError, match="a rule named 'basic' is already registered"):
         register_rule(clash)
+    from pipelines.stages.curate.config import CurateSettings
+
+    assert rules.RESERVED == ({n for n in dir(CurateSettings) if not n.startswith("_")}
+                              | {f.name for f in dataclasses.fields(CurateSettings)})
+    method = type("Method", (Rule,), {"name": "instances", "Config": Empty})
+    with pytest.raises(ValueError, match="the name is a curate setting"):
+        register_rule(method)
+    for bad in ("class", "_private"):
+        with pytest.raises(TypeError, match="not a Python keyword"):
+            register_rule(type("K", (Rule,), {"name": bad, "Config": Empty}))
     no_config = type("NoConfig", (Rule,), {"name": "no_config"})
     with pytest.raises(TypeError, match="rule no_config: needs a Config dataclass"):
         register_rule(no_config)

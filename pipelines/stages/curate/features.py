@@ -63,10 +63,10 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Featurizer:
     """Reads one crawled shard (a one-row batch naming it) and returns its working table."""
 
-    def __init__(self, rules: list[Rule], work: Work) -> None:
+    def __init__(self, rules: list[Rule], work: Work, sides: str = "original") -> None:
         self.rules = rules
         self.work = work
-        self.sides = next((r.config.sides for r in rules if r.name == "basic"), "original")
+        self.sides = sides  # basic.sides: which sizes the side features read, the source's or the stored ones
         model_rules = [r.position for r in rules if r.uses_images]
         self.keep_images = min(model_rules) if model_rules else None  # rows a model rule may still score
 
@@ -92,7 +92,7 @@ class Featurizer:
             for name, values in rule.score(table, out).items():
                 out[name] = values
         for rule in self.rules:  # in order: a rule only drops rows no earlier rule dropped
-            if not rule.uses_images and not rule.set_level:
+            if not rule.uses_images:  # those decide once their model pass has scored
                 out = apply_decisions(out, rule, rule.decide(out, table))
         if self.keep_images is not None:
             out["image"] = df["image"].where(ok & (out["drop_at"].to_numpy() > self.keep_images), None)

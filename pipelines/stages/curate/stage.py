@@ -14,7 +14,6 @@ Ray Data (nothing is gathered in one process but per-shard summaries and histogr
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -27,19 +26,19 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines import layout, storage
-from pipelines.codedigest import module_closure
-from pipelines.contracts import FEATURES, NOT_DOWNLOADED, ledger_schema
+from pipelines.codedigest import digest_files, module_closure
+from pipelines.contracts import NOT_DOWNLOADED, ledger_schema, scored_fields
 from pipelines.manifest import Manifest
 from pipelines.prometheus import CURATE_DROPPED, CURATE_ROWS_IN, CURATE_ROWS_OUT, StageMetrics
-from pipelines.stage import Stage, StageContext, StageResult, register
+from pipelines.stage import Stage, StageContext, StageResult, plugin_files, register
 from pipelines.stages.curate.config import CurateConfig
 from pipelines.stages.curate.features import KEPT, Featurizer, phash_hex, to_arrow
 from pipelines.stages.curate.rules import Rule, Work, apply_decisions, job_scores
 from pipelines.tracking import log_bar_chart
 
 
-def _featurize(batch: dict[str, np.ndarray], rules: list[Rule], work: Work) -> pa.Table:
-    return Featurizer(rules, work)(batch)
+def _featurize(batch: dict[str, np.ndarray], rules: list[Rule], work: Work, sides: str) -> pa.Table:
+    return Featurizer(rules, work, sides)(batch)
 
 
 def _only_candidates_images(df: pd.DataFrame, work: Work, pos: int) -> pa.Table:
@@ -69,21 +68,26 @@ class CurateStage(Stage):
     dependencies = ("imagehash", "py3langid", "open_clip_torch", "torch", "pillow", "pyarrow")
 
     def input_identity(self) -> dict[str, Any]:
-        """The files the listed rules read from outside the job (head weights, evaluation sets, checkpoints)."""
-        return {r.name: ident for r in self.config.instances() if (ident := r.identity())}
+        """The files the listed rules read from outside the job (head weights, evaluation sets, checkpoints), and
+        the code of the plugin rules the job lists (built-in rules are in code_version)."""
+        from pipelines.stages.curate import rules
+
+        listed = self.config.instances()
+        out: dict[str, Any] = {r.name: ident for r in listed if (ident := r.identity())}
+        root = Path(rules.__file__).resolve().parents[4]
+        plugins = {r.name: digest_files(module_closure(plugin_files(type(r)), root, "pipelines"), root)
+                   for r in listed if r.name in rules.plugins()}
+        return {**out, "plugin_code": plugins} if plugins else out
 
     @classmethod
     def code_files(cls) -> list[Path]:
-        """The stage's own closure, every rule module's (built-in ones are found by listing their package, which
-        import statements do not show), and the modules of installed rule plugins."""
+        """The stage's own closure and every built-in rule module's (found by listing their package, which import
+        statements do not show); the plugin rules a job lists are in its input identity instead."""
         from pipelines.stages.curate import rules
 
         root = Path(rules.__file__).resolve().parents[4]
-        files = set(super().code_files())
-        files.update(module_closure(Path(rules.__file__).parent.glob("*.py"), root, "pipelines"))
-        for rule in rules.plugins().values():
-            files.add(Path(inspect.getfile(rule)).resolve())
-        return sorted(files)
+        return sorted({*super().code_files(),
+                       *module_closure(Path(rules.__file__).parent.glob("*.py"), root, "pipelines")})
 
     def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
         import ray.data
@@ -106,8 +110,9 @@ class CurateStage(Stage):
         urls = crawl.shard_urls()
         ds = ray.data.from_items([{"shard": i, "url": u} for i, u in enumerate(urls)],
                                  override_num_blocks=max(1, len(urls)))
+        sides = self.config.basic.sides  # basic.sides, listed or not: which sizes the side features read
         ds = ds.map_batches(_featurize, batch_size=1, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"rules": rules, "work": self.work})
+                            fn_kwargs={"rules": rules, "work": self.work, "sides": sides})
         scored = sorted((r for r in rules if r.uses_images), key=lambda r: r.position)
         for i, rule in enumerate(scored):
             if i:  # the featurize task kept images for the first model rule's candidates
@@ -201,7 +206,7 @@ class CurateStage(Stage):
             return []
         out = ctx.output
         weight = "rows" if cfg.shard_rows else "image_bytes"
-        columns = [*FEATURES, *(self.ledger.field(f.name) for f in self.work.scores)]
+        columns = scored_fields([self.ledger.field(f.name) for f in self.work.scores])
 
         def build(item: dict[str, Any]) -> dict[str, Any]:
             tables = []

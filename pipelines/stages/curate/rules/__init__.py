@@ -60,7 +60,6 @@ class Rule:
     name: ClassVar[str]
     Config: ClassVar[type]
     scores: ClassVar[tuple[ScoreField, ...]] = ()
-    set_level: ClassVar[bool] = False  # decides with decide_set, on the whole working table
     uses_images: ClassVar[bool] = False  # scores image bytes in stream(), then decides per row on those scores
 
     def __init__(self, config: Any, position: int) -> None:
@@ -130,13 +129,15 @@ _LOADED = False
 def register_rule(cls: type[Rule]) -> type[Rule]:
     """Class decorator: make a rule usable in a curate stage's `rules:`."""
     import dataclasses
+    import keyword
 
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise TypeError(f"rule {cls.__name__}: `name` must be an identifier (it is a key under `with:`), got {name!r}")
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+        raise TypeError(f"rule {cls.__name__}: `name` must be an identifier that is not a Python keyword and does not "
+                        f"start with _ (it is a key under `with:` and a config field), got {name!r}")
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise TypeError(f"rule {name}: needs a Config dataclass")
-    if name in _RESERVED:
+    if name in RESERVED:
         raise ValueError(f"rule {name}: the name is a curate setting; choose another")
     if name in _RULES and _RULES[name] is not cls:
         raise ValueError(f"a rule named {name!r} is already registered ({_RULES[name].__module__}.{_RULES[name].__name__})")
@@ -144,15 +145,17 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
-# curate settings that are not rules: a rule cannot take these names, which share `with:` with rule configs
-_RESERVED = frozenset({"rules", "shard_rows", "shard_bytes"})
+# Names a rule cannot take: the curate settings and methods that share `with:` and the config class with the
+# rules' fields (CurateSettings; listed here, not read from it, which would import the config while it is made).
+RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns"})
 
 
 def _load() -> None:
+    """Import the built-in rule modules and the plugins' entry points; a plugin that fails is an error every
+    time (not once, then missing)."""
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
     for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{mod}")
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
@@ -167,6 +170,7 @@ def _load() -> None:
             raise ValueError(f"rule plugin {ep.value}: its entry point is named {ep.name!r} but the rule's name is "
                              f"{getattr(cls, 'name', None)!r}; they must agree")
         register_rule(cls)
+    _LOADED = True
 
 
 def registry() -> dict[str, type[Rule]]:
@@ -220,11 +224,24 @@ def contract_scores() -> list[ScoreField]:
 
 
 def job_scores(rules: list[Rule]) -> list[ScoreField]:
-    """The contract's score columns and those of the job's other rules (plugins, config-named columns)."""
-    out = {f.name: f for f in contract_scores()}
+    """The contract's score columns and those of the job's other rules (plugins, config-named columns). A rule
+    may not write a column another rule or the working table already has."""
+    from pipelines.contracts import FEATURES
+
+    taken = {n for n, _ in BASE} | {n for n, _ in TAIL} | set(EXTRA) | {f.name for f in FEATURES}
+    out: dict[str, ScoreField] = {}
+    owner: dict[str, str] = {}
+    for cls in builtin().values():
+        for f in cls.scores:
+            out.setdefault(f.name, f)
+            owner.setdefault(f.name, cls.name)
     for r in rules:
         for f in r.score_fields():
-            out.setdefault(f.name, f)
+            if f.name in taken:
+                raise ValueError(f"rule {r.name}: its score column {f.name!r} is a column every row already has")
+            if f.name in out and (out[f.name] != f or owner[f.name] != r.name):
+                raise ValueError(f"rule {r.name}: its score column {f.name!r} is also rule {owner[f.name]}'s")
+            out[f.name], owner[f.name] = f, r.name
     return list(out.values())
 
 

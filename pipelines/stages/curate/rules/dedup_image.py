@@ -22,7 +22,6 @@ class DedupImageConfig:
 class DedupImageRule(Rule):
     name = "dedup_image"
     Config = DedupImageConfig
-    set_level = True
 
     def reasons(self) -> tuple[str, ...]:
         return ("duplicate_image",)

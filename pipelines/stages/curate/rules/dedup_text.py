@@ -22,7 +22,6 @@ class DedupTextConfig:
 class DedupTextRule(Rule):
     name = "dedup_text"
     Config = DedupTextConfig
-    set_level = True
 
     def reasons(self) -> tuple[str, ...]:
         return ("duplicate_text",)

@@ -26,7 +26,6 @@ class NearDuplicateConfig:
 class NearDuplicateRule(Rule):
     name = "near_duplicate"
     Config = NearDuplicateConfig
-    set_level = True
 
     def decide_set(self, work: ray.data.Dataset, ctx: StageContext) -> tuple[ray.data.Dataset, dict[str, float]]:
         from pipelines.stages.curate import select
