@@ -87,6 +87,22 @@ def s3(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def ray_s3(s3, ray_local):
+    """Ray whose workers see the S3 endpoint: a session Ray started before `s3` set the environment is
+    restarted (its workers would look for the bucket on AWS)."""
+    import ray
+
+    @ray.remote
+    def endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(endpoint.remote()) != s3.endpoint:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """PostgreSQL on 127.0.0.1 for the whole session: database `mlflow`, owned by a password role `mlflow`."""

@@ -240,21 +240,6 @@ def test_open_clip_train_trains_on_the_export(tmp_path, ray_local):
     assert not list(audit.glob("*.jsonl")), [p.read_text() for p in audit.glob("*.jsonl")]
 
 
-@pytest.fixture
-def ray_s3(s3, ray_local):
-    """Ray whose workers see the moto endpoint (as tests/test_s3.py's: a Ray started before `s3` is restarted)."""
-    import ray
-
-    @ray.remote
-    def endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3.endpoint:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-
-
 @pytest.mark.slow
 def test_an_export_to_s3_writes_its_tars_and_sizes_json_to_the_bucket(s3, ray_s3, tmp_path):
     bucket = s3.bucket("clipline-export")

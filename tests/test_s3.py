@@ -57,22 +57,6 @@ def _prefix(url: str) -> str:
     return url.removeprefix(f"s3://{BUCKET}/").rstrip("/") + "/"
 
 
-@pytest.fixture(scope="module")
-def ray_s3(s3, ray_local):
-    """Ray whose workers see the S3 endpoint: a session Ray started before `s3` set the environment is
-    restarted (its workers would look for the bucket on AWS)."""
-    import ray
-
-    @ray.remote
-    def endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3.endpoint:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-
-
 _FRESH = Stage.__dict__["code_version"]  # reads the stage's files on every call
 
 

@@ -17,6 +17,37 @@ from pipelines.models import ModelRef
 from pipelines.stages.curate.rules import Work
 
 
+def decode(preprocess: Any, images: list[bytes]) -> tuple[Any, list[int]]:
+    """A model's input batch from encoded images, and the indices of those that cannot be decoded (their slots
+    are zeros, and the caller scores them NaN, which every selection drops); None when none decodes."""
+    import torch
+    from PIL import Image
+
+    tensors, bad = [], []
+    for i, b in enumerate(images):
+        try:
+            tensors.append(preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
+        except Exception:  # noqa: BLE001  (an undecodable image is the caller's NaN, not a failed pool)
+            bad.append(i)
+            tensors.append(None)
+    shape = next((t.shape for t in tensors if t is not None), None)
+    if shape is None:
+        return None, bad
+    return torch.stack([t if t is not None else torch.zeros(shape) for t in tensors]), bad
+
+
+def model_pass(ds: Any, scorer: type, config: Any, work: Any, **kwargs: Any) -> Any:
+    """`ds` scored by a pool of `config.actors` Ray actors of class `scorer`, each with `config.num_cpus` CPUs (its
+    torch threads) and `config.num_gpus` GPUs, in batches of `config.batch_size`: a model rule's `stream`."""
+    import ray.data
+
+    return ds.map_batches(scorer, batch_size=config.batch_size, batch_format="pandas",
+                          compute=ray.data.ActorPoolStrategy(size=config.actors), num_cpus=config.num_cpus,
+                          num_gpus=config.num_gpus,
+                          fn_constructor_kwargs={"model": config.model, "batch_size": config.batch_size, "work": work,
+                                                 "threads": max(1, int(config.num_cpus)), **kwargs})
+
+
 class ClipScorer:
     def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
@@ -34,23 +65,14 @@ class ClipScorer:
     def scores(self, images: list[bytes], captions: list[str]) -> np.ndarray:
         """Cosine similarity of each (image, caption) pair, in batches of `batch_size`."""
         import torch
-        from PIL import Image
 
         out = np.empty(len(images), dtype=np.float32)
         for start in range(0, len(images), self.batch_size):
             imgs = images[start:start + self.batch_size]
-            tensors, bad = [], []
-            for i, b in enumerate(imgs):
-                try:
-                    tensors.append(self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
-                except Exception:  # noqa: BLE001  (an undecodable image scores NaN, which every selection drops)
-                    bad.append(i)
-                    tensors.append(None)
-            shape = next((t.shape for t in tensors if t is not None), None)
-            if shape is None:
+            pixels, bad = decode(self.preprocess, imgs)
+            if pixels is None:
                 out[start:start + len(imgs)] = np.nan
                 continue
-            pixels = torch.stack([t if t is not None else torch.zeros(shape) for t in tensors])
             tokens = self.tokenizer([c or "" for c in captions[start:start + self.batch_size]])
             with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16,
                                                         enabled=self.device == "cuda"):

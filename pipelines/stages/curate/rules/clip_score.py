@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import Rule, ScoreField, model_identity, register_rule
+from pipelines.stages.curate.rules import ActorPool, Rule, ScoreField, model_identity, register_rule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(kw_only=True)
-class ClipScoreConfig:
+class ClipScoreConfig(ActorPool):
     """Image-text cosine similarity from an open_clip model, computed by a pool of Ray actors in batches."""
 
     model: ModelRef = field(ModelRef, "the scoring model")
@@ -32,10 +32,6 @@ class ClipScoreConfig:
     top_fraction: float | None = field(
         None, "keep this fraction of the rows reaching the rule, best first (ties by input order)",
         exclusiveMinimum=0, maximum=1)
-    batch_size: int = field(64, "images per forward pass", minimum=1)
-    actors: int = field(1, "scoring actors in the pool", minimum=1)
-    num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
-    num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -55,16 +51,9 @@ class ClipScoreRule(Rule):
         return model_identity(self.config.model)
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        import ray.data
+        from pipelines.stages.curate.scorer import ClipScorer, model_pass
 
-        from pipelines.stages.curate.scorer import ClipScorer
-
-        c = self.config
-        return ds.map_batches(ClipScorer, batch_size=c.batch_size, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=c.actors), num_cpus=c.num_cpus,
-                              num_gpus=c.num_gpus,
-                              fn_constructor_kwargs={"model": c.model, "batch_size": c.batch_size, "work": self.work,
-                                                     "threads": max(1, int(c.num_cpus))})
+        return model_pass(ds, ClipScorer, self.config, self.work)
 
     def decide(self, work: pd.DataFrame, crawled: pa.Table | None) -> list[tuple[str, np.ndarray]]:
         if self.config.threshold is None:

@@ -8,7 +8,6 @@ cannot be decoded scores NaN, and is dropped.  The reason is `head:<output>`.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from pipelines.stages.curate.rules import (
     BASE,
     EXTRA,
     TAIL,
+    ActorPool,
     Rule,
     ScoreField,
     Work,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(kw_only=True)
-class HeadRuleConfig:
+class HeadRuleConfig(ActorPool):
     """A small classifier on CLIP image embeddings (LAION's aesthetic or NSFW predictor, say): keep rows it scores
     within [min, max]."""
 
@@ -48,10 +48,6 @@ class HeadRuleConfig:
     model: ModelRef = field(ModelRef, "the open_clip model whose image embeddings the head reads")
     min: float | None = field(None, "drop rows the head scores below this")
     max: float | None = field(None, "drop rows the head scores above this")
-    batch_size: int = field(64, "images per forward pass", minimum=1)
-    actors: int = field(1, "scoring actors in the pool", minimum=1)
-    num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
-    num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -139,14 +135,9 @@ class HeadRule(Rule):
                  list(cfg.layers))
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        import ray.data
+        from pipelines.stages.curate.scorer import model_pass
 
-        c = self.config
-        return ds.map_batches(HeadScorer, batch_size=c.batch_size, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=c.actors), num_cpus=c.num_cpus,
-                              num_gpus=c.num_gpus,
-                              fn_constructor_kwargs={"model": c.model, "head": c.path, "batch_size": c.batch_size,
-                                                     "work": self.work, "threads": max(1, int(c.num_cpus))})
+        return model_pass(ds, HeadScorer, self.config, self.work, head=self.config.path)
 
     def decide(self, work: pd.DataFrame, crawled: pa.Table | None) -> list[tuple[str, np.ndarray]]:
         import numpy as np
@@ -185,19 +176,12 @@ class HeadScorer:
         """Image embeddings (float32, not normalised: the head's config says whether to) and the indices of
         images that could not be decoded (their rows are zeros)."""
         import torch
-        from PIL import Image
 
-        tensors, bad = [], []
-        for i, b in enumerate(images):
-            try:
-                tensors.append(self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
-            except Exception:  # noqa: BLE001  (an undecodable image scores NaN, which the rule drops)
-                bad.append(i)
-                tensors.append(None)
-        shape = next((t.shape for t in tensors if t is not None), None)
-        if shape is None:
+        from pipelines.stages.curate.scorer import decode
+
+        pixels, bad = decode(self.preprocess, images)
+        if pixels is None:
             return None, bad
-        pixels = torch.stack([t if t is not None else torch.zeros(shape) for t in tensors])
         with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
             emb = self.model.encode_image(pixels.to(self.device))
         return emb.float(), bad
