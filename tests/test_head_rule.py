@@ -273,3 +273,27 @@ def test_curate_keeps_the_light_background_rows(tmp_path, ray_local, dark_head):
     assert result.counts["dropped_head:dark_background"] == int((expected > 0.5).sum()) + 1
     assert curated["uid"].tolist() == ledger.loc[ledger["kept"], "uid"].tolist()
     assert "dark_background" in curated.columns and (curated["dark_background"] <= 0.5).all()
+
+
+@pytest.mark.slow
+def test_model_rules_in_sequence_score_only_their_candidates(tmp_path, ray_local, dark_head):
+    """head, then clip_score, then basic: a row the head drops is never CLIP-scored, a row only a later rule
+    (basic) drops is scored by both, and each row's reason is the first rule in the list that dropped it."""
+    from tests.test_curate import GOOD, row, run_curate, write_crawl
+
+    path, module, _ = dark_head
+    images, _ = labelled(16, seed=3)
+    captions = [("two words" if i % 4 == 0 else f"{GOOD} {i}") for i in range(len(images))]
+    crawl = write_crawl(tmp_path, [[row(c, image=b) for c, b in zip(captions, images, strict=True)]])
+    _, ledger, _, _ = run_curate(
+        tmp_path, crawl, rules=["head", "clip_score", "basic"], shard_rows=100,
+        head={"path": str(path), "model": {"arch": ARCH, "seed": SEED}, "max": 0.5, "batch_size": 8},
+        clip_score={"model": {"arch": "clip-tiny"}, "batch_size": 8})
+
+    dropped_by_head = heads.score(module, embed(images)) > 0.5
+    assert 0 < dropped_by_head.sum() < len(images)
+    assert ledger["dark_background"].notna().all()
+    assert ledger["clip_score"].isna().tolist() == dropped_by_head.tolist()
+    expected = ["head:dark_background" if d else ("caption_words" if c == "two words" else None)
+                for d, c in zip(dropped_by_head, captions, strict=True)]
+    assert ledger["reason"].tolist() == expected
