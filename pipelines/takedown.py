@@ -264,48 +264,61 @@ def _taken(t: Any, uids: Any) -> Any:
     return pc.fill_null(pc.is_in(t.column("uid"), uids), False)
 
 
-def _blank_crawled(t: Any, mask: Any, note: str) -> Any:
-    """The crawled table with the masked rows reduced to their identity (see the module doc)."""
+def _set_where(t: Any, mask: Any, values: dict[str, Any], cleared: Any) -> Any:
+    """`t` with the masked rows' columns in `values` set to those values and those in `cleared` nulled."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    set_to = {"status": STATUS, "error_class": REASON, "error_message": note}
     cols = []
     for f in t.schema:
         col = t.column(f.name)
-        if f.name in set_to:
-            col = pc.if_else(mask, pa.scalar(set_to[f.name], f.type), col)
-        elif f.name not in _KEEP:
+        if f.name in values:
+            col = pc.if_else(mask, pa.scalar(values[f.name], f.type), col)
+        elif f.name in cleared:
             col = pc.if_else(mask, pa.scalar(None, f.type), col)
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=t.schema)
 
 
-def _new_source(old: Manifest, out: str, uids: Any, tl: TakedownList, dry_run: bool) -> tuple[Manifest, int]:
+def _each_shard(entries: list[dict[str, Any]], urls: list[str], out: str, uids: Any, dry_run: bool,
+             change: Any) -> list[dict[str, Any]]:
+    """Each shard of a version into the new one: copied whole when no row of it is taken down, else written as
+    `change(table, mask)` makes it (None: the shard is left out). The new version's shard entries."""
     import pyarrow.compute as pc
 
-    counts, shards, taken = dict(old.counts), [], 0
-    note = f"taken down by list sha256 {tl.sha256[:16]}"
-    for s, url in zip(old.shards, old.shard_urls(), strict=True):
+    new = []
+    for entry, url in zip(entries, urls, strict=True):
         t = storage.read_parquet(url)
         mask = _taken(t, uids)
-        n = pc.sum(mask).as_py() or 0
-        if not n:
+        if not pc.any(mask).as_py():
             if not dry_run:
-                _copy(url, storage.join(out, s["path"]))
-            shards.append(layout.shard_entry(s["path"], s))
-            continue
+                _copy(url, storage.join(out, entry["path"]))
+            new.append(layout.shard_entry(entry["path"], entry))
+        elif (changed := change(t, mask)) is not None:
+            new.append(_write(out, entry["path"], changed, dry_run))
+    return new
+
+
+def _new_source(old: Manifest, out: str, uids: Any, tl: TakedownList, dry_run: bool) -> tuple[Manifest, int]:
+    """Crawled shards: a taken-down row stays in place, reduced to its identity (see the module doc)."""
+    counts, taken = dict(old.counts), 0
+    note = f"taken down by list sha256 {tl.sha256[:16]}"
+
+    def blank(t: Any, mask: Any) -> Any:
+        nonlocal taken
         gone = t.filter(mask)
         for status in gone.column("status").to_pylist():
             counts[status] = counts.get(status, 0) - 1
         for cls in gone.column("error_class").to_pylist():
             if cls is not None and f"error_{cls}" in counts:
                 counts[f"error_{cls}"] -= 1
-        counts[STATUS] = counts.get(STATUS, 0) + n
-        counts[f"error_{REASON}"] = counts.get(f"error_{REASON}", 0) + n
-        taken += n
-        new = _blank_crawled(t, mask, note)
-        shards.append(_write(out, s["path"], new, dry_run))
+        counts[STATUS] = counts.get(STATUS, 0) + gone.num_rows
+        counts[f"error_{REASON}"] = counts.get(f"error_{REASON}", 0) + gone.num_rows
+        taken += gone.num_rows
+        values = {"status": STATUS, "error_class": REASON, "error_message": note}
+        return _set_where(t, mask, values, set(t.schema.names) - set(_KEEP))
+
+    shards = _each_shard(old.shards, old.shard_urls(), out, uids, dry_run, blank)
     counts["taken_down"] = counts.get("taken_down", 0) + taken
     extra = {**old.extra, "version": int(old.extra.get("version", 1)) + 1}
     return _replace(old, out, shards, counts, extra, old.inputs, tl, taken), taken
@@ -313,50 +326,28 @@ def _new_source(old: Manifest, out: str, uids: Any, tl: TakedownList, dry_run: b
 
 def _new_curate(old: Manifest, out: str, inputs: dict[str, Any], uids: Any, tl: TakedownList,
                 dry_run: bool) -> tuple[Manifest, int]:
-    import pyarrow as pa
+    """A curate version: taken-down rows leave the curated shards; in the ledger they stay, reason takedown."""
     import pyarrow.compute as pc
 
-    counts, ledger, taken = dict(old.counts), [], 0
-    for rec in old.extra.get("ledger", []):
-        url = storage.join(old.location, rec["path"])
-        t = storage.read_parquet(url)
-        mask = _taken(t, uids)
-        n = pc.sum(mask).as_py() or 0
-        if not n:
-            if not dry_run:
-                _copy(url, storage.join(out, rec["path"]))
-            ledger.append(layout.shard_entry(rec["path"], rec))
-            continue
+    counts, taken = dict(old.counts), 0
+
+    def mark(t: Any, mask: Any) -> Any:
+        nonlocal taken
         gone = t.filter(mask)
         for kept, reason in zip(gone.column("kept").to_pylist(), gone.column("reason").to_pylist(), strict=True):
             key = "rows_out" if kept else f"dropped_{reason}"
             if key in counts:
                 counts[key] -= 1
-        taken += n
-        cols = []
-        for f in t.schema:
-            col = t.column(f.name)
-            if f.name == "kept":
-                col = pc.if_else(mask, pa.scalar(False), col)
-            elif f.name == "reason":
-                col = pc.if_else(mask, pa.scalar(REASON, f.type), col)
-            elif f.name in _LEDGER_CLEARED:
-                col = pc.if_else(mask, pa.scalar(None, f.type), col)
-            cols.append(col)
-        new = pa.Table.from_arrays(cols, schema=t.schema)
-        ledger.append(_write(out, rec["path"], new, dry_run))
-    shards = []
-    for s, url in zip(old.shards, old.shard_urls(), strict=True):
-        t = storage.read_parquet(url)
-        mask = _taken(t, uids)
-        if not pc.any(mask).as_py():
-            if not dry_run:
-                _copy(url, storage.join(out, s["path"]))
-            shards.append(layout.shard_entry(s["path"], s))
-            continue
+        taken += gone.num_rows
+        return _set_where(t, mask, {"kept": False, "reason": REASON}, _LEDGER_CLEARED)
+
+    def remove(t: Any, mask: Any) -> Any:
         left = t.filter(pc.invert(mask))
-        if left.num_rows:  # a shard left empty is dropped from the list
-            shards.append(_write(out, s["path"], left, dry_run))
+        return left if left.num_rows else None  # a shard left empty is dropped from the list
+
+    entries = old.extra.get("ledger", [])
+    ledger = _each_shard(entries, [storage.join(old.location, e["path"]) for e in entries], out, uids, dry_run, mark)
+    shards = _each_shard(old.shards, old.shard_urls(), out, uids, dry_run, remove)
     counts[f"dropped_{REASON}"] = counts.get(f"dropped_{REASON}", 0) + taken
     if "rows_out" in counts and counts["rows_out"] != sum(s["rows"] for s in shards):
         raise TakedownError(f"{old.location}: takedown accounting: the ledger keeps {counts['rows_out']} rows but "
