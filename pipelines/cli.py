@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipelines import spec
+    from pipelines.preflight import check
 
     job = spec.load(args.job, args.overrides, args.storage)
+    check(job)
     print(f"{args.job}: valid job {job.name!r}: " + " -> ".join(f"{n} ({s.uses})" for n, s in job.stages.items()))
     return 0
 
@@ -175,7 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pipelines.submit import driver_python
 
         logging.getLogger("clipline").info(driver_python())
+    from pipelines.preflight import check
+
     job = spec.load(args.job, args.overrides, args.storage)
+    check(job)
     select = Selection(from_=args.from_, until=args.until, only=args.only, force=args.force)
     try:
         outcomes = run_job(job, select, progress=not args.no_progress)

@@ -183,8 +183,9 @@ def init_ray(job: JobSpec) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"runtime_env": job.runtime_env or None, "log_to_driver": True,
-                              "logging_level": logging.WARNING}
+    from pipelines.console import ray_init_kwargs
+
+    kwargs: dict[str, Any] = {"runtime_env": job.runtime_env or None, **ray_init_kwargs()}
     if job.ray_address == "local":
         # "local" explicitly: with no address Ray would join any cluster it finds in /tmp/ray
         kwargs.update(address="local", num_cpus=job.ray_num_cpus, include_dashboard=False)
