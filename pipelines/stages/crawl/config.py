@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipelines.configschema import field
+
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
+
+URL_COLS = ("url", "URL")  # the URL column when url_col is not set: the first of these the list has
+CAPTION_COLS = ("caption", "TEXT", "text")
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+              ".ndjson": "jsonl"}
 
 
 @dataclass(kw_only=True)
@@ -64,6 +72,12 @@ class CrawlConfig:
         from pipelines.contracts import CRAWLED
 
         return [*CRAWLED.names, *(f"source_{c}" if c in CRAWLED.names else c for c in self.passthrough)]
+
+    def preflight(self, check: Check) -> None:
+        """Before the run: every URL list exists and has the URL, caption and passthrough columns."""
+        from pipelines.stages.crawl.preflight import check_inputs
+
+        check_inputs(self, check)
 
     def __post_init__(self) -> None:
         if isinstance(self.input, str):

@@ -20,12 +20,10 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.contracts import CRAWLED, uid
-from pipelines.stages.crawl.config import CrawlConfig
+from pipelines.stages.crawl.config import CAPTION_COLS, URL_COLS, CrawlConfig
 from pipelines.stages.crawl.plan import Planner, Prior
+from pipelines.stages.crawl.preflight import input_format
 
-URL_COLS = ("url", "URL")
-CAPTION_COLS = ("caption", "TEXT", "text")
-_EXT = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 _CHUNK = 50_000
 
 
@@ -51,15 +49,11 @@ def identity(cfg: CrawlConfig) -> dict[str, Any]:
 
 
 def file_format(path: str, cfg: CrawlConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    name = path.lower()
-    for comp in (".gz", ".bz2", ".zst", ".xz"):
-        name = name.removesuffix(comp)
-    for ext, fmt in _EXT.items():
-        if name.endswith(ext):
-            return fmt
-    raise InputError(f"crawl input {path}: cannot tell the format from the extension; set format: parquet|csv|tsv|jsonl")
+    fmt = input_format(path, cfg)
+    if fmt is None:
+        raise InputError(f"crawl input {path}: cannot tell the format from the extension; "
+                         "set format: parquet|csv|tsv|jsonl")
+    return fmt
 
 
 def _chunks(path: str, fmt: str) -> Iterator[pd.DataFrame]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipelines.configschema import field
 from pipelines.evaluation.config import EvalSet
 from pipelines.models import ModelRef
+
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
 
 
 @dataclass(kw_only=True)
@@ -28,3 +32,11 @@ class EvaluateConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"evaluate: dataset name(s) {', '.join(dup)} used more than once")
+
+    def preflight(self, check: Check) -> None:
+        """Before the run (`pipelines.preflight`): the model's architecture and checkpoint, and each dataset's
+        files and columns."""
+        if self.model is not None:
+            check.attempt(check.model, "model", self.model)
+        for i, d in enumerate(self.datasets):
+            check.attempt(check.eval_set, f"datasets[{i}]", d)

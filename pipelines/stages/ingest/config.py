@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipelines.configschema import field
+
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
 
 
 @dataclass(kw_only=True)
@@ -28,6 +31,18 @@ class IngestConfig:
         from pipelines.contracts import CRAWLED
 
         return list(CRAWLED.names)
+
+    def preflight(self, check: Check) -> None:
+        """Before the run: the files exist and have the image and caption columns."""
+        from pipelines import pairs
+        from pipelines.preflight import Problem
+
+        for url in check.files("path", self.path) if self.path else []:
+            try:
+                fmt = pairs.file_format("ingest", url, self.format)
+            except ValueError as exc:
+                raise Problem("format", str(exc)) from None
+            check.require("path", url, fmt, {"image_column": self.image_column, "caption_column": self.caption_column})
 
     def __post_init__(self) -> None:
         if (self.builtin is None) == (self.path is None):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipelines.configschema import field
 from pipelines.evaluation.config import EvalSet
 from pipelines.models import ModelRef
+
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
 
 
 @dataclass(kw_only=True)
@@ -87,3 +90,10 @@ class TrainConfig:
         if (self.model.get("model_uri") if isinstance(self.model, dict) else self.model.model_uri):
             raise ValueError("train: model.model_uri cannot initialise training yet; give model.arch and "
                              "model.checkpoint (the model.safetensors of an earlier train stage)")
+
+    def preflight(self, check: Check) -> None:
+        """Before the run (`pipelines.preflight`): the architecture and the initial checkpoint, and the files and
+        columns of each in-training evaluation set."""
+        check.attempt(check.model, "model", self.model)
+        for i, d in enumerate(self.eval_datasets):
+            check.attempt(check.eval_set, f"eval_datasets[{i}]", d)
