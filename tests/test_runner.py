@@ -198,17 +198,25 @@ def test_a_driver_killed_mid_curate_reruns_it_whole_and_keeps_the_crawl(tmp_path
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["clipline.attempts"] == "2"
 
 
+def demo_storage(tmp_path: Path) -> str:
+    """A storage holding the URL list `clipline demo` writes there (which preflight reads the columns of)."""
+    (tmp_path / "demo-web").mkdir(exist_ok=True)
+    url_list("http://127.0.0.1:9", 3).to_parquet(tmp_path / "demo-web" / "urls.parquet")
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.yaml")))
-def test_every_shipped_job_is_valid(job, capsys):
-    assert cli.main(["validate", str(REPO / "jobs" / job)]) == 0
+def test_every_shipped_job_is_valid(job, capsys, tmp_path):
+    assert cli.main(["validate", str(REPO / "jobs" / job), "--storage", demo_storage(tmp_path)]) == 0
     assert f"valid job {yaml.safe_load((REPO / 'jobs' / job).read_text())['name']!r}" in capsys.readouterr().out
 
 
 def test_cli_validate_and_bad_spec_exit_codes(tmp_path, capsys):
-    assert cli.main(["validate", str(REPO / "jobs" / "demo.yaml")]) == 0
+    assert cli.main(["validate", str(REPO / "jobs" / "demo.yaml"), "--storage", demo_storage(tmp_path)]) == 0
     assert "valid job 'demo': crawl (crawl)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nstages:\n  crawl:\n    uses: crawl\n    with: {input: /x, threads: many}\n")
+    bad.write_text(f"name: x\nstages:\n  crawl:\n    uses: crawl\n    with: {{input: {tmp_path}/demo-web/urls.parquet, "
+                   "threads: many}\n")
     assert cli.main(["validate", str(bad)]) == cli.EXIT_BAD_SPEC
     assert f"{bad}: stages.crawl.with.threads: expected integer, got str 'many'" in capsys.readouterr().err
     assert cli.main(["run", str(bad), "--set", "stages.crawl.with.threads=4", "--until", "nope"]) == cli.EXIT_BAD_SPEC

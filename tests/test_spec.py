@@ -200,12 +200,19 @@ def test_job_schema_with_block_is_the_config_dataclass():
                                    "default": 256}
 
 
-def test_validate_imports_no_stage_driver_torch_pandas_or_ray():
+def test_validate_imports_no_stage_driver_torch_pandas_or_ray(tmp_path):
     """Validating reads the Config dataclasses only: the registry loads a stage's driver when it is built."""
     import subprocess
     import sys
 
-    code = ("import sys; from pipelines import cli; rc = cli.main(['validate', 'jobs/demo.yaml']); "
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "demo-web").mkdir()  # the URL list `clipline demo` writes, which preflight reads the columns of
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"], "caption": ["a red circle"]}),
+                   tmp_path / "demo-web" / "urls.parquet")
+    code = (f"import sys; from pipelines import cli; rc = cli.main(['validate', 'jobs/demo.yaml', '--storage', "
+            f"{str(tmp_path)!r}]); "
             "print(sorted(m for m in ('torch', 'pandas', 'ray', 'open_clip', 'mlflow', 'pipelines.stages.train.stage',"
             " 'pipelines.stages.crawl.stage') if m in sys.modules)); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

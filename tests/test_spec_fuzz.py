@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines import cli, spec
+from pipelines import cli, preflight, spec
 from pipelines.spec import JobSpec, SpecError
 from pipelines.stage import registry
 from tests.conftest import REPO
@@ -94,10 +94,12 @@ def check_error(message: str, path: Path) -> None:
 
 
 def outcome(path: Path, overrides: list[str] = ()) -> JobSpec | str:
-    """Load through the API and through `clipline validate`; both must agree and neither may escape."""
+    """Load through the API (and its preflight, as `clipline validate` does) and through `clipline validate`; both
+    must agree and neither may escape."""
     overrides = list(overrides)
     try:
         result: JobSpec | str = spec.load(path, overrides)
+        preflight.check(result)
     except SpecError as exc:
         result = str(exc)
         check_error(result, path)
@@ -118,7 +120,16 @@ def outcome(path: Path, overrides: list[str] = ()) -> JobSpec | str:
 
 @pytest.fixture(scope="module")
 def job_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz") / "job.yaml"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    where = tmp_path_factory.mktemp("fuzz")
+    # the demo job's storage holds the URL list `clipline demo` writes there, which preflight reads the columns of
+    (where / "demo-web").mkdir()
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/x.png"], "caption": ["a red circle"]}),
+                   where / "demo-web" / "urls.parquet")
+    DEMO["storage"] = str(where)
+    return where / "job.yaml"
 
 
 def dump(doc: Any) -> str:
