@@ -122,11 +122,12 @@ def test_submit_runs_the_demo_job_on_the_cluster_and_reports_it(head, web, tmp_p
     assert r.returncode == 0 and r.stdout.count("gcs://") == 2, r.stdout + r.stderr
 
 
-def test_a_failing_job_is_exit_code_1_and_a_bad_spec_never_reaches_the_cluster(head, tmp_path):
+def test_a_failing_job_is_the_drivers_exit_code_and_a_bad_spec_never_reaches_the_cluster(head, tmp_path):
     dashboard, env = head
     r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, "--storage", str(tmp_path / "s"), "--wait", env=env)
-    # no URL list under this storage: the crawl stage fails on the cluster, and so does the submission
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    # no URL list under this storage: the driver's preflight on the cluster stops it (a bad spec, exit 2; the
+    # client cannot see the cluster's files), and so does the submission
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "urls.parquet" in r.stdout and "FAILED" in r.stderr
 
     r = run_cli("submit", str(DEMO_JOB), "--address", dashboard, "--set", "stages.crawl.with.image_size=big", env=env)
