@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,11 @@ def test_mlflow_model_loads_by_name_without_unpickling(tmp_path):
             models.log_model(model, "clip-tiny", registered_model_name="tiny")
         mlflow.MlflowClient().set_registered_model_alias("tiny", "best", "1")
         loaded, _, _ = models.create(ModelRef(model_uri="models:/tiny@best"))
+        # the requirements are named at the installed versions, not inferred by loading the model again
+        reqs = Path(mlflow.artifacts.download_artifacts("models:/tiny@best", dst_path=str(tmp_path / "dl")),
+                    "requirements.txt").read_text().split()
     finally:
         mlflow.set_tracking_uri(None)  # later tests resolve their own store
     for x, y in zip(embed(model, tok), embed(loaded, tok), strict=True):
         assert torch.equal(x, y)
+    assert set(reqs) >= {f"torch=={torch.__version__.split('+')[0]}", *models.model_requirements()}, reqs
