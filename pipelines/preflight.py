@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import struct
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +98,7 @@ class Check:
         except PermissionError as exc:
             raise Problem(field, f"{url}: cannot read it ({exc.strerror or exc})") from None
         except (ValueError, TypeError, UnicodeError) as exc:  # fsspec: an unknown protocol; a NUL in a path
-            raise Problem(field, f"{url!r}: cannot read it: {exc}") from None
+            raise Problem(field, f"{url if url.isprintable() else repr(url)}: cannot read it: {exc}") from None
         except ImportError as exc:  # fsspec names the package a protocol needs (gcsfs, adlfs, ...)
             raise Problem(field, f"{url}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - botocore's, aiohttp's, ...: whatever an unreachable store raises
@@ -238,9 +239,9 @@ def checkpoint_shapes(url: str) -> dict[str, tuple[int, ...]]:
     import torch
 
     try:
-        if storage.is_local(url):
+        if storage.is_local(url) and zipfile.is_zipfile(path):  # torch.save's format: mapped, not read
             sd: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:
+        else:  # remote, or torch's legacy format (which cannot be mapped)
             with fs.open(path, "rb") as f:
                 sd = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle's errors name the global it refused
