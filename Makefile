@@ -34,11 +34,14 @@ lint: install
 	$(BIN)/ruff check pipelines tests cluster dashboards
 	$(BIN)/mypy pipelines
 
+# two processes, one test file each at a time (tests/conftest.py says how the files are handed out)
+PYTEST_WORKERS ?= 2
+
 test: install system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m tests.benchmarks.crawl_vs_img2dataset

@@ -123,3 +123,22 @@ def mlflow_server(s3, postgres, tmp_path_factory):
     with MlflowServer(postgres.url, f"{bucket}/mlartifacts", tmp_path_factory.mktemp("mlflow-server"),
                       s3.env) as server:
         yield server
+
+
+# `make test` runs the suite on two pytest-xdist processes (`-n 2 --dist loadgroup`): each test file is one unit
+# of work, so its module fixtures (a job run that several tests read) run once; the files that start
+# cluster/local.sh on its fixed ports are one unit between them; and the longest units are handed out first,
+# so that the two processes finish near together. The order is from the fresh-clone run's durations.
+SAME_UNIT = {"test_readme_cluster": "cluster", "test_multinode": "cluster", "test_cluster": "cluster"}
+LONGEST_FIRST = ["test_train", "test_node_loss", "cluster", "test_submit", "test_loopback", "test_s3", "test_demo",
+                 "test_shared_tracking", "test_prometheus", "test_outages", "test_runner", "test_report",
+                 "test_takedown", "test_curate", "test_crawl_refresh", "test_crawl", "test_export", "test_plugins",
+                 "test_codedigest", "test_head_rule", "test_evaluate", "test_tracking", "test_ui"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    unit = {item.nodeid: SAME_UNIT.get(item.path.stem, item.path.stem) for item in items}
+    items.sort(key=lambda item: rank.get(unit[item.nodeid], len(rank)))  # stable: a file keeps its order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit[item.nodeid]))

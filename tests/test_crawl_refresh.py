@@ -163,8 +163,19 @@ def test_a_failing_shard_is_named_and_the_rest_kept(tmp_path, web, ray_local):
 def _crawl_workers() -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith("ray::crawl_shard")]
+    # this test process's own: Ray's processes descend from the driver that started them, and another test
+    # process (the suite runs on two) has workers of its own
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if " ".join(_cmdline(p)).startswith("ray::crawl_shard")]
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except psutil.Error:  # gone, or a zombie, since the listing
+        return []
 
 
 def test_worker_killed_mid_crawl_loses_and_duplicates_nothing(tmp_path, ray_local):

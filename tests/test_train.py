@@ -303,8 +303,13 @@ def _train_workers() -> list[int]:
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    # this test process's own (Ray's processes descend from the driver that started them): another test process
+    # of the suite may be training too
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:  # gone, or a zombie, since the listing
+            continue
         if cmd.startswith("ray::RayTrainWorker"):
             pids.append(p.pid)
     return pids
