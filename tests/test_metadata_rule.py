@@ -324,8 +324,10 @@ def test_decide_names_the_first_failing_predicate_and_type_errors():
 def job(tmp_path, passthrough: list[str], keep: list[str]) -> Any:
     import yaml
 
+    urls = tmp_path / "urls.csv"  # validating reads its header (preflight): the columns the crawl reads
+    urls.write_text(",".join(["url", "caption", *passthrough]) + "\n")
     raw = {"name": "j", "storage": str(tmp_path / "store"), "stages": {
-        "crawl": {"uses": "crawl", "with": {"input": "/x.parquet", "passthrough": passthrough}},
+        "crawl": {"uses": "crawl", "with": {"input": str(urls), "passthrough": passthrough}},
         "curate": {"uses": "curate", "needs": ["crawl"], "with": {"rules": ["basic", "metadata"],
                                                                   "metadata": {"keep": keep}}}}}
     path = tmp_path / "job.yaml"
