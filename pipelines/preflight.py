@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import struct
+import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +102,12 @@ class Check:
             raise Problem(field, f"{url if url.isprintable() else repr(url)}: cannot read it: {exc}") from None
         except ImportError as exc:  # fsspec names the package a protocol needs (gcsfs, adlfs, ...)
             raise Problem(field, f"{url}: {exc}") from None
+        except OSError as exc:  # a bad gzip stream, a disk error; from a remote store, also a connection refused
+            from pipelines import storage
+
+            if not storage.is_local(url):
+                raise Unreachable(f"{url}: {type(exc).__name__}: {exc}") from None
+            raise Problem(field, f"{url}: cannot read it ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - botocore's, aiohttp's, ...: whatever an unreachable store raises
             raise Unreachable(f"{url}: {type(exc).__name__}: {exc}") from None
 
@@ -329,9 +336,15 @@ def _json_keys(url: str) -> list[str]:
 
 def _tar_extensions(url: str) -> list[str]:
     """The extensions of the first sample's members, as webdataset names its columns (`a/b.jpg` -> `jpg`)."""
-    import tarfile
+    with _open(url, "rb") as f:
+        try:
+            return _first_sample(tarfile.open(fileobj=f, mode="r|*"))
+        except tarfile.TarError as exc:
+            raise ValueError(f"not a readable tar file ({exc})") from None
 
-    with _open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+
+def _first_sample(tar: Any) -> list[str]:
+    with tar:
         key, exts = None, []
         for member in tar:
             if not member.isfile():
