@@ -300,8 +300,10 @@ def test_clean_temp_removes_leftover_temp_keys_on_s3(s3):
 def test_remote_storage_without_a_tracking_uri_fails_before_anything_runs(s3, tmp_path):
     s3.bucket(BUCKET)
     path = tmp_path / "j.yaml"
+    # a URL list that exists (preflight checks it first): the tracking store is then what is wrong
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.png"], "caption": ["a red circle"]}).to_parquet(tmp_path / "u.parquet")
     path.write_text(yaml.safe_dump({"name": "j", "storage": f"s3://{BUCKET}/notrack",
-                                    "stages": {"crawl": crawl_stage(f"s3://{BUCKET}/nowhere.parquet")}}))
+                                    "stages": {"crawl": crawl_stage(str(tmp_path / "u.parquet"))}}))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = run_cli("run", path, env=env, timeout=120)
     assert out.returncode != 0
