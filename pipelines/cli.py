@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -21,22 +22,12 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="override a field, typed by the schema: --set stages.crawl.with.image_size=32")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time of the record (it may be replaced after start-up)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clipline {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's and the libraries' logs on the console too (without it they "
+                             "go to the run's log file only)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a job spec against the schema; run nothing")
@@ -142,12 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_local()  # before anything imports ray or mlflow: nothing goes off the machine unasked
     args = build_parser().parse_args(argv)
-    logger = logging.getLogger("clipline")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("clipline: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from pipelines import console
+
+    console.setup(verbose=args.verbose)
     from pipelines.spec import SpecError
 
     try:
@@ -168,7 +156,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines import spec
+    import time
+
+    from pipelines import console, spec
     from pipelines.runner import Selection, StageFailed, run_job
     from pipelines.spool import TrackingUnavailable
     from pipelines.storage import StorageError
@@ -182,11 +172,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = spec.load(args.job, args.overrides, args.storage)
     check(job)
     select = Selection(from_=args.from_, until=args.until, only=args.only, force=args.force)
+    select.stages(job)  # an unknown --from/--until/--only stage: exit 2 before a log file is started
+    console.open_log(job.name)
+    t0 = time.perf_counter()
     try:
-        outcomes = run_job(job, select, progress=not args.no_progress)
+        with console.session(progress=not args.no_progress):
+            outcomes = run_job(job, select, progress=not args.no_progress)
     except StageFailed as exc:
-        print(f"clipline: {exc}\nclipline: completed stages are kept; run the same command again to resume.",
-              file=sys.stderr)
+        where = f" (details: {console.log_path()})" if console.log_path() else ""
+        print(f"clipline: {exc}{where}\nclipline: completed stages are kept; run the same command again to "
+              "resume.", file=sys.stderr)
         return EXIT_STAGE_FAILED
     except (TrackingUnavailable, StorageError) as exc:
         print(f"clipline: {exc}", file=sys.stderr)
@@ -194,9 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"clipline: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    for o in outcomes:
-        rows = f"{o.manifest.rows} rows" if o.manifest else "-"
-        print(f"{o.stage:<16} {o.state:<13} {rows:<14} {o.manifest.location if o.manifest else ''}")
+    print("\n".join(console.summary_lines(outcomes, time.perf_counter() - t0)))
     return 0
 
 
@@ -311,6 +304,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
               f"open it (experiment {job.experiment!r}) instead of starting one here", file=sys.stderr)
         print(scrub(uri).rstrip("/") + "/")
         return 0
+    if (busy := _port_taken(args.host, args.port)) is not None:
+        print(f"clipline: cannot serve the MLflow UI on {args.host}:{args.port}: {busy}; pick another --port",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
     if (artifacts := sqlite_artifact_root(uri)) is not None:
@@ -318,6 +315,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"clipline: MLflow UI for {uri} at http://{args.host}:{args.port}", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0  # not reached
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (in use, not this machine's address), or None if it can: checked
+    before exec'ing MLflow, whose server would otherwise fail after start-up while this command exited 0."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as MLflow's server: a listener refuses it,
+        try:  # a closed connection's TIME_WAIT does not
+            s.bind(address)
+        except OSError as exc:
+            return "the port is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return None
 
 
 def cmd_report(args: argparse.Namespace) -> int:

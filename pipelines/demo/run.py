@@ -100,33 +100,32 @@ def serve_web(storage_url: str, port: int, images: int, stop: threading.Event | 
 
 
 def run_demo(storage: str, port: int, images: int, overrides: list[str], progress: bool = True) -> int:
-    from pipelines import spec
+    import time
+
+    from pipelines import console, spec
     from pipelines.runner import StageFailed, run_job
 
     store = _store(storage)
     server = _serve(port)
     if server is None:
         return 2
+    t0 = time.perf_counter()
     with server:
         try:
             _publish(server, store, images)
         except StorageError:
             return 3
         job = spec.load(DEMO_JOB, overrides, store)
+        console.open_log(job.name)
         try:
-            outcomes = run_job(job, progress=progress)
+            with console.session(progress):
+                outcomes = run_job(job, progress=progress)
         except StageFailed as exc:
-            print(f"clipline: {exc}", file=sys.stderr)
+            where = f" (details: {console.log_path()})" if console.log_path() else ""
+            print(f"clipline: {exc}{where}", file=sys.stderr)
             return 1
-    for o in outcomes:
-        m = o.manifest
-        assert m is not None, o  # the demo selects every stage: each one ran or was a cache hit
-        size = f"{m.counts['steps']} steps" if "steps" in m.counts else f"{m.rows} rows"
-        print(f"{o.stage:<10} {o.state:<8} {size}  {m.location}")
-        if "weights" in m.extra.get("model", {}):  # a trained model
-            print(f"{'':<19} model: {m.extra['model'].get('registry_uri') or m.extra['model']['model_uri'] or 'not logged (MLflow was offline)'}")
-        for row in m.extra.get("summary", []):  # evaluation results
-            print(f"{'':<19} {row['dataset']} {row['task']}: {row['main_metric']} {row['value']:.3f}")
+    assert all(o.manifest is not None for o in outcomes), outcomes  # the demo selects every stage
+    print("\n".join(console.summary_lines(outcomes, time.perf_counter() - t0)))
     server_uri = job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if server_uri.split("://", 1)[0].lower() in ("http", "https"):  # a tracking server: its own UI has the runs
         from pipelines.redact import scrub

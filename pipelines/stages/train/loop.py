@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.console import train_reporter
 from pipelines.evaluation.live import LiveEvaluator
 from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS
 from pipelines.stages.train import checkpoint, engine, parallel
@@ -157,6 +158,7 @@ def train_loop(config: dict[str, Any]) -> None:
             state = checkpoint.load(d, model, opt, sched)
     tracker = plan.tracker.on_rank(rank)
     log = StepLog(tracker, cfg.log_every)
+    progress = train_reporter(rank, plan.planned_steps)  # rank 0: step, loss, rate, evaluations to the console
     if ckpt is not None:
         tracker.set_tag("clipline.train.restored_from_step", str(state["step"]))
     with tracker.system_metrics(cfg.system_metrics):
@@ -202,6 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
                         scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
                         metrics.update(scores if rank == 0 else {})
                     log.step(step, metrics, global_batch)
+                    progress.step(step, metrics)
                     if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
                         log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
                         checkpoint.report(model, opt, sched, rank, {
