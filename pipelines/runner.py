@@ -24,7 +24,7 @@ from pipelines.manifest import Manifest
 from pipelines.redact import scrub
 from pipelines.spec import JobSpec, StageSpec
 from pipelines.stage import StageContext, StageResult
-from pipelines.tracking import Tracker, git_sha, resolve_uri
+from pipelines.tracking import COMPUTED_BY, Tracker, git_sha, resolve_uri, run_link
 
 log = logging.getLogger("clipline")
 
@@ -245,6 +245,7 @@ def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True
         tracker.safely("the job's error", tracker.client.set_tag, parent, "clipline.error", scrub(str(exc))[:5000])
         raise
     finally:
+        tracker.safely("the job run's headline", _log_job, tracker, parent, job, outcomes)
         tracker.safely("the job run's end", tracker.end, parent, ok)
         if tracker.offline:
             log.warning("MLflow at %s was offline: %d records of this job run wait in %s; send them with "
@@ -265,8 +266,14 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
     out = stage_dir(job, st.name, fp)
     existing = read_current(out)
     if existing is not None and not force:
-        child = tracker.start_stage(job.name, st.name, st.uses, fp, {"clipline.cache": "hit"})
+        source = tracker.computing_run(existing.mlflow_run_id) if existing.mlflow_run_id else ""
+        child = tracker.start_stage(job.name, st.name, st.uses, fp,
+                                    {"clipline.cache": "hit", **({COMPUTED_BY: source} if source else {})})
         _log_stage(tracker, child, st, ups, existing)
+        repeated = bool(source) and tracker.repeat(child, source)
+        if not repeated:  # offline, or the run is gone: what the manifest keeps of the metrics the stage logged
+            child.log_metrics(existing.extra.get("metrics", {}), prefix="")
+        child.describe(_cache_note(st.name, existing, source, repeated))
         tracker.end(child.run_id, True)
         log.info("%s: cache hit (%s rows, %s)", st.name, existing.rows, out)
         return StageOutcome(st.name, "cached", fp, existing)
@@ -352,6 +359,44 @@ def _clean_temp(out: str) -> None:
     for p in fs.find(path):
         if p.rsplit("/", 1)[-1].startswith(storage.TMP_MARK):
             fs.rm(p)
+
+
+def _cache_note(stage: str, m: Manifest, source: str, repeated: bool) -> str:
+    """A cache hit's run description: which run computed the output, and what this run repeats of it."""
+    lines = [f"**Cache hit**: stage `{stage}` was not run; its output `{m.location}` (fingerprint "
+             f"`{m.fingerprint}`, {m.rows} rows) was computed {m.finished_at} by run "
+             + (f"[{source}]({run_link(source)})." if source else "(unknown: the manifest names none).")]
+    lines.append("Its metrics and artifacts are repeated here." if repeated else
+                 "The metrics its manifest keeps are repeated here; its artifacts are on the computing run.")
+    return "\n\n".join(lines)
+
+
+def headline(outcomes: list[StageOutcome]) -> dict[str, float]:
+    """What a job run shows in the runs table: each stage's rows and manifest metrics as `<stage>/<name>` (the
+    curated rows kept, train's final loss, ...) and the headline metrics stages name (`eval/average`, each
+    evaluation set's main metric)."""
+    out: dict[str, float] = {}
+    for o in outcomes:
+        if o.manifest is None:
+            continue
+        m = o.manifest
+        out[f"{o.stage}/rows"] = m.rows
+        out.update({f"{o.stage}/{k}": v for k, v in m.metrics.items() if isinstance(v, (int, float))})
+        out.update(m.extra.get("headline", {}))
+    return out
+
+
+def _log_job(tracker: Tracker, parent: str, job: JobSpec, outcomes: list[StageOutcome]) -> None:
+    """The job run's metrics (`headline`) and its datasets: each stage output it ran, read from cache or read."""
+    from pipelines.tracking import StageTracker
+
+    handle = StageTracker(tracker.client, parent, "job", tracker.uri, job.name)
+    handle.log_metrics(headline(outcomes), prefix="")
+    for o in outcomes:
+        if o.manifest is not None:
+            m = o.manifest
+            handle.log_input(f"{m.job}/{m.stage}", m.digest, m.location, f"{m.stage} ({o.state})",
+                             {"rows": m.rows, "shards": len(m.shards), "fingerprint": m.fingerprint})
 
 
 def _log_stage(tracker: Tracker, child: Any, st: StageSpec, ups: dict[str, Manifest], m: Manifest,

@@ -29,6 +29,44 @@ log = logging.getLogger("clipline.tracking")
 _SECRET = re.compile(r"(pass(word)?|secret|token|access[_-]?key|api[_-]?key|credential|auth|private[_-]?key)", re.I)
 _SECRET_PARENTS = ("env_vars",)  # runtime_env.env_vars: values are credentials more often than not
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+# the tag MLflow 3's UI reads to choose an experiment's view; without it 3.17 infers one and opens the GenAI view
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description, as the UI shows and edits it
+COMPUTED_BY = "clipline.computed_by"  # on a cache hit's run: the run that computed the stage output
+
+
+def job_run_name(job: str, when: float | None = None) -> str:
+    """The job run's name: the job and its start time (UTC), so the runs table tells runs apart; the plain job name
+    is the `clipline.job` tag, which lookups by job use."""
+    return f"{job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(when))}"
+
+
+def run_link(run_id: str) -> str:
+    """A link to a run that works in the MLflow UI whatever its address (the UI's `#/runs/<id>` route)."""
+    return f"#/runs/{run_id}"
+
+
+def dataset_input(name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> Any:
+    """A `DatasetInput` for a stage output, made with mlflow.data: a `MetaDataset` (no data read) whose source is
+    the output's location as MLflow resolves it (local, s3, gs, ...), so the Datasets panel shows name, digest and
+    source; a location no MLflow source resolves keeps the location as a plain source."""
+    import warnings
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # a local path matches two equal local sources; MLflow warns which it took
+            warnings.simplefilter("ignore", UserWarning)
+            entity = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36])._to_mlflow_entity()
+        source_type, source_json = entity.source_type, entity.source
+    except Exception:  # noqa: BLE001 - MLflow knows no source for this URL scheme
+        source_type, source_json = "clipline", json.dumps({"uri": source})
+    ds = Dataset(name=name, digest=digest[:36], source_type=source_type, source=source_json,
+                 profile=json.dumps(profile))
+    return DatasetInput(ds, [InputTag("mlflow.data.context", context)])
 
 
 def resolve_uri(job_uri: str | None, store: str) -> str:
@@ -131,15 +169,34 @@ class StageTracker:
         self._client.log_text(self.run_id, text, artifact_file)
 
     def log_input(self, name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        """A dataset this run read or wrote (`dataset_input`): the Datasets panel's name, digest and source."""
+        self._client.log_inputs(self.run_id, datasets=[dataset_input(name, digest, source, context, profile)])
 
-        ds = Dataset(name=name, digest=digest[:36], source_type="clipline", source=json.dumps({"uri": source}),
-                     profile=json.dumps(profile))
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+    def describe(self, text: str) -> None:
+        """The run's description (markdown), as the run page shows it."""
+        self._client.set_tag(self.run_id, NOTE_TAG, text)
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         """Point registered model `name`'s `alias` at `version` (the registry is not spooled: online only)."""
         self._client.set_registered_model_alias(name, alias, version)
+
+    def annotate_model_version(self, name: str, version: str, tags: dict[str, Any],
+                               description: str | None = None) -> bool:
+        """Tags (and a description) on a registered model version. The registry is not spooled: while MLflow is
+        offline, or once it stops answering, nothing is written and False is returned."""
+        if self.offline:
+            return False
+        try:
+            if description is not None:
+                self._client.update_model_version(name, version, description=description)
+            for key, value in tags.items():
+                self._client.set_model_version_tag(name, version, key, str(value))
+        except Exception as exc:  # noqa: BLE001 - a server that is down spools the rest; anything else is raised
+            if not spooling.unreachable(exc):
+                raise
+            self.go_offline(f"tagging model version {name}/{version}: {str(exc)[:300]}")
+            return False
+        return True
 
     @property
     def offline(self) -> bool:
@@ -333,10 +390,16 @@ class Tracker:
         self.job = ""  # the job run's name, once start_job has made its run
 
     def _experiment(self, name: str, store: str) -> str:
+        """The experiment's id, made if new; it opens in MLflow's model-training view (`EXPERIMENT_KIND`), an existing
+        one too unless someone chose its kind (a kind MLflow's UI only inferred is replaced)."""
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri))
+        if exp is None:
+            return str(self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri),
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+        kind = exp.tags.get(EXPERIMENT_KIND_TAG, "")
+        if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return str(exp.experiment_id)
 
     @property
     def offline(self) -> bool:
@@ -352,7 +415,7 @@ class Tracker:
     def start_job(self, job: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id,
-            run_name=job,
+            run_name=job_run_name(job),
             tags={"clipline.job": job, "clipline.version": __version__, "clipline.git_sha": git_sha() or "unknown",
                   **tags},
         )
@@ -427,6 +490,49 @@ class Tracker:
         for key, value in {"mlflow.parentRunId": self.parent_id or "", "clipline.resumed": "true"}.items():
             self.client.set_tag(run_id, key, value)
         return StageTracker(self.client, run_id, stage, self.uri, self.job)
+
+    def computing_run(self, run_id: str) -> str:
+        """The id a manifest's run has in MLflow: a run created offline has a real id once a replay sent it."""
+        if run_id.startswith(spooling.OFFLINE):
+            return spooling.real_id(self.spool, run_id) or run_id
+        return run_id
+
+    def repeat(self, child: StageTracker, source_id: str, skip: Sequence[str] = ("manifest",)) -> bool:
+        """Copy run `source_id`'s metrics (latest values; system metrics left out) and artifacts (but `skip`) into
+        `child`, a cache hit's run, so it shows what the run that computed the output showed. Reading needs the
+        server: False (nothing copied) while offline, or when the run is not in this store."""
+        from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
+
+        if self.offline or source_id.startswith(spooling.OFFLINE):
+            return False
+        try:
+            source = self.client.get_run(source_id)
+            metrics = [Metric(k, v, int(time.time() * 1000), 0) for k, v in sorted(source.data.metrics.items())
+                       if not k.startswith("system/")]
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(child.run_id, metrics=metrics[i : i + 1000])
+            with tempfile.TemporaryDirectory() as tmp:
+                for entry in self.client.list_artifacts(source_id):
+                    if entry.path in skip:
+                        continue
+                    local = self.client.download_artifacts(source_id, entry.path, tmp)
+                    if entry.is_dir:
+                        for f in sorted(Path(local).rglob("*")):
+                            if f.is_file():
+                                parent = f.parent.relative_to(tmp).as_posix()
+                                self.client.log_artifact(child.run_id, str(f), parent)
+                    else:
+                        self.client.log_artifact(child.run_id, local, None)
+        except Exception as exc:  # noqa: BLE001 - a server that is down spools the rest; anything else is raised
+            if spooling.unreachable(exc):
+                self.client.go_offline(f"reading run {source_id}: {str(exc)[:300]}")
+                return False
+            if not (isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"):
+                raise
+            log.warning("run %s, which computed a cached output, is not in this tracking store", source_id)
+            return False
+        return True
 
     def log_file_artifact(self, run_id: str, url: str, artifact_path: str | None = None) -> None:
         """Copy a file from storage (any fsspec URL) into the run's artifacts."""

@@ -79,14 +79,38 @@ class EvaluateStage(Stage):
                                 "value": main_metric(task, m)})
                 ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
         average = float(np.mean([s["value"] for s in summary]))
-        flat["eval/average"] = average
+        # the job run's headline: the average and each dataset's main metric (retrieval's mean of recall@1 too)
+        headline: dict[str, float] = {"eval/average": average}
+        headline.update({mlflow_key(str(s["dataset"]), str(s["main_metric"])): float(s["value"])  # type: ignore[arg-type]
+                         for s in summary})
+        flat.update(headline)
         prom.set(EVAL_AVERAGE, average)
         ctx.tracker.log_metrics(flat, prefix="")  # `eval/<dataset>/<metric>` exactly; NaN (acc5 < 5 classes) left out
         self._summary(ctx, summary, average)
+        self._score_model_version(ctx, upstream, headline)
         return StageResult(shards=shards, counts={"datasets": len(cfg.datasets)},
                            metrics={"average": average},
                            extra={"summary": summary, "model": {"arch": ref.arch, "checkpoint": ref.checkpoint,
-                                                                "model_uri": ref.model_uri}})
+                                                                "model_uri": ref.model_uri},
+                                  "headline": headline,
+                                  # what a cache hit's run repeats when the run that computed this is unreadable
+                                  "metrics": {k: v for k, v in flat.items() if v == v}})
+
+    @staticmethod
+    def _score_model_version(ctx: StageContext, upstream: dict[str, Manifest], headline: dict[str, float]) -> None:
+        """The scores as tags on the registered model version the upstream train stage made, beside this run's id;
+        the registry is not spooled, so while MLflow is offline the version is left as it is (and said so)."""
+        trained = [m.extra["model"] for m in upstream.values() if m.extra.get("model", {}).get("version")]
+        if len(trained) != 1:
+            return
+        info = trained[0]
+        tags = {**{k: f"{v:.4f}" for k, v in headline.items()}, "clipline.eval_run": ctx.tracker.run_id}
+        if ctx.tracker.annotate_model_version(info["registered_model"], info["version"], tags):
+            ctx.log.info("scores tagged on model version %s/%s", info["registered_model"], info["version"])
+        else:
+            ctx.log.warning("MLflow is offline: the scores are not tagged on model version %s/%s (the registry is "
+                            "not spooled); a later --force run of this stage tags them",
+                            info["registered_model"], info["version"])
 
     @staticmethod
     def _upstream_model(upstream: dict[str, Manifest]) -> ModelRef:

@@ -21,6 +21,7 @@ from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.train import checkpoint, data
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.loop import Plan, train_loop
+from pipelines.tracking import run_link
 
 
 def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
@@ -31,6 +32,22 @@ def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
         raise ValueError(f"train: {rows} curated rows over {cfg.workers} workers give no full step of "
                          f"batch_size {cfg.batch_size} x accum_freq {cfg.accum_freq} per worker; lower batch_size")
     return steps_per_epoch, cfg.steps or cfg.epochs * steps_per_epoch
+
+
+def version_tags(ctx: StageContext, source: Manifest, state: dict[str, Any]) -> dict[str, str]:
+    """A registered version's tags: the job, the train run, the dataset version it was trained on (the curated
+    output's job/stage@fingerprint, digest and location) and the final loss; evaluate adds the scores."""
+    return {"clipline.job": ctx.job, "clipline.train_run": ctx.tracker.run_id,
+            "clipline.dataset": f"{source.job}/{source.stage}@{source.fingerprint}",
+            "clipline.dataset_digest": source.digest, "clipline.dataset_path": source.location,
+            "clipline.dataset_rows": str(source.rows), "train/final_loss": f"{state['loss']:.4f}"}
+
+
+def version_description(ctx: StageContext, arch: str, source: Manifest, state: dict[str, Any]) -> str:
+    return (f"open_clip `{arch}` trained by clipline job `{ctx.job}` (stage `{ctx.stage}`, run "
+            f"[{ctx.tracker.run_id}]({run_link(ctx.tracker.run_id)})) for {state['step']} steps ({state['samples']} "
+            f"samples) on `{source.job}/{source.stage}@{source.fingerprint}` ({source.rows} rows, {source.location}); "
+            f"final loss {state['loss']:.4f}. The evaluate stage tags its scores (eval/...) on this version.")
 
 
 @register
@@ -84,7 +101,7 @@ class TrainStage(Stage):
                 state = json.load(f)
             if state["step"] != planned:
                 raise RuntimeError(f"train: the last checkpoint is at step {state['step']}, planned {planned}")
-            shards, model_info = self._publish(ctx, cfg, d, arch)
+            shards, model_info = self._publish(ctx, cfg, d, arch, source, state)
         return StageResult(
             shards=shards,
             counts={"steps": state["step"], "samples": state["samples"], "epochs_started": state["epoch"]},
@@ -93,7 +110,8 @@ class TrainStage(Stage):
         )
 
     @staticmethod
-    def _publish(ctx: StageContext, cfg: TrainConfig, ckpt_dir: str, arch: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _publish(ctx: StageContext, cfg: TrainConfig, ckpt_dir: str, arch: str, source: Manifest,
+                 state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Write the final weights and config beside the manifest; log and register the model in MLflow."""
         from pipelines.models import ModelRef, create
 
@@ -129,6 +147,8 @@ class TrainStage(Stage):
         if registered:
             version = str(info.registered_model_version)
             tracker.set_model_alias(registered, reg.alias, version)
+            tracker.annotate_model_version(registered, version, version_tags(ctx, source, state),
+                                           description=version_description(ctx, name, source, state))
             out.update(registered_model=registered, version=version, alias=reg.alias,
                        registry_uri=f"models:/{registered}@{reg.alias}")
             ctx.log.info("registered the model as models:/%s@%s (version %s)", registered, reg.alias, version)
