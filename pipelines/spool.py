@@ -135,11 +135,12 @@ class _Replay:
         if eid not in self.experiments:
             name = eid[len(OFFLINE + "experiment:"):]
             exp = self.client.get_experiment_by_name(name)
-            from pipelines.tracking import sqlite_artifact_root  # tracking imports this module
+            from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, sqlite_artifact_root  # imports us
 
-            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out
+            # a sqlite store keeps its artifacts beside the database, as Tracker lays a job's store out; the
+            # experiment opens in MLflow's model-training view, as one Tracker makes does
             self.experiments[eid] = exp.experiment_id if exp else self.client.create_experiment(
-                name, artifact_location=sqlite_artifact_root(self.uri))
+                name, artifact_location=sqlite_artifact_root(self.uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         return self.experiments[eid]
 
 
