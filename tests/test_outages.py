@@ -94,7 +94,7 @@ def test_tracking_not_required_spools_the_whole_run_and_replay_sends_it(tmp_path
 
         client = MlflowClient(tracking_uri=uri)
         (exp,) = [e for e in client.search_experiments() if e.name == "t"]
-        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+        runs = {r.data.tags.get("clipline.stage") or r.data.tags["clipline.job"]: r for r in client.search_runs([exp.experiment_id])}
         assert set(runs) == {"t", "crawl"}
         parent, crawl = runs["t"], runs["crawl"]
         assert crawl.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -151,7 +151,7 @@ def test_a_tracking_server_lost_mid_stage_spools_the_rest_and_replay_completes_t
         assert before.info.status == "RUNNING" and "crawl/rows" not in before.data.metrics  # the server missed these
         result = run_cli("replay", job, timeout=120)
         assert result.returncode == 0, result.stderr
-        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+        runs = {r.data.tags.get("clipline.stage") or r.data.tags["clipline.job"]: r for r in client.search_runs([exp.experiment_id])}
         assert set(runs) == {"t", "crawl"}  # the spooled writes landed in the runs created before the outage
         crawl = runs["crawl"]
         assert crawl.info.run_id == before.info.run_id and crawl.info.status == "FINISHED"

@@ -62,7 +62,7 @@ def runs(mlflow_server, job) -> dict[str, Any]:
     exp = client.get_experiment_by_name(EXPERIMENT)
     assert exp is not None, f"no experiment {EXPERIMENT} on {mlflow_server.uri}"
     found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    by_name = {r.info.run_name: r for r in found}
+    by_name = {r.data.tags.get("clipline.stage") or r.data.tags["clipline.job"]: r for r in found}
     assert len(by_name) == len(found) == 5, [r.info.run_name for r in found]
     return {"client": client, "experiment": exp, "by_name": by_name}
 
