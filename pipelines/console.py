@@ -114,7 +114,7 @@ def open_log(job: str) -> Path | None:
         return None
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.setLevel(logging.DEBUG)
+    handler.setLevel(logging.DEBUG if _state.verbose else logging.INFO)  # Ray Data logs DEBUG at length
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, logging.NullHandler)]:
         root.removeHandler(h)
