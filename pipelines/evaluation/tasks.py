@@ -44,13 +44,15 @@ def caption_images(data: EvalData) -> list[int]:
 
 
 def zeroshot_logits(data: EvalData, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """[images, classes] logits from normalised image embeddings and the class prompts' embeddings."""
     prompts, counts = data.prompts()
-    return img @ metrics.class_vectors(txt[:len(prompts)], counts).t()
+    return metrics.zeroshot_logits(img, metrics.class_vectors(txt[:len(prompts)], counts))
 
 
 def score(data: EvalData, tasks: Sequence[str], img: torch.Tensor, txt: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Each task's metrics from the embeddings of `data.images` and of `texts(data, tasks)`: the evaluate stage
-    and the train stage's periodic evaluation both end here."""
+    """Each task's metrics from the L2-normalised embeddings of `data.images` and of `texts(data, tasks)` (as
+    `pipelines.evaluation.embed` gives them): the evaluate stage and the train stage's periodic evaluation
+    both end here, with CLIP_benchmark's numbers for these embeddings."""
     out = {}
     n_prompts = len(texts(data, tasks)[0])
     for task in tasks:
