@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +13,7 @@ from mlflow import MlflowClient
 
 from pipelines import spec
 from pipelines.evaluation import datasets
-from pipelines.evaluation.embed import embed, embed_sets
+from pipelines.evaluation.embed import embed
 from pipelines.models import ModelRef, create
 from pipelines.runner import run_job
 from tests.conftest import mlflow_runs, write_job
@@ -46,18 +45,6 @@ def test_actor_pool_embeddings_equal_a_plain_forward_pass(ray_local):
                                                                         "a green triangle"])), dim=-1)
     torch.testing.assert_close(torch.from_numpy(img), want_img, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(txt), want_txt, rtol=1e-4, atol=1e-5)
-
-    # several sets in one pass of one pool: each comes back whole, in its own order, as it would alone
-    digits = datasets.builtin("digits", limit=6)
-    (a_img, a_txt), (b_img, b_txt), (c_img, c_txt) = embed_sets(
-        ref, [(data.images, ["a red circle", "a blue square", "a green triangle"]), (digits.images, ["seven"]),
-              ([], ["only a text"])], batch_size=4)
-    torch.testing.assert_close(torch.from_numpy(a_img), want_img, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(a_txt), want_txt, rtol=1e-4, atol=1e-5)
-    alone_img, alone_txt = embed(ref, digits.images, ["seven"], batch_size=4)
-    assert b_img.shape == (6, want_img.shape[1]) and np.allclose(b_img, alone_img, atol=1e-5)
-    assert np.allclose(b_txt, alone_txt, atol=1e-5)
-    assert c_img.shape == (0, 0) and c_txt.shape == (1, want_txt.shape[1])
 
 
 @pytest.mark.slow

@@ -66,45 +66,29 @@ class Embedder:
                 else:
                     emb = encode_texts(self.tokenizer, list(rows["text"]), self.model.encode_text, self.device)
                 emb = emb.cpu().numpy()
-                out.append(pd.DataFrame({"set": rows["set"].to_numpy(), "kind": kind, "i": rows["i"].to_numpy(),
-                                         "embedding": list(emb)}))
+                out.append(pd.DataFrame({"kind": kind, "i": rows["i"].to_numpy(), "embedding": list(emb)}))
         return pd.concat(out, ignore_index=True)
 
 
 def embed(model: ModelRef, images: list[bytes], texts: list[str], batch_size: int = 128, actors: int = 1,
           num_cpus: float = 1.0, num_gpus: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, text embeddings), in input order, computed by an actor pool on the Ray cluster."""
-    return embed_sets(model, [(images, texts)], batch_size, actors, num_cpus, num_gpus)[0]
-
-
-def embed_sets(model: ModelRef, sets: list[tuple[list[bytes], list[str]]], batch_size: int = 128, actors: int = 1,
-               num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each set's (image embeddings, text embeddings), in input order, from one pass of one actor pool: the
-    actors start and load the model once for every set (per set, that start-up was most of a small set's time)."""
     import ray.data
 
-    parts = []
-    for n, (images, texts) in enumerate(sets):
-        rows: list[dict[str, Any]] = [{"set": n, "kind": "image", "i": i, "image": b, "text": ""}
-                                      for i, b in enumerate(images)]
-        trows = [{"set": n, "kind": "text", "i": i, "image": b"", "text": t} for i, t in enumerate(texts)]
-        parts += [pd.DataFrame(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-        parts += [pd.DataFrame(trows[i:i + batch_size]) for i in range(0, len(trows), batch_size)]
-    if not parts:
-        return [(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)) for _ in sets]
+    rows: list[dict[str, Any]] = [{"kind": "image", "i": i, "image": b, "text": ""} for i, b in enumerate(images)]
+    parts = [pd.DataFrame(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    trows = [{"kind": "text", "i": i, "image": b"", "text": t} for i, t in enumerate(texts)]
+    parts += [pd.DataFrame(trows[i:i + batch_size]) for i in range(0, len(trows), batch_size)]
     ds = ray.data.from_pandas(parts)
     out = ds.map_batches(Embedder, batch_size=batch_size, batch_format="pandas",
                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus, num_gpus=num_gpus,
                          fn_constructor_kwargs={"model": model, "threads": max(1, int(num_cpus))})
     result = out.to_pandas()
-    embedded = []
-    for n, (images, texts) in enumerate(sets):
-        embeddings = {}
-        for kind, count in (("image", len(images)), ("text", len(texts))):
-            sel = result[(result["set"] == n) & (result["kind"] == kind)]
-            if len(sel) != count:
-                raise RuntimeError(f"evaluate: {count} {kind}s sent to the embedding actors, {len(sel)} came back")
-            arr = np.stack(sel["embedding"].to_numpy()) if count else np.zeros((0, 0), np.float32)
-            embeddings[kind] = arr[np.argsort(sel["i"].to_numpy())].astype(np.float32)
-        embedded.append((embeddings["image"], embeddings["text"]))
-    return embedded
+    embeddings = {}
+    for kind, n in (("image", len(images)), ("text", len(texts))):
+        sel = result[result["kind"] == kind]
+        if len(sel) != n:
+            raise RuntimeError(f"evaluate: {n} {kind}s sent to the embedding actors, {len(sel)} came back")
+        arr = np.stack(sel["embedding"].to_numpy()) if n else np.zeros((0, 0), np.float32)
+        embeddings[kind] = arr[np.argsort(sel["i"].to_numpy())].astype(np.float32)
+    return embeddings["image"], embeddings["text"]
