@@ -193,10 +193,30 @@ def init_ray(job: JobSpec) -> bool:
         kwargs["address"] = job.ray_address
         _probe(job.ray_address)
     try:
-        ray.init(**kwargs)
+        start_local_ray(kwargs) if job.ray_address == "local" else ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RuntimeError(f"cannot start or reach Ray at ray.address={job.ray_address!r}: {exc}") from exc
     return True
+
+
+RAY_START_TIMED_OUT = "timed out during startup"  # Ray's own 30 s limit on a new node's raylet (not settable)
+
+
+def start_local_ray(kwargs: dict[str, Any], attempts: int = 3) -> None:
+    """`ray.init` of a new local instance, tried again when its raylet missed Ray's fixed 30 s start-up limit
+    (a busy machine: another job's processes starting at the same time); the half-started one is shut down."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            if RAY_START_TIMED_OUT not in str(exc) or attempt == attempts:
+                raise
+            log.warning("Ray's local node did not start within Ray's 30 s (attempt %d of %d); trying again",
+                        attempt, attempts)
+            ray.shutdown()
 
 
 def run_job(job: JobSpec, select: Selection | None = None, progress: bool = True) -> list[StageOutcome]:

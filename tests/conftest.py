@@ -37,7 +37,9 @@ def web() -> Iterator[DemoServer]:
 def ray_local() -> Iterator[None]:
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipelines.runner import start_local_ray
+
+    start_local_ray({"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
     yield
     ray.shutdown()
 
@@ -64,6 +66,12 @@ def mlflow_runs(store: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     exps = client.search_experiments()
     return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
+
+
+def run_label(run: Any) -> str:
+    """A stage run's stage, a job run's job (its run name also carries its start time)."""
+    tags = run.data.tags
+    return tags.get("clipline.stage") or tags.get("clipline.job") or run.info.run_name
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +106,10 @@ def ray_s3(s3, ray_local):
         return os.environ.get("AWS_ENDPOINT_URL")
 
     if ray.get(endpoint.remote()) != s3.endpoint:
+        from pipelines.runner import start_local_ray
+
         ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray({"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
     yield
 
 
