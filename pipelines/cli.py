@@ -170,9 +170,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.preflight import check
 
     job = spec.load(args.job, args.overrides, args.storage)
-    check(job)
     select = Selection(from_=args.from_, until=args.until, only=args.only, force=args.force)
-    select.stages(job)  # an unknown --from/--until/--only stage: exit 2 before a log file is started
+    try:
+        chosen = set(select.stages(job))
+    except ValueError as exc:  # an unknown --from/--until/--only stage: exit 2 before anything starts
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    check(job, chosen.__contains__)  # the selected stages' files: an unselected stage's input may be gone
     console.open_log(job.name)
     t0 = time.perf_counter()
     try:

@@ -71,6 +71,13 @@ def test_every_missing_file_and_column_is_named_before_anything_starts(tmp_path)
     # validate says the same
     checked = run_cli("validate", job)
     assert checked.returncode == cli.EXIT_BAD_SPEC and checked.stderr == done.stderr[-len(checked.stderr):]
+    # a run of some stages checks only those: the others' inputs may be gone once their outputs are cached
+    only = run_cli("run", job, "--no-progress", "--only", "crawl_missing")
+    assert only.returncode == cli.EXIT_BAD_SPEC
+    assert "stages.crawl_missing.with.input" in only.stderr and "stages.evaluate" not in only.stderr, only.stderr
+    unknown = run_cli("run", job, "--only", "nosuch")
+    assert unknown.returncode == cli.EXIT_BAD_SPEC and "--only nosuch: no such stage" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_checkpoints_must_be_readable_state_dicts_that_fit_the_architecture(tmp_path):
