@@ -16,7 +16,7 @@ import tests.support.probe  # noqa: F401  (registers the test-only `probe` stage
 from pipelines import cli, manifest, spec, storage
 from pipelines.demo.server import DemoServer, url_list
 from pipelines.runner import Selection, StageFailed, plan, run_job
-from tests.conftest import REPO, crawl_stage, mlflow_runs, read_output, write_job
+from tests.conftest import REPO, crawl_stage, mlflow_runs, read_output, run_label, write_job
 from tests.support.cli import run_cli
 from tests.support.net import free_port, wait_until
 
@@ -60,7 +60,7 @@ def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ra
     assert states == {"crawl": "cached", "probe": "incomplete"}  # it started: its directory holds its run id
 
     runs = mlflow_runs(tmp_path / "store")
-    assert [(r.info.run_name, r.info.status) for r in runs] == [("t", "FAILED"), ("crawl", "FINISHED"),
+    assert [(run_label(r), r.info.status) for r in runs] == [("t", "FAILED"), ("crawl", "FINISHED"),
                                                                ("probe", "FAILED")]
     assert "probe told to fail" in runs[2].data.tags["clipline.error"]
 
@@ -75,7 +75,7 @@ def test_failed_stage_keeps_earlier_stages_and_a_rerun_resumes(tmp_path, web, ra
     assert len(probe) == 1 and probe[0].info.status == "FINISHED"
     assert probe[0].data.tags["clipline.attempts"] == "2" and probe[0].data.tags["clipline.resumed"] == "true"
     assert "clipline.error" not in probe[0].data.tags  # the first attempt's error left with it
-    assert probe[0].data.tags["mlflow.parentRunId"] == [r for r in runs if r.info.run_name == "t"][-1].info.run_id
+    assert probe[0].data.tags["mlflow.parentRunId"] == [r for r in runs if run_label(r) == "t"][-1].info.run_id
     assert probe[0].info.run_id == outcomes[1].manifest.mlflow_run_id
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,8 +81,10 @@ def ui(job: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def _runs(base: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    by_name = {r["info"]["run_name"]: r for r in runs}
+    # a stage run is named by its stage, the job run by its job and start time (its clipline.job tag the job)
+    by_name = {_tags(r).get("clipline.stage") or _tags(r)["clipline.job"]: r for r in runs}
     assert sorted(by_name) == ["evaluate", "uijob"]
+    assert re.fullmatch(r"uijob-\d{8}-\d{6}", by_name["uijob"]["info"]["run_name"]), by_name["uijob"]["info"]
     return exp["experiment_id"], by_name["uijob"], by_name["evaluate"]
 
 
@@ -90,7 +93,16 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 
 
 def test_the_rest_api_serves_the_job_run_its_stage_run_and_eval_metrics(job, ui):
-    _, parent, child = _runs(ui)
+    exp_id, parent, child = _runs(ui)
+    # the review surface: the experiment opens in the model-training view, the job run has the headline metrics
+    # and the stage's output as a dataset
+    exp = _get(ui, "/api/2.0/mlflow/experiments/get", experiment_id=exp_id)["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    headline = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert headline["eval/average"] == headline["eval/digits/acc1"] == job["acc1"], headline
+    full = _get(ui, "/api/2.0/mlflow/runs/get", run_id=parent["info"]["run_id"])["run"]
+    (dataset,) = [d["dataset"] for d in full["inputs"]["dataset_inputs"]]
+    assert dataset["name"] == "uijob/evaluate" and job["manifest"].location in dataset["source"], dataset
     assert parent["info"]["status"] == child["info"]["status"] == "FINISHED"
     assert "mlflow.parentRunId" not in _tags(parent) and _tags(parent)["clipline.job"] == "uijob"
     tags = _tags(child)
@@ -108,7 +120,7 @@ def test_the_browser_shows_stage_runs_nested_under_the_job_run_and_their_metrics
     exp_id, parent, child = _runs(ui)
     shots = artifacts_dir(request, tmp_path)
     with chromium() as browser:
-        page, job_link = open_runs_table(browser, ui, exp_id, "uijob")
+        page, job_link = open_runs_table(browser, ui, exp_id, parent["info"]["run_name"])
         stage_link = page.get_by_role("link", name="evaluate", exact=True)
         assert stage_link.count() == 0  # stage runs are nested: hidden until the job run's row is expanded
         assert job_link.get_attribute("href").endswith(f"/runs/{parent['info']['run_id']}")
@@ -124,7 +136,7 @@ def test_the_browser_shows_stage_runs_nested_under_the_job_run_and_their_metrics
         metric.wait_for()
         assert metric.inner_text().split() == ["eval/digits/acc1", repr(job["acc1"])]  # JS prints doubles as repr
         parent_field = page.get_by_text("Parent run", exact=True).locator("xpath=..")
-        assert parent_field.get_by_role("link", name="uijob").get_attribute("href").endswith(parent["info"]["run_id"])
+        assert parent_field.get_by_role("link", name=parent["info"]["run_name"]).get_attribute("href").endswith(parent["info"]["run_id"])
         page.get_by_text("clipline.fingerprint", exact=True).wait_for()
         page.get_by_text(job["manifest"].fingerprint).first.wait_for()
         page.get_by_text("eval/digits/acc1", exact=True).scroll_into_view_if_needed()
