@@ -172,7 +172,9 @@ def test_the_rows_are_in_postgresql(postgres, job, runs):
     exp_id = runs["experiment"].experiment_id
     with psycopg2.connect(**postgres.dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT name, status FROM runs WHERE experiment_id = %s", (int(exp_id),))
-        assert sorted(cur.fetchall()) == sorted((n, "FINISHED") for n in [JOB, *STAGES])
+        job_run_name = runs["by_name"][JOB].info.run_name  # the job and its UTC start time
+        assert job_run_name.startswith(f"{JOB}-")
+        assert sorted(cur.fetchall()) == sorted((n, "FINISHED") for n in [job_run_name, *STAGES])
         cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'crawl/input_rows'",
                     (runs["by_name"]["crawl"].info.run_id,))
         assert cur.fetchone() == (1,)
@@ -206,7 +208,7 @@ def test_the_servers_ui_shows_the_job_run_and_its_stages(mlflow_server, runs, re
     parent, train = runs["by_name"][JOB], runs["by_name"]["train"]
     shots = artifacts_dir(request, tmp_path)
     with chromium() as browser:
-        page, job_link = open_runs_table(browser, mlflow_server.uri, exp_id, JOB)
+        page, job_link = open_runs_table(browser, mlflow_server.uri, exp_id, runs["by_name"][JOB].info.run_name)
         assert job_link.get_attribute("href").endswith(f"/runs/{parent.info.run_id}")
         page.get_by_text(EXPERIMENT).first.wait_for()
         row = page.locator(".ag-row").filter(has=job_link)
