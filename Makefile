@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.clip_score
 	$(BIN)/python -m tests.benchmarks.train_vs_open_clip
 	$(BIN)/python -m tests.benchmarks.demo_models
+	$(BIN)/python -m tests.benchmarks.log_model
 
 schemas: install
 	$(BIN)/clipline schemas
