@@ -25,7 +25,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-log-model-"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-    mlflow.set_experiment(mlflow.create_experiment("bench", artifact_location=(tmp / "artifacts").as_uri()))
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", artifact_location=(tmp / "artifacts").as_uri()))
     model, _, _ = create(ModelRef(arch=args.arch))
     times: dict[str, list[float]] = {"inferred (anchor)": [], "named (clipline)": []}
     for _ in range(args.rounds):
