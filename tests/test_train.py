@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,6 +207,66 @@ def test_warmup_then_cosine_to_zero():
     f = [engine.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[-1] < 0.01
+
+
+def _shards(tmp_path: Path, files: int, rows: int) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.demo import web
+
+    urls = []
+    for f in range(files):
+        idx = range(f * rows, (f + 1) * rows)
+        pq.write_table(pa.table({"uid": [str(j) for j in idx], "image": [web.encoded(0, j, 32)[0] for j in idx],
+                                 "caption": [web.sample(0, j).caption for j in idx]}), tmp_path / f"part-{f}.parquet")
+        urls.append(str(tmp_path / f"part-{f}.parquet"))
+    return urls
+
+
+def test_each_pass_lists_every_shard_once_in_its_own_order():
+    from pipelines.stages.train.data import pass_order, passes_needed
+
+    urls = [f"s{i}" for i in range(12)]
+    fresh = pass_order(urls, 3, None)
+    passes = [fresh[i * 12:(i + 1) * 12] for i in range(3)]
+    assert len(fresh) == 36 and all(sorted(p) == sorted(urls) for p in passes)
+    assert len({tuple(p) for p in passes}) == 3  # a new order each pass (12! orders: a repeat is ~1e-9)
+    seeded = pass_order(urls, 3, 7)
+    assert seeded[:12] == seeded[12:24] == seeded[24:] == pass_order(urls, 1, 7) != urls
+    assert [passes_needed(s, 8) for s in (1, 8, 9, 24, 25)] == [1, 1, 2, 3, 4]
+
+
+def test_one_read_of_each_workers_split_streams_every_epoch(tmp_path, ray_local):
+    """What a worker's one iterator over the run sees: each of the 3 passes in full, every image 3 times, over
+    one epoch of Ray Data's streaming split (no new pass per epoch, whose start left the workers idle)."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.train.data import dataset, preprocess
+
+    urls = _shards(tmp_path, files=3, rows=20)
+    ds = dataset(urls, "clip-tiny", augment=False, seed=None, data_cpus=1, passes=3, batch_rows=8)
+    splits = ds.streaming_split(2, equal=True)
+    seen: list[Counter] = [Counter(), Counter()]
+
+    def consume(i: int) -> None:
+        for batch in splits[i].iter_batches(batch_size=None, batch_format="numpy"):
+            seen[i].update(img.tobytes() for img in batch["image"])
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    once: Counter = Counter()
+    for url in urls:
+        t = pq.read_table(url).to_pydict()
+        once.update(img.tobytes() for img in preprocess({k: np.array(v, dtype=object) for k, v in t.items()},
+                                                        "clip-tiny", False)["image"])
+    assert sum(seen[0].values()) == sum(seen[1].values()) == 90  # 3 passes x 60 rows, split equally
+    assert seen[0] + seen[1] == Counter({k: 3 * n for k, n in once.items()})
 
 
 def test_too_little_data_for_one_step_is_a_clear_error():

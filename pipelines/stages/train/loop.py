@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,35 @@ def build(cfg: TrainConfig, plan: Plan, device: torch.device) -> Setup:
     return Setup(model, engine.make_loss(cfg.loss, rank, world), opt, sched, fps, autocast, bf16)
 
 
+_END = object()
+
+
+def primed(it: Iterator[Any]) -> Iterator[Any]:
+    """`it`, its first item fetched from now on in a thread; the first `next` waits for that fetch (and raises
+    what it raised)."""
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            box["item"] = next(it, _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+            box["error"] = exc
+
+    thread = threading.Thread(target=fetch, name="clipline-first-batch", daemon=True)
+    thread.start()
+
+    def items() -> Iterator[Any]:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if box["item"] is _END:
+            return
+        yield box["item"]
+        yield from it
+
+    return items()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     import ray.train
@@ -148,6 +178,14 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # One stream over every epoch (data.dataset reads the passes one after the other), so an epoch boundary
+    # is only a count of steps and the pipeline never stops.  Its first batch is asked for now, in a thread:
+    # Ray Data's coordinator, its worker processes and the first reads start while this rank builds its model.
+    shard = ray.train.get_dataset_shard("train")
+    batches = primed(iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                                   dtypes={"image": torch.float32, "text": torch.long},
+                                                   prefetch_batches=2,
+                                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None)))
     setup = build(cfg, plan, device)
     model, loss_fn, opt, sched = setup.model, setup.loss, setup.opt, setup.sched
 
@@ -166,57 +204,46 @@ def train_loop(config: dict[str, Any]) -> None:
         evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
                      else None)
         global_batch = cfg.batch_size * cfg.accum_freq * world
-        shard = ray.train.get_dataset_shard("train")
-        # One pass over the dataset per epoch: each pass starts Ray Data's pipeline again (a few seconds here).
-        # The data position (epoch, step in the epoch) counts steps; a resumed epoch trains its remaining steps
-        # from a fresh pass (the stream's order is not reproducible, so replaying it would not skip the rows
-        # already seen).
+        # The data position (epoch, step in the epoch) counts steps; a resumed run trains its remaining steps
+        # from the stream's start (the stream's order is not reproducible, so replaying it would not skip the
+        # rows already seen).
         step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         samples = state["samples"]
         try:
+            micro, wait = [], 0.0
+            t_start = time.perf_counter()
             while step < plan.planned_steps:
-                start_step, micro, wait = step, [], 0.0
-                batches = iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                                        dtypes={"image": torch.float32, "text": torch.long},
-                                                        prefetch_batches=2,
-                                                        local_shuffle_buffer_size=cfg.shuffle_buffer or None))
-                t_start = time.perf_counter()
-                while step < plan.planned_steps:
-                    t0 = time.perf_counter()
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    wait += time.perf_counter() - t0
-                    micro.append((batch["image"], batch["text"]))
-                    if len(micro) < cfg.accum_freq:
-                        continue
-                    lr = opt.param_groups[0]["lr"]  # the rate this step used
-                    loss = engine.step(model, loss_fn, opt, micro, setup.autocast, cfg.grad_clip)
-                    sched.step()
-                    step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
-                    if in_epoch >= plan.steps_per_epoch:
-                        epoch, in_epoch = epoch + 1, 0
-                    t_end = time.perf_counter()
-                    metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world,
-                                            setup.flops_per_sample, peak, device)
-                    if evaluator is not None and (step == plan.planned_steps or (cfg.eval_every
-                                                                                 and step % cfg.eval_every == 0)):
-                        scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
-                        metrics.update(scores if rank == 0 else {})
-                    log.step(step, metrics, global_batch)
-                    progress.step(step, metrics)
-                    if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
-                        log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
-                        checkpoint.report(model, opt, sched, rank, {
-                            "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
-                            "loss": metrics["train/loss"], "mlflow_run_id": tracker.run_id, "arch": plan.arch,
-                            "planned_steps": plan.planned_steps})
-                    if in_epoch == 0:  # the epoch is done: the next one is a new pass
-                        break
-                    wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
-                if step == start_step:
-                    raise RuntimeError(f"train data: a pass over the stream gave worker {rank} no full step of "
-                                       f"{cfg.batch_size} x {cfg.accum_freq} rows")
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"train data: the stream ended on worker {rank} after step {step} of "
+                                       f"{plan.planned_steps} ({cfg.batch_size} x {cfg.accum_freq} rows a step)")
+                wait += time.perf_counter() - t0
+                micro.append((batch["image"], batch["text"]))
+                if len(micro) < cfg.accum_freq:
+                    continue
+                lr = opt.param_groups[0]["lr"]  # the rate this step used
+                loss = engine.step(model, loss_fn, opt, micro, setup.autocast, cfg.grad_clip)
+                sched.step()
+                step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
+                if in_epoch >= plan.steps_per_epoch:
+                    epoch, in_epoch = epoch + 1, 0
+                t_end = time.perf_counter()
+                metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world,
+                                        setup.flops_per_sample, peak, device)
+                if evaluator is not None and (step == plan.planned_steps or (cfg.eval_every
+                                                                             and step % cfg.eval_every == 0)):
+                    scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
+                    metrics.update(scores if rank == 0 else {})
+                log.step(step, metrics, global_batch)
+                progress.step(step, metrics)
+                if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
+                    log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
+                    checkpoint.report(model, opt, sched, rank, {
+                        "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
+                        "loss": metrics["train/loss"], "mlflow_run_id": tracker.run_id, "arch": plan.arch,
+                        "planned_steps": plan.planned_steps})
+                wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
         finally:
             log.flush()
 

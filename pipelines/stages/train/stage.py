@@ -77,7 +77,8 @@ class TrainStage(Stage):
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = ctx.progress
         dctx.enable_operator_progress_bars = ctx.progress
-        ds = data.dataset(source.shard_urls(), cfg.model.arch, cfg.augment, cfg.seed, cfg.data_cpus)
+        ds = data.dataset(source.shard_urls(), cfg.model.arch, cfg.augment, cfg.seed, cfg.data_cpus,
+                          passes=data.passes_needed(planned, steps_per_epoch))
 
         resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
         if cfg.use_gpu:
