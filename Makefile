@@ -47,6 +47,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m tests.benchmarks.crawl_vs_img2dataset
+	$(BIN)/python -m tests.benchmarks.crawl_photos
 	$(BIN)/python -m tests.benchmarks.crawl_soak
 	$(BIN)/python -m tests.benchmarks.storage_s3_vs_local
 	$(BIN)/python -m tests.benchmarks.resize_vs_img2dataset
