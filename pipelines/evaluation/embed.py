@@ -1,5 +1,5 @@
-"""Embeddings on Ray: a pool of actors (Ray Data `map_batches` with a callable class) embeds images and texts
-in batches, so a large evaluation set spreads over the cluster.  `encode` is the batch loop the actors run,
+"""Embeddings on Ray: a pool of actors (`EmbedPool`, one per stage, reused for each of its datasets) embeds
+images and texts in batches, so a large evaluation set spreads over the cluster.  `encode` is the batch loop the actors run,
 and what the train stage calls on its live model every `eval_every` steps."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import io
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipelines.models import ModelRef
 
@@ -54,41 +53,64 @@ class Embedder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.preprocess, self.tokenizer = create(model, device=self.device)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """A batch may hold both kinds (Ray Data fills batches across blocks): each is embedded apart."""
+    def embed(self, kind: str, items: list[Any]) -> np.ndarray:
         import torch
 
-        out = []
         with torch.no_grad():
-            for kind, rows in batch.groupby("kind", sort=False):
-                if kind == "image":
-                    emb = encode_images(self.preprocess, list(rows["image"]), self.model.encode_image, self.device)
-                else:
-                    emb = encode_texts(self.tokenizer, list(rows["text"]), self.model.encode_text, self.device)
-                emb = emb.cpu().numpy()
-                out.append(pd.DataFrame({"kind": kind, "i": rows["i"].to_numpy(), "embedding": list(emb)}))
-        return pd.concat(out, ignore_index=True)
+            if kind == "image":
+                emb = encode_images(self.preprocess, items, self.model.encode_image, self.device)
+            else:
+                emb = encode_texts(self.tokenizer, items, self.model.encode_text, self.device)
+        return emb.cpu().numpy().astype(np.float32)
+
+
+class EmbedPool:
+    """`actors` Embedder actors on the Ray cluster, made once and used for every dataset a stage embeds, so each
+    set does not pay the actors' start (a new process, torch and open_clip imported, the model loaded): on the
+    demo's two sets that start was most of the stage.  An actor lost with its node is restarted elsewhere and
+    its batch retried (`max_restarts`, `max_task_retries`)."""
+
+    def __init__(self, model: ModelRef, actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 restarts: int = 3) -> None:
+        import ray
+
+        cls = ray.remote(Embedder).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts,
+                                           max_task_retries=restarts)
+        self.actors = [cls.remote(model, max(1, int(num_cpus))) for _ in range(actors)]
+
+    def embed(self, images: list[bytes], texts: list[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings, text embeddings), in input order; batches go to whichever actor is free."""
+        from ray.util import ActorPool
+
+        batches: list[tuple[str, list[Any]]] = [("image", images[i:i + batch_size])
+                                                for i in range(0, len(images), batch_size)]
+        batches += [("text", texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        out = list(ActorPool(self.actors).map(lambda actor, b: actor.embed.remote(*b), batches))  # in order
+        embeddings = {}
+        for kind, n in (("image", len(images)), ("text", len(texts))):
+            parts = [e for (k, _), e in zip(batches, out, strict=True) if k == kind]
+            arr = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            if len(arr) != n:
+                raise RuntimeError(f"evaluate: {n} {kind}s sent to the embedding actors, {len(arr)} came back")
+            embeddings[kind] = arr
+        return embeddings["image"], embeddings["text"]
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> EmbedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def embed(model: ModelRef, images: list[bytes], texts: list[str], batch_size: int = 128, actors: int = 1,
           num_cpus: float = 1.0, num_gpus: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings, text embeddings), in input order, computed by an actor pool on the Ray cluster."""
-    import ray.data
-
-    rows: list[dict[str, Any]] = [{"kind": "image", "i": i, "image": b, "text": ""} for i, b in enumerate(images)]
-    parts = [pd.DataFrame(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    trows = [{"kind": "text", "i": i, "image": b"", "text": t} for i, t in enumerate(texts)]
-    parts += [pd.DataFrame(trows[i:i + batch_size]) for i in range(0, len(trows), batch_size)]
-    ds = ray.data.from_pandas(parts)
-    out = ds.map_batches(Embedder, batch_size=batch_size, batch_format="pandas",
-                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus, num_gpus=num_gpus,
-                         fn_constructor_kwargs={"model": model, "threads": max(1, int(num_cpus))})
-    result = out.to_pandas()
-    embeddings = {}
-    for kind, n in (("image", len(images)), ("text", len(texts))):
-        sel = result[result["kind"] == kind]
-        if len(sel) != n:
-            raise RuntimeError(f"evaluate: {n} {kind}s sent to the embedding actors, {len(sel)} came back")
-        arr = np.stack(sel["embedding"].to_numpy()) if n else np.zeros((0, 0), np.float32)
-        embeddings[kind] = arr[np.argsort(sel["i"].to_numpy())].astype(np.float32)
-    return embeddings["image"], embeddings["text"]
+    """(image embeddings, text embeddings), in input order, computed by a pool of actors made for this call."""
+    with EmbedPool(model, actors, num_cpus, num_gpus) as pool:
+        return pool.embed(images, texts, batch_size)

@@ -20,7 +20,7 @@ class EvaluateConfig:
     model: ModelRef | None = field(None, "the model; default: the upstream train stage's final model")
     datasets: list[EvalSet] = field([], "datasets to evaluate on")
     batch_size: int = field(128, "images or texts per forward pass", minimum=1)
-    actors: int = field(1, "embedding actors (Ray Data actor pool)", minimum=1)
+    actors: int = field(1, "embedding actors (Ray actors, one pool for all the stage's datasets)", minimum=1)
     num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
     num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
     examples: int = field(6, "retrieval queries shown in the examples grid per dataset", minimum=0)

@@ -19,7 +19,7 @@ import torch
 from pipelines import layout, storage
 from pipelines.evaluation import datasets
 from pipelines.evaluation.datasets import load
-from pipelines.evaluation.embed import embed
+from pipelines.evaluation.embed import EmbedPool
 from pipelines.evaluation.tasks import TASKS, caption_images, main_metric, mlflow_key, score, texts, zeroshot_logits
 from pipelines.manifest import Manifest
 from pipelines.models import ModelRef
@@ -45,39 +45,40 @@ class EvaluateStage(Stage):
         size = size[0] if isinstance(size, (tuple, list)) else size
         shards, summary, flat = [], [], {}
         prom = StageMetrics.of(ctx)
-        for ds_cfg in cfg.datasets:
-            data = load(ds_cfg, size)
-            if not data.images:
-                raise ValueError(f"dataset {data.name}: no images to evaluate")
-            tasks = list(dict.fromkeys(ds_cfg.tasks))
-            prompts, captions = texts(data, tasks)
-            ctx.log.info("%s: embedding %d images and %d texts", data.name, len(data.images),
-                         len(prompts) + len(captions))
-            img, txt = embed(ref, data.images, prompts + captions, cfg.batch_size, cfg.actors, cfg.num_cpus,
-                             cfg.num_gpus)
-            img_t, txt_t = torch.from_numpy(img), torch.from_numpy(txt)
-            results = score(data, tasks, img_t, txt_t)
-            for task in tasks:
-                m = results[task]
-                if task == "zeroshot":
-                    self._confusion(ctx, data, zeroshot_logits(data, img_t, txt_t).argmax(dim=1),
-                                    torch.tensor(data.labels))
-                elif cfg.examples:
-                    self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, caption_images(data),
-                                   cfg.examples)
-                record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
-                          "task": TASKS[task], "metrics": m, "language": "en"}
-                blob = json.dumps(record, indent=2, allow_nan=True).encode()
-                rel = f"{data.name}_{TASKS[task]}.json"
-                storage.atomic_write(storage.join(ctx.output, rel), blob)
-                shards.append(layout.shard_record(rel, len(data.images), blob))
-                flat.update({mlflow_key(data.name, k): v for k, v in m.items()})
-                for k, v in m.items():
-                    prom.set(EVAL_METRIC, v, dataset=data.name, task=TASKS[task], metric=k)
-                summary.append({"dataset": data.name, "task": TASKS[task], "images": len(data.images),
-                                "main_metric": "acc1" if task == "zeroshot" else "mean_recall@1",
-                                "value": main_metric(task, m)})
-                ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        # one pool of embedding actors for every dataset: they start while the first set loads
+        with EmbedPool(ref, cfg.actors, cfg.num_cpus, cfg.num_gpus) as pool:
+            for ds_cfg in cfg.datasets:
+                data = load(ds_cfg, size)
+                if not data.images:
+                    raise ValueError(f"dataset {data.name}: no images to evaluate")
+                tasks = list(dict.fromkeys(ds_cfg.tasks))
+                prompts, captions = texts(data, tasks)
+                ctx.log.info("%s: embedding %d images and %d texts", data.name, len(data.images),
+                             len(prompts) + len(captions))
+                img, txt = pool.embed(data.images, prompts + captions, cfg.batch_size)
+                img_t, txt_t = torch.from_numpy(img), torch.from_numpy(txt)
+                results = score(data, tasks, img_t, txt_t)
+                for task in tasks:
+                    m = results[task]
+                    if task == "zeroshot":
+                        self._confusion(ctx, data, zeroshot_logits(data, img_t, txt_t).argmax(dim=1),
+                                        torch.tensor(data.labels))
+                    elif cfg.examples:
+                        self._examples(ctx, data, img_t, txt_t[len(prompts):], captions, caption_images(data),
+                                       cfg.examples)
+                    record = {"dataset": data.name, "model": ref.arch, "pretrained": ref.checkpoint or ref.model_uri,
+                              "task": TASKS[task], "metrics": m, "language": "en"}
+                    blob = json.dumps(record, indent=2, allow_nan=True).encode()
+                    rel = f"{data.name}_{TASKS[task]}.json"
+                    storage.atomic_write(storage.join(ctx.output, rel), blob)
+                    shards.append(layout.shard_record(rel, len(data.images), blob))
+                    flat.update({mlflow_key(data.name, k): v for k, v in m.items()})
+                    for k, v in m.items():
+                        prom.set(EVAL_METRIC, v, dataset=data.name, task=TASKS[task], metric=k)
+                    summary.append({"dataset": data.name, "task": TASKS[task], "images": len(data.images),
+                                    "main_metric": "acc1" if task == "zeroshot" else "mean_recall@1",
+                                    "value": main_metric(task, m)})
+                    ctx.log.info("%s %s: %s", data.name, task, ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
         average = float(np.mean([s["value"] for s in summary]))
         # the job run's headline: the average and each dataset's main metric (retrieval's mean of recall@1 too)
         headline: dict[str, float] = {"eval/average": average}
