@@ -376,13 +376,24 @@ def _train_workers() -> list[int]:
     return pids
 
 
-def _kill_a_worker_after(store: Path, step: int, outcome: dict[str, Any], deadline: float = 240) -> None:
-    """Wait (polling with a deadline) for the checkpoint of `step`, then SIGKILL one training worker.
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # replaced between the listing and the read
+        return ""
 
-    The checkpoint before it is then surely registered with Ray Train (a file on disk alone is not)."""
+
+def _kill_a_worker_after(store: Path, step: int, outcome: dict[str, Any], deadline: float = 240) -> None:
+    """Wait (polling with a deadline) until Ray Train's controller has registered the checkpoint of `step`,
+    then SIGKILL one training worker.
+
+    A checkpoint on disk is not enough: the controller registers what the workers report when it next polls
+    them, and writes `checkpoint_manager_snapshot.json` when it does; a kill before that restarts the group from
+    the checkpoint before, or from none when training runs a few steps a second."""
     end = time.monotonic() + deadline
+    name = f"checkpoint-{step:08d}"
     while time.monotonic() < end and "done" not in outcome:
-        if list(store.glob(f"t/train/*/ray/train/checkpoint-{step:08d}/state.json")):
+        if any(name in _text(p) for p in store.glob("t/train/*/ray/train/checkpoint_manager_snapshot.json")):
             pids = _train_workers()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
