@@ -174,15 +174,19 @@ def test_zeroshot_with_tied_class_vectors_and_tied_images(cb):
     alias = {f"{w} {c}": f"{w} cat" for c in synonyms for w in words}
     texts = [p for c in names if c not in synonyms for p in own[c]]
     rows = _randn(len(texts), 8, seed=4)
+    # the tied classes' prompts embed as one axis, so an image's score against each is that coordinate of it,
+    # exactly, in any matrix kernel: with a random direction the tie held or broke by a rounding that depends on
+    # the CPU's kernels and the batch (CLIP_benchmark scores batch by batch)
+    rows[:len(own["cat"])] = F.one_hot(torch.tensor(0), 8).float()
     images = _randn(20, 8, seed=3)
-    images[:10] += 3 * rows[:len(own["cat"])].mean(dim=0)
+    images[:10] += 3 * rows[0]
     model = Lookup(torch.cat([images, images]), dict(zip(texts, rows, strict=True)), alias)
     labels = [i % 7 for i in range(40)]
     data = EvalData("tied", [_png(i) for i in range(40)], labels, names, own)
     img, txt = embed.encode(_index, model.tokenizer, model.encode_image, model.encode_text, data.images,
                             data.prompts()[0], 3, "cpu")
     logits = tasks.zeroshot_logits(data, img, txt)
-    assert (logits[:, 0:1] == logits[:, 1:4]).all() and (logits[:20] == logits[20:]).all()  # the ties are exact
+    assert (logits[:, 0:1] == logits[:, 1:4]).all() and (logits[:20, :4] == logits[20:, :4]).all()  # exact ties
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = ours(model, data, ["zeroshot"])["zeroshot"]
