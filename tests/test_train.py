@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -209,66 +208,6 @@ def test_warmup_then_cosine_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(f[4:])) and f[-1] < 0.01
 
 
-def _shards(tmp_path: Path, files: int, rows: int) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.demo import web
-
-    urls = []
-    for f in range(files):
-        idx = range(f * rows, (f + 1) * rows)
-        pq.write_table(pa.table({"uid": [str(j) for j in idx], "image": [web.encoded(0, j, 32)[0] for j in idx],
-                                 "caption": [web.sample(0, j).caption for j in idx]}), tmp_path / f"part-{f}.parquet")
-        urls.append(str(tmp_path / f"part-{f}.parquet"))
-    return urls
-
-
-def test_each_pass_lists_every_shard_once_in_its_own_order():
-    from pipelines.stages.train.data import pass_order, passes_needed
-
-    urls = [f"s{i}" for i in range(12)]
-    fresh = pass_order(urls, 3, None)
-    passes = [fresh[i * 12:(i + 1) * 12] for i in range(3)]
-    assert len(fresh) == 36 and all(sorted(p) == sorted(urls) for p in passes)
-    assert len({tuple(p) for p in passes}) == 3  # a new order each pass (12! orders: a repeat is ~1e-9)
-    seeded = pass_order(urls, 3, 7)
-    assert seeded[:12] == seeded[12:24] == seeded[24:] == pass_order(urls, 1, 7) != urls
-    assert [passes_needed(s, 8) for s in (1, 8, 9, 24, 25)] == [1, 1, 2, 3, 4]
-
-
-def test_one_read_of_each_workers_split_streams_every_epoch(tmp_path, ray_local):
-    """What a worker's one iterator over the run sees: each of the 3 passes in full, every image 3 times, over
-    one epoch of Ray Data's streaming split (no new pass per epoch, whose start left the workers idle)."""
-    from collections import Counter
-
-    import pyarrow.parquet as pq
-
-    from pipelines.stages.train.data import dataset, preprocess
-
-    urls = _shards(tmp_path, files=3, rows=20)
-    ds = dataset(urls, "clip-tiny", augment=False, seed=None, data_cpus=1, passes=3, batch_rows=8)
-    splits = ds.streaming_split(2, equal=True)
-    seen: list[Counter] = [Counter(), Counter()]
-
-    def consume(i: int) -> None:
-        for batch in splits[i].iter_batches(batch_size=None, batch_format="numpy"):
-            seen[i].update(img.tobytes() for img in batch["image"])
-
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    once: Counter = Counter()
-    for url in urls:
-        t = pq.read_table(url).to_pydict()
-        once.update(img.tobytes() for img in preprocess({k: np.array(v, dtype=object) for k, v in t.items()},
-                                                        "clip-tiny", False)["image"])
-    assert sum(seen[0].values()) == sum(seen[1].values()) == 90  # 3 passes x 60 rows, split equally
-    assert seen[0] + seen[1] == Counter({k: 3 * n for k, n in once.items()})
-
-
 def test_too_little_data_for_one_step_is_a_clear_error():
     cfg = configschema.build(TrainConfig, {"workers": 2, "batch_size": 64})
     assert plan_steps(cfg, 1000) == (7, 7)
@@ -452,26 +391,50 @@ def _assert_one_continuous_run(store: Path, steps: int) -> Any:
     return run
 
 
+def _trained(manifest: Any, workers: int, steps: int, batch: int) -> Any:
+    """The rows log of a `log_rows` run: each rank's every step once, with a full batch."""
+    from pipelines.stages.train import data
+
+    rows = data.trained_rows(manifest.extra["rows_log"])
+    per_step = rows.groupby(["rank", "step"]).size()
+    assert per_step.index.tolist() == [(r, s) for r in range(workers) for s in range(1, steps + 1)]
+    assert set(per_step) == {batch}
+    return rows
+
+
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint_in_the_same_mlflow_run(tmp_path, ray_local):
-    job = spec.load(train_job(tmp_path, steps=40, checkpoint_every=5, max_failures=2))
+def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_trains_the_rows_of_an_uninterrupted_run(
+        tmp_path, ray_local):
+    """Exact resume: the restarted group trains, step by step and rank by rank, the rows (in the batches)
+    that the same job trains uninterrupted."""
+    train = {"steps": 40, "checkpoint_every": 5, "max_failures": 2, "seed": 3, "log_rows": True}
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "whole").mkdir()
+    job = spec.load(train_job(tmp_path / "killed", **train))
     outcome = _run_in_thread(job)
-    _kill_a_worker_after(tmp_path / "store", 10, outcome)
+    _kill_a_worker_after(tmp_path / "killed" / "store", 10, outcome)
     outcome["thread"].join(timeout=600)
     assert "killed" in outcome, "no training worker was found to kill"
     assert "error" not in outcome, outcome.get("error")
     m = {o.stage: o for o in outcome["result"]}["train"].manifest
     assert m.counts["steps"] == 40
-    run = _assert_one_continuous_run(tmp_path / "store", 40)
+    run = _assert_one_continuous_run(tmp_path / "killed" / "store", 40)
     restored = int(run.data.tags["clipline.train.restored_from_step"])
     assert 5 <= restored < 40 and restored % 5 == 0
+
+    whole = {o.stage: o for o in run_job(spec.load(train_job(tmp_path / "whole", **train)), progress=False)}
+    killed_rows, whole_rows = _trained(m, 2, 40, 32), _trained(whole["train"].manifest, 2, 40, 32)
+    assert killed_rows.equals(whole_rows)
+    # 512 rows over 2 ranks: 8 steps of 32 an epoch; within an epoch the 2 ranks train 512 distinct rows
+    first_epoch = whole_rows[whole_rows.step <= 8]
+    assert first_epoch.row.nunique() == 512 and set(first_epoch.row) == set(range(512))
 
 
 @pytest.mark.slow
 def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_path, ray_local):
     """No worker-group restarts allowed: the kill fails the stage; the re-run resumes from the checkpoint
     (FSDP this time, so its sharded state goes through the checkpoint too)."""
-    path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp",
+    path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp", log_rows=True,
                      eval_datasets=[{"name": "held", "builtin": "demo_heldout", "limit": 12, "tasks": ["zeroshot"]}])
     outcome = _run_in_thread(spec.load(path))
     _kill_a_worker_after(tmp_path / "store", 10, outcome)
@@ -492,3 +455,14 @@ def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_p
     assert int(run.data.tags["clipline.train.restored_from_step"]) >= 5
     # the end-of-training evaluation ran through FSDP's sharded forward on both ranks
     assert [s for s, _ in history(tmp_path / "store", run.info.run_id, "eval/held/acc1")] == [30]
+    # the seed drawn by the first attempt came back with its checkpoint: every step trained its planned rows
+    from pipelines.stages.train import data
+
+    m = outcomes["train"].manifest
+    stream = data.Stream(urls=outcomes["data"].manifest.shard_urls(), rows=[s["rows"] for s in outcomes["data"].manifest.shards],
+                         passes=4, seed=m.extra["data_seed"], fixed_order=False, window=256)
+    rows = _trained(m, 2, 30, 32)
+    for rank in range(2):
+        planned = [i for item in data.rank_stream(stream, rank, 2) for _, ids in data.windows(item, stream.seed, 256, 64)
+                   for i in ids.tolist()]
+        assert rows[rows["rank"] == rank].row.tolist() == planned[:30 * 32]

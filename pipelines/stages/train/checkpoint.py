@@ -59,10 +59,15 @@ def load(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) ->
     else:
         unwrap(model).load_state_dict(msd)
         opt.load_state_dict(osd)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     sched.load_state_dict(state.pop("scheduler"))
     return state
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """A checkpoint's JSON training state (step, data position and seed, MLflow run id), without its tensors."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
 
 
 def report(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, rank: int, state: dict[str, Any]) -> None:

@@ -55,10 +55,14 @@ class TrainConfig:
                               minimum=1)
     data_cpus: float = field(0.5, "CPUs per Ray Data decode/augment task", exclusiveMinimum=0)
     augment: bool = field(True, "the model's training preprocessing (random resized crop); false: the eval transform")
-    shuffle_buffer: int = field(256, "rows in each worker's local shuffle buffer (Ray Data's local_shuffle_buffer_size), "
-                                "so batches mix rows across blocks and differ every epoch; 0 turns it off", minimum=0)
+    shuffle_buffer: int = field(256, "rows shuffled together: each worker's stream is cut into windows of this many "
+                                "rows, each permuted from the data seed, the epoch and its position (so batches differ "
+                                "every epoch and a resumed run replays them exactly); 0 turns it off", minimum=0)
     seed: int | None = field(
-        None, "seed of the shard file order (the same order every epoch); null: a new order each epoch")
+        None, "data seed: the shard file order is the same every epoch; null: a seed drawn when the run starts "
+        "(kept in its checkpoints) and a new file order each epoch")
+    log_rows: bool = field(False, "write the global row ids each step trained, per worker, under <output>/rows/ "
+                           "(Parquet, one file per checkpoint interval): which rows each checkpoint has seen")
     # optimisation
     lr: float = field(5e-4, "peak learning rate (AdamW)", exclusiveMinimum=0)
     weight_decay: float = field(0.2, "AdamW weight decay; gains, biases and logit scale get none", minimum=0)

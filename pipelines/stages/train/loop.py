@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pipelines.console import train_reporter
 from pipelines.evaluation.live import LiveEvaluator
 from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS
-from pipelines.stages.train import checkpoint, engine, parallel
+from pipelines.stages.train import checkpoint, data, engine, parallel
 from pipelines.stages.train.config import TrainConfig
 from pipelines.tracking import WorkerTracker
 
@@ -43,6 +43,8 @@ class Plan:
     steps_per_epoch: int
     planned_steps: int
     tracker: WorkerTracker  # the stage run's MLflow run and Prometheus labels; each rank takes its own (on_rank)
+    stream: data.Stream  # the curated shards and the data seed: what each rank's rows are planned from
+    rows_dir: str | None = None  # `log_rows`: where each rank writes the row ids of its steps
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device, bf16: bool) -> float | None:
@@ -94,6 +96,33 @@ class StepLog:
 
     def flush(self) -> None:
         self.tracker.flush()
+
+
+class RowsLog:
+    """`log_rows`: the global row ids each step of this rank trained, written at every checkpoint as one Parquet
+    file of the steps since the last (`<rows_dir>/rank-RRR/steps-FIRST-LAST.parquet`).  Steps after the last
+    checkpoint are recomputed after a restart and written then, so the files cover each step once."""
+
+    def __init__(self, rows_dir: str | None, rank: int, step: int) -> None:
+        self.dir = None if rows_dir is None else f"{rows_dir}/rank-{rank:03d}"
+        self.first, self.steps, self.rows = step + 1, [], []
+
+    def add(self, step: int, rows: list[torch.Tensor]) -> None:
+        if self.dir is not None:
+            ids = torch.cat(rows).tolist()
+            self.steps.extend([step] * len(ids))
+            self.rows.extend(ids)
+
+    def write(self, step: int) -> None:
+        if self.dir is None or not self.steps:
+            return
+        import pyarrow as pa
+
+        from pipelines import storage
+
+        table = pa.table({"step": pa.array(self.steps, pa.int64()), "row": pa.array(self.rows, pa.int64())})
+        storage.write_parquet(storage.join(self.dir, f"steps-{self.first:08d}-{step:08d}.parquet"), table)
+        self.first, self.steps, self.rows = step + 1, [], []
 
 
 @dataclass
@@ -178,22 +207,27 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    # One stream over every epoch (data.dataset reads the passes one after the other), so an epoch boundary
-    # is only a count of steps and the pipeline never stops.  Its first batch is asked for now, in a thread:
-    # Ray Data's coordinator, its worker processes and the first reads start while this rank builds its model.
-    shard = ray.train.get_dataset_shard("train")
-    batches = primed(iter(shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                                   dtypes={"image": torch.float32, "text": torch.long},
-                                                   prefetch_batches=2,
-                                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None)))
-    setup = build(cfg, plan, device)
-    model, loss_fn, opt, sched = setup.model, setup.loss, setup.opt, setup.sched
-
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0, "data_seed": plan.stream.seed}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = checkpoint.load(d, model, opt, sched)
+            saved = checkpoint.read_state(d)
+        state["data_seed"] = saved.get("data_seed", plan.stream.seed)
+    # This rank's rows in the plan's order over every epoch, as one stream (an epoch boundary is only a count
+    # of steps, so the pipeline never stops); a restored rank starts it after the rows its steps consumed.
+    # Its first batch is asked for now, in a thread: Ray Data's coordinator, its worker processes and the
+    # first reads start while this rank builds its model.
+    stream = replace(plan.stream, seed=state["data_seed"])
+    consumed = (saved["step"] if ckpt is not None else 0) * cfg.batch_size * cfg.accum_freq
+    ds = data.rank_dataset(stream, rank, world, consumed, cfg.model.arch, cfg.augment, cfg.data_cpus)
+    batches = primed(iter(ds.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                                dtypes={"image": torch.float32, "text": torch.long, "row": torch.long},
+                                                prefetch_batches=2)) if ds is not None else iter(()))
+    setup = build(cfg, plan, device)
+    model, loss_fn, opt, sched = setup.model, setup.loss, setup.opt, setup.sched
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = {**state, **checkpoint.load(d, model, opt, sched)}
     tracker = plan.tracker.on_rank(rank)
     log = StepLog(tracker, cfg.log_every)
     progress = train_reporter(rank, plan.planned_steps)  # rank 0: step, loss, rate, evaluations to the console
@@ -204,11 +238,10 @@ def train_loop(config: dict[str, Any]) -> None:
         evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
                      else None)
         global_batch = cfg.batch_size * cfg.accum_freq * world
-        # The data position (epoch, step in the epoch) counts steps; a resumed run trains its remaining steps
-        # from the stream's start (the stream's order is not reproducible, so replaying it would not skip the
-        # rows already seen).
+        # The data position (epoch, step in the epoch) counts steps; the rows are the plan's (data.rank_stream)
         step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         samples = state["samples"]
+        rows_log = RowsLog(plan.rows_dir, rank, step)
         try:
             micro, wait = [], 0.0
             t_start = time.perf_counter()
@@ -219,12 +252,13 @@ def train_loop(config: dict[str, Any]) -> None:
                     raise RuntimeError(f"train data: the stream ended on worker {rank} after step {step} of "
                                        f"{plan.planned_steps} ({cfg.batch_size} x {cfg.accum_freq} rows a step)")
                 wait += time.perf_counter() - t0
-                micro.append((batch["image"], batch["text"]))
+                micro.append((batch["image"], batch["text"], batch["row"]))
                 if len(micro) < cfg.accum_freq:
                     continue
                 lr = opt.param_groups[0]["lr"]  # the rate this step used
-                loss = engine.step(model, loss_fn, opt, micro, setup.autocast, cfg.grad_clip)
+                loss = engine.step(model, loss_fn, opt, [(i, t) for i, t, _ in micro], setup.autocast, cfg.grad_clip)
                 sched.step()
+                rows_log.add(step + 1, [r for _, _, r in micro])
                 step, in_epoch, samples, micro = step + 1, in_epoch + 1, samples + global_batch, []
                 if in_epoch >= plan.steps_per_epoch:
                     epoch, in_epoch = epoch + 1, 0
@@ -239,10 +273,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 progress.step(step, metrics)
                 if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
                     log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
+                    rows_log.write(step)  # and the rows its steps trained
                     checkpoint.report(model, opt, sched, rank, {
                         "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
                         "loss": metrics["train/loss"], "mlflow_run_id": tracker.run_id, "arch": plan.arch,
-                        "planned_steps": plan.planned_steps})
+                        "planned_steps": plan.planned_steps, "data_seed": state["data_seed"]})
                 wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
         finally:
             log.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,6 @@ class TrainStage(Stage):
     dependencies = ("open_clip_torch", "torch", "pillow", "pyarrow")
 
     def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
-        import ray.data
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -74,11 +74,13 @@ class TrainStage(Stage):
                      "GPU" if cfg.use_gpu else "CPU")
         ctx.tracker.log_params({"plan": {"rows": source.rows, "steps_per_epoch": steps_per_epoch,
                                          "planned_steps": planned, "global_batch": global_batch}})
-        dctx = ray.data.DataContext.get_current()
-        dctx.enable_progress_bars = ctx.progress
-        dctx.enable_operator_progress_bars = ctx.progress
-        ds = data.dataset(source.shard_urls(), cfg.model.arch, cfg.augment, cfg.seed, cfg.data_cpus,
-                          passes=data.passes_needed(planned, steps_per_epoch))
+        # each rank builds its own Ray Data stream from this (data.rank_dataset); a seed drawn here is kept in
+        # every checkpoint, so a resumed run replays the same plan
+        stream = data.Stream(urls=source.shard_urls(), rows=[int(s["rows"]) for s in source.shards],
+                             passes=data.passes_needed(planned, steps_per_epoch),
+                             seed=cfg.seed if cfg.seed is not None else secrets.randbits(63),
+                             fixed_order=cfg.seed is not None, window=cfg.shuffle_buffer)
+        rows_dir = storage.join(storage.resolve(ctx.output), "rows") if cfg.log_rows else None
 
         resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
         if cfg.use_gpu:
@@ -87,12 +89,12 @@ class TrainStage(Stage):
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
-                                                        planned_steps=planned, tracker=ctx.tracker.for_worker())},
+                                                        planned_steps=planned, tracker=ctx.tracker.for_worker(),
+                                                        stream=stream, rows_dir=rows_dir)},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name="train", storage_path=ray_dir,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-            datasets={"train": ds},
         )
         result = trainer.fit()
         if result.checkpoint is None:
@@ -107,7 +109,8 @@ class TrainStage(Stage):
             shards=shards,
             counts={"steps": state["step"], "samples": state["samples"], "epochs_started": state["epoch"]},
             metrics={"final_loss": state["loss"]},
-            extra={"model": model_info, "checkpoints": storage.join(ray_dir, "train")},
+            extra={"model": model_info, "checkpoints": storage.join(ray_dir, "train"), "data_seed": state["data_seed"],
+                   **({"rows_log": rows_dir} if rows_dir else {})},
         )
 
     @staticmethod
