@@ -55,6 +55,8 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.train_vs_open_clip
 	$(BIN)/python -m tests.benchmarks.demo_models
 	$(BIN)/python -m tests.benchmarks.log_model
+	# prints "no GPU: skipped, run with --smoke for the CPU check" and exits 0 on a machine without a GPU
+	$(BIN)/python -m tests.benchmarks.gpu
 
 schemas: install
 	$(BIN)/clipline schemas
