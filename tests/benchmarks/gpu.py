@@ -4,7 +4,7 @@ One command on a GPU machine, sized to end within 10 minutes there (not yet run 
 (open_clip's architecture) with random weights: `pipelines.models.create` builds every model with
 `pretrained=None`, so nothing is downloaded.
 
-    .venv/bin/python -m tests.benchmarks.gpu [--batch-size B] [--steps S] [--warmup W] [--peak-flops F]
+    .venv/bin/python -m tests.benchmarks.gpu [--arch A] [--batch-size B] [--steps S] [--warmup W] [--peak-flops F]
         [--parts model,data,inference] [--out PATH]
     .venv/bin/python -m tests.benchmarks.gpu --smoke     # CPU check that it runs: clip-tiny, gloo, 2 ranks
 
@@ -390,7 +390,7 @@ def options(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
         return given if given is not None else (small if smoke else full)
 
     cpus = os.cpu_count() or 1
-    return {"cuda": cuda, "arch": "clip-tiny" if smoke else "ViT-B-32",
+    return {"cuda": cuda, "arch": args.arch or ("clip-tiny" if smoke else "ViT-B-32"),
             "batch_size": pick(8, 256, args.batch_size), "steps": pick(3, 30, args.steps),
             "warmup": pick(2, 10, args.warmup), "peak_flops": args.peak_flops, "compile": args.compile,
             "threads": 1, "image_px": 64 if smoke else args.image_px, "rows": pick(64, 4096, args.rows),
@@ -404,7 +404,7 @@ def fmt(v: Any, spec: str = ".1f") -> str:
 
 
 def show(result: dict[str, Any]) -> None:
-    print(f"\n{result['mode']} on {result['device']} ({result['ranks']} ranks), {result['arch']}, "
+    print(f"\n{result['mode']} on {result['device']} ({result['ranks']} rank{'s' if result['ranks'] > 1 else ''} in part 1), {result['arch']}, "
           f"batch {result['options']['batch_size']} per rank:")
     if "model" in result:
         print("1. model-bound training (synthetic batches on the device; clipline's engine.step)")
@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--ranks", type=int, default=None,
                         help="ranks for part 1 (default: every GPU; 2 in smoke mode)")
+    parser.add_argument("--arch", default=None, help="open_clip architecture, random weights (ViT-B-32; smoke clip-tiny)")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per rank per step (256; smoke 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (30; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the figures (10; smoke 2)")
