@@ -85,17 +85,53 @@ def _equality_worker(config: dict[str, Any]) -> None:
         Path(config["out"], f"{loss}-{accum}-{strategy}-loss-{rank}").write_text(repr(value))
 
 
+def test_the_placement_group_cleaner_runs_only_where_the_state_api_answers(ray_local):
+    """Local Ray has no dashboard: the cleaner's liveness poll could never answer, and its stop held every run's
+    end for 12 s, so the trainer leaves it out; where the dashboard's address accepts connections it stays."""
+    import socket
+
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipelines.stages.train.stage import state_api_available, trainer_class
+
+    def callbacks(cls: type) -> list[type]:
+        from ray.train import ScalingConfig
+
+        return [type(c) for c in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+                ._create_default_callbacks()]
+
+    assert not state_api_available()
+    local = trainer_class()
+    assert issubclass(local, TorchTrainer) and PlacementGroupCleanerCallback not in callbacks(local)
+    key, ns = ray_constants.DASHBOARD_ADDRESS, ray_constants.KV_NAMESPACE_DASHBOARD
+    before = internal_kv._internal_kv_get(key, namespace=ns)
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a dashboard's port, as a cluster's head has one
+        try:
+            internal_kv._internal_kv_put(key, f"127.0.0.1:{server.getsockname()[1]}", namespace=ns)
+            assert state_api_available() and trainer_class() is TorchTrainer
+            assert PlacementGroupCleanerCallback in callbacks(TorchTrainer)
+        finally:
+            if before is None:
+                internal_kv._internal_kv_del(key, namespace=ns)
+            else:
+                internal_kv._internal_kv_put(key, before, namespace=ns)
+
+
 @pytest.mark.slow
 def test_two_workers_give_the_loss_and_gradients_of_one_process_on_the_global_batch(tmp_path, ray_local):
     """Local loss with features gathered with gradients (ClipLoss, SigLipLoss), DDP and FSDP, with and
     without accumulation: the mean of the ranks' losses and the all-reduced gradients equal one process's."""
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
+    from pipelines.stages.train.stage import trainer_class
+
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    trainer = TorchTrainer(_equality_worker, train_loop_config={"out": str(tmp_path)},
+    trainer = trainer_class()(_equality_worker, train_loop_config={"out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="eq"))
     trainer.fit()

@@ -51,6 +51,51 @@ def version_description(ctx: StageContext, arch: str, source: Manifest, state: d
             f"final loss {state['loss']:.4f}. The evaluate stage tags its scores (eval/...) on this version.")
 
 
+def state_api_available() -> bool:
+    """Whether Ray's state API can answer on this cluster: the dashboard serves it, at the address the GCS
+    holds. A local instance started by clipline runs none (the GCS still names 127.0.0.1:8265, where nothing
+    listens), so a connection to that address tells."""
+    import socket
+
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return False
+    addr = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not addr:
+        return False
+    host, _, port = addr.decode().rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def trainer_class() -> type:
+    """Ray Train's `TorchTrainer`, without its placement-group cleaner where the state API cannot answer.
+
+    The cleaner is a detached actor that removes the workers' placement group if the controller dies; it
+    polls the controller's liveness through the state API.  Without a dashboard that call blocks on its own
+    address lookup, and the controller's shutdown waited out the cleaner's 12 s stop timeout after every
+    run (with a GetTimeoutError traceback in the log).  The cleaner could never have seen a dead controller
+    there, and a local instance's placement groups end with the instance the runner stops; on a cluster
+    with a dashboard the cleaner stays."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    if state_api_available():
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 @register
 class TrainStage(Stage):
     kind = "train"
@@ -59,7 +104,6 @@ class TrainStage(Stage):
 
     def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
         cfg: TrainConfig = self.config
         if len(upstream) != 1:
@@ -86,7 +130,7 @@ class TrainStage(Stage):
         if cfg.use_gpu:
             resources["GPU"] = 1
         ray_dir = storage.join(storage.resolve(ctx.output), "ray")
-        trainer = TorchTrainer(
+        trainer = trainer_class()(
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
                                                         planned_steps=planned, tracker=ctx.tracker.for_worker(),
