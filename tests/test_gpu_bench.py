@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PARTS = "model,inference"
+PARTS = "model,inference"  # the train-stage part runs the stage, which test_train.py covers on CPU
 
 
 def smoke(tmp_path, name: str, *flags: str) -> dict:
@@ -34,10 +34,6 @@ def test_smoke_writes_every_figure_and_mfu_only_with_a_peak(tmp_path):
         assert positive(m["step_samples_per_s"]) and positive(m["global_samples_per_s"]), m
         assert positive(m["flops_per_sample"]) and math.isfinite(m["loss_last"]), m
         assert m["mfu"] is None and m["peak_flops"] is None and m["peak_memory_bytes"] is None, m  # CPU: no peak
-    if "data" in PARTS:
-        d = r["data"]
-        assert positive(d["steady_samples_per_s"]) and d["workers"] == 1 and d["mfu"] is None, d
-        assert 0 <= d["data_wait_mean"] <= d["data_wait_max"] <= 1, d
     inf = r["inference"]
     for key in ("embed_in_process", "embed_pool", "clip_score_in_process", "clip_score_pool", "clip_score_model_only"):
         assert positive(inf[f"{key}_images_per_s"]), (key, inf)

@@ -125,12 +125,13 @@ def _rows(url: str, start: int, stop: int, chunk: int) -> Iterator[Any]:
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
-        groups, pos, first = [], 0, None
+        groups: list[int] = []
+        pos, first = 0, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if pos + n > start and pos < stop:
+                first = first if groups else pos
                 groups.append(g)
-                first = pos if first is None else first
             pos += n
         if not groups:
             return

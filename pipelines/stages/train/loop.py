@@ -105,7 +105,9 @@ class RowsLog:
 
     def __init__(self, rows_dir: str | None, rank: int, step: int) -> None:
         self.dir = None if rows_dir is None else f"{rows_dir}/rank-{rank:03d}"
-        self.first, self.steps, self.rows = step + 1, [], []
+        self.first = step + 1
+        self.steps: list[int] = []
+        self.rows: list[int] = []
 
     def add(self, step: int, rows: list[torch.Tensor]) -> None:
         if self.dir is not None:
