@@ -101,7 +101,7 @@ def rank_stream(stream: Stream, rank: int, world: int, skip: int = 0) -> list[di
     """The items a rank's dataset reads: its spans, the first `skip` rows of the stream left out.  A span that
     starts mid-window begins at that window's start and drops the window's first `drop` rows once permuted,
     so the rows that follow are exactly those an uninterrupted stream gives after `skip` rows."""
-    items, pos = [], 0
+    items, pos, offsets = [], 0, stream.offsets()
     for s in rank_spans(stream, rank, world):
         n = s["stop"] - s["start"]
         if pos + n <= skip:
@@ -111,7 +111,7 @@ def rank_stream(stream: Stream, rank: int, world: int, skip: int = 0) -> list[di
         w = stream.window
         start, drop = (s["start"] + into // w * w, into % w) if w else (s["start"] + into, 0)
         items.append({**s, "start": start, "drop": drop, "url": stream.urls[s["file"]],
-                      "first_id": stream.offsets()[s["file"]]})
+                      "first_id": offsets[s["file"]]})
         pos += n
     return items
 
@@ -147,7 +147,7 @@ def _rows(url: str, start: int, stop: int, chunk: int) -> Iterator[Any]:
 
 def windows(item: dict[str, Any], seed: int, window: int, chunk: int) -> Iterator[tuple[Any, np.ndarray]]:
     """(table, global row ids) of each window of a span item, its rows permuted; the first window without its
-    first `drop` rows.  A window is [origin + k x window, ...) within the span, permuted by a generator seeded
+    first `drop` rows.  A window is [span start + k x window, ...) within the span, permuted by a generator seeded
     with (seed, pass, file, its start), whichever row the read began at."""
     import pyarrow as pa
 
