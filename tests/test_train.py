@@ -321,13 +321,18 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
     # scoring of the published weights (the same code, on the DDP-wrapped model in the workers)
     assert [s for s, _ in history(store, run.info.run_id, "eval/held/acc1")] == [10, 20, 24]
     from pipelines.evaluation import datasets
-    from pipelines.evaluation.embed import encode
+    from pipelines.evaluation.embed import Embedder
     from pipelines.evaluation.tasks import score, texts
 
     data = datasets.builtin("demo_heldout", 64, 36)
-    _, preprocess, _ = create(ModelRef(arch="clip-tiny"))
     prompts, captions = texts(data, ["zeroshot", "retrieval"])
-    img, txt = encode(preprocess, tok, local.encode_image, local.encode_text, data.images, prompts + captions, 16, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        embedder = Embedder(ModelRef(arch="clip-tiny", checkpoint=os.path.join(m.location, info["weights"])))
+        img, txt = (torch.from_numpy(embedder.embed(k, v)) for k, v in (("image", data.images),
+                                                                        ("text", prompts + captions)))
+    finally:
+        torch.set_num_threads(threads)
     want = score(data, ["zeroshot", "retrieval"], img, txt)
     for task, key in (("zeroshot", "acc1"), ("zeroshot", "mean_per_class_recall"),
                       ("retrieval", "text_retrieval_recall@5")):

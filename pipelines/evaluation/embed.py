@@ -5,6 +5,7 @@ and what the train stage calls on its live model every `eval_every` steps."""
 from __future__ import annotations
 
 import io
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,10 @@ def encode(preprocess: Any, tokenizer: Any, image_fn: Any, text_fn: Any, images:
 
 
 class Embedder:
-    """Holds one model; embeds a batch of images (bytes) or texts (str), L2-normalised, float32."""
+    """Holds one model; embeds a batch of images (bytes) or texts (str), L2-normalised, float32.  The features
+    are the model's normalised ones (`normalize=True`, what its forward returns), so the scores equal, bit for bit,
+    those the train stage logs from the forward of the model it trains (`pipelines.evaluation.live`): normalising
+    the raw features once gives other last bits, enough to flip a near tie in zero-shot accuracy."""
 
     def __init__(self, model: ModelRef, threads: int = 1) -> None:
         import torch
@@ -58,9 +62,11 @@ class Embedder:
 
         with torch.no_grad():
             if kind == "image":
-                emb = encode_images(self.preprocess, items, self.model.encode_image, self.device)
+                emb = encode_images(self.preprocess, items, partial(self.model.encode_image, normalize=True),
+                                    self.device)
             else:
-                emb = encode_texts(self.tokenizer, items, self.model.encode_text, self.device)
+                emb = encode_texts(self.tokenizer, items, partial(self.model.encode_text, normalize=True),
+                                   self.device)
         return emb.cpu().numpy().astype(np.float32)
 
 
