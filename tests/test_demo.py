@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import sys
+import time
 
 import mlflow
 import pytest
@@ -14,6 +18,7 @@ from pipelines.demo.server import url_list
 from tests.conftest import mlflow_runs, run_label
 from tests.support.cli import run_cli
 from tests.support.net import free_port
+from tests.support.watched import assert_nothing_left_the_machine, ui_step, user_env, watched
 
 
 def test_generator_is_deterministic_and_covers_the_classes():
@@ -31,39 +36,55 @@ def test_generator_is_deterministic_and_covers_the_classes():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1000)  # the first run took 4 min on the 2-core machine beside another test process
-def test_demo_runs_then_is_a_cache_hit(tmp_path):
-    store = tmp_path / "data"
+def test_demo_runs_offline_then_is_a_cache_hit(tmp_path):
+    """The first run, then `clipline ui` on its store, run as a user runs them (a user's environment, without the
+    offline switches the suite sets) in a network namespace of their own, watched: nothing leaves the machine
+    (tests/support/watched.py; tests/test_loopback.py checks the watch). The second run is a cache hit."""
+    store, ui_port = tmp_path / "data", free_port()
     cmd = ["demo", "--storage", str(store), "--images", "300", "--port", str(free_port()), "--no-progress",
            # about 200 curated rows: 2 workers x 16, three epochs; evaluation on 60 held-out images
            "--set", "stages.train.with.batch_size=16", "--set", "stages.train.with.epochs=3",
            "--set", "stages.evaluate.with.datasets.0.limit=60"]
-    env = {**os.environ, "CLIPLINE_LOG_DIR": str(tmp_path / "logs")}
-    first = run_cli(*cmd, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr
+    logs = tmp_path / "logs"
+    demo = shlex.join([sys.executable, "-m", "pipelines.cli", *cmd])
+    # the UI on the demo's store, asked for its page, the runs and its telemetry config, as a browser does; its
+    # output (the MLflow server's) is not the demo's console
+    ui = f"{ui_step(store, ui_port, tmp_path / 'ui.json')} > {tmp_path / 'ui.log'} 2>&1"
+    started = time.monotonic()
+    rc, watcher, out = watched(f"sh -c {shlex.quote(f'{demo} && {ui}')}", tmp_path, 900,
+                               env=user_env(tmp_path, CLIPLINE_LOG_DIR=str(logs)))
+    assert rc == 0, out[-4000:] + (tmp_path / "ui.log").read_text(errors="replace")[-2000:]
+    assert_nothing_left_the_machine(tmp_path, watcher, time.monotonic() - started,
+                                    ("pipelines.cli demo", "dashboard/dashboard.py", "default_worker.py", "mlflow"))
+    ui_seen = json.loads((tmp_path / "ui.json").read_text())
+    assert ui_seen["page"] == 200 and ui_seen["experiments"] >= 1, ui_seen
+    # clipline wrote Ray's bootstrap config in the run's home: what keeps Ray's dashboard from asking
+    assert "provider:\n  type: local" in (tmp_path / "home" / "ray_bootstrap_config.yaml").read_text()
+
     # the console: clipline's lines, a training line every tenth of the steps and the summary; Ray's, Ray Data's,
     # MLflow's and the workers' lines are in the log file. Measured: 41 lines (before issue 20: 1,760, with
     # tracebacks, hundreds of open_clip deprecation warnings and every clipline line twice)
-    console = (first.stderr + first.stdout).splitlines()
-    assert len(console) < 60, first.stderr
+    console = out.splitlines()
+    assert len(console) < 60, out
     noise = re.compile(r"Traceback|Error|WARNING|Warning|warn\(|initialized randomly|Execution plan|all_gather|"
                        r"^INFO:|pid=")
-    assert [line for line in console if noise.search(line)] == [], first.stderr
-    assert len(set(console) - {""}) == len([line for line in console if line]), first.stderr  # no line twice
-    assert re.search(r"^clipline: train: step \d+/\d+, loss \d+\.\d+, \d+ samples/s", first.stderr, re.M)
-    (log,) = (tmp_path / "logs").glob("demo-*.log")
-    assert f"log: {log}" in first.stdout and re.search(r"^ +\(\d+:\d\d in all\)$", first.stdout, re.M)
+    assert [line for line in console if noise.search(line)] == [], out
+    assert len(set(console) - {""}) == len([line for line in console if line]), out  # no line twice
+    assert re.search(r"^clipline: train: step \d+/\d+, loss \d+\.\d+, \d+ samples/s", out, re.M)
+    (log,) = logs.glob("demo-*.log")
+    assert f"log: {log}" in out and re.search(r"^ +\(\d+:\d\d in all\)$", out, re.M)
     text = log.read_text()
     assert "Started a local Ray instance" in text and "(RayTrainWorker pid=" in text
     assert "Ray's session logs" in text
     assert "PlacementGroupCleaner" not in text  # its stop timed out after every training run (12 s, a traceback)
-    assert "crawl      ran      300 rows" in first.stdout
-    assert "curate     ran" in first.stdout
-    assert "train      ran" in first.stdout and "model: models:/demo-train@candidate" in first.stdout
-    assert "evaluate   ran" in first.stdout
+    assert "crawl      ran      300 rows" in out
+    assert "curate     ran" in out
+    assert "train      ran" in out and "model: models:/demo-train@candidate" in out
+    assert "evaluate   ran" in out
     files = {p: p.stat().st_mtime_ns for p in (store / "demo").rglob("*")}
 
     # the port is part of every URL: the same port gives the same list and so the same cache key
-    second = run_cli(*cmd, timeout=300, env=env)
+    second = run_cli(*cmd, timeout=300, env={**os.environ, "CLIPLINE_LOG_DIR": str(logs)})
     assert second.returncode == 0, second.stderr
     assert "crawl      cached   300 rows" in second.stdout
     assert "curate     cached" in second.stdout
@@ -96,7 +117,7 @@ def test_demo_runs_then_is_a_cache_hit(tmp_path):
     assert curate["curate/rows_out"] == curate["curate/rows"] == 300 - dropped > 0
     # and training on the curated rows: three epochs of 2 workers x 16, every step logged once
     steps = 3 * (int(curate["curate/rows_out"]) // 2 // 16)
-    assert f"train      ran      {steps} steps" in first.stdout and steps > 0
+    assert f"train      ran      {steps} steps" in out and steps > 0
     train = runs[3]
     assert train.data.metrics["train/steps"] == steps
     loss = mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(train.info.run_id, "train/loss")

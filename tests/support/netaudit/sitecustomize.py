@@ -1,6 +1,6 @@
 """Installs netaudit's hook when CLIPLINE_NET_AUDIT_DIR is set, then runs the sitecustomize this one hides.
 
-Only tests/test_loopback.py puts this directory on PYTHONPATH, and only for the run it watches.
+Only tests/support/watched.py puts this directory on PYTHONPATH, and only for the run it watches.
 """
 
 import importlib.machinery
