@@ -347,8 +347,7 @@ def summary_lines(outcomes: list[Any], seconds: float | None = None) -> list[str
         if m is None:
             lines.append(f"{o.stage:<10} {o.state}")
             continue
-        size = f"{m.counts['steps']} steps" if "steps" in m.counts else f"{m.rows} rows"
-        lines.append(f"{o.stage:<10} {o.state:<8} {size}  {m.location}")
+        lines.append(f"{o.stage:<10} {o.state:<8} {m.size}  {m.location}")
         model = m.extra.get("model", {}) if isinstance(m.extra, dict) else {}
         if "weights" in model:  # a trained model
             where = model.get("registry_uri") or model.get("model_uri") or "not logged (MLflow was offline)"

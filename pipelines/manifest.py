@@ -65,6 +65,11 @@ class Manifest:
     def rows(self) -> int:
         return sum(s["rows"] for s in self.shards)
 
+    @property
+    def size(self) -> str:
+        """What the output holds, for a person: a training's steps (its shards are checkpoints), else rows."""
+        return f"{self.counts['steps']} steps" if "steps" in self.counts else f"{self.rows} rows"
+
     def shard_urls(self) -> list[str]:
         return [storage.join(self.location, s["path"]) for s in self.shards]
 

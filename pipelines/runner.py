@@ -360,7 +360,7 @@ def _run_stage(job: JobSpec, st: StageSpec, ups: dict[str, Manifest], tracker: T
         raise
     _log_stage(tracker, child, st, ups, m, params=False)
     tracker.end(child.run_id, True)
-    log.info("%s: done in %.1fs: %d rows in %d shards", st.name, seconds, m.rows, len(m.shards))
+    log.info("%s: done in %.1fs: %s in %d shards", st.name, seconds, m.size, len(m.shards))
     return StageOutcome(st.name, "ran", fp, m, seconds)
 
 

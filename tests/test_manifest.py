@@ -29,6 +29,13 @@ def test_a_manifest_reads_back_as_written(tmp_path):
     assert "location" not in json.loads((tmp_path / MANIFEST).read_text())
 
 
+def test_a_training_is_sized_in_steps_and_a_dataset_in_rows():
+    # the runner's done line and the closing summary say this; a training's shards are checkpoints (0 rows)
+    assert make().size == "3 rows"
+    ckpt = SHARD | {"path": "checkpoints/step-40/model.safetensors", "rows": 0}
+    assert make(uses="train", shards=[ckpt, ckpt], counts={"steps": 40, "samples": 2560}).size == "40 steps"
+
+
 def test_the_schema_is_the_dataclass():
     stored = {f.name for f in dataclasses.fields(Manifest)} - {"location"}
     assert set(MANIFEST_SCHEMA["properties"]) == stored
