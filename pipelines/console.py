@@ -247,6 +247,9 @@ class _TrainView:
         self.next_plain = 0
 
     def show(self, r: dict[str, Any]) -> None:
+        if r.get("kind") == "train_eval":  # an asynchronous evaluation ended (its step is behind the bar's)
+            self._eval(r["step"], r["eval"])
+            return
         step, planned = r["step"], r["planned"]
         now = time.monotonic()
         if self.bar is None and self.t0 == 0.0:
@@ -266,10 +269,13 @@ class _TrainView:
             log.info("train: step %d/%d, loss %.4f, %.0f samples/s%s", step, planned, r["loss"],
                      r["samples_per_s"], eta)
         if r["eval"]:
-            text = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in sorted(r["eval"].items()))
-            self.write(f"clipline: train: step {step} eval: {text}")
+            self._eval(step, r["eval"])
         if step == planned:
             self.close()
+
+    def _eval(self, step: int, scores: dict[str, float]) -> None:
+        text = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in sorted(scores.items()))
+        self.write(f"clipline: train: step {step} eval: {text}")
 
     def write(self, line: str) -> None:
         if self.bar is not None:

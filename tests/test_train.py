@@ -186,6 +186,54 @@ def test_a_checkpoint_restores_model_optimizer_and_schedule_bit_for_bit(tmp_path
         assert torch.equal(v, other.state_dict()[k]), k
 
 
+def test_an_asynchronous_evaluation_logs_its_step_once_and_a_failed_one_is_named_with_its_cause(tmp_path):
+    """Ray Train's validation function, called as its task calls it, on a checkpoint directory: the scores of
+    the checkpoint's weights are logged at its step and kept under evals/; called again (a restarted
+    validation) it logs nothing twice; a set that cannot load leaves its error for the driver, which names it."""
+    import ray.train
+    from mlflow import MlflowClient
+
+    from pipelines.evaluation.config import EvalSet
+    from pipelines.evaluation.live import LiveEvaluator
+    from pipelines.stages.train import validate
+    from pipelines.tracking import WorkerTracker
+
+    model = _model()
+    opt = engine.optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    msd, osd = checkpoint.full_state(model, opt)
+    checkpoint.save(str(tmp_path / "ck"), msd, osd, engine.scheduler(opt, 2, 10), {"step": 7})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    tracker = WorkerTracker(uri, run_id, "j", "train", str(tmp_path / "spool"))
+    held = EvalSet(name="held", builtin="demo_heldout", limit=12, tasks=["zeroshot"])
+    evals = str(tmp_path / "out" / "evals")
+    fn = validate.CheckpointEvaluator([held], "clip-tiny", 8, 1, False, tracker, evals)
+    ckpt = ray.train.Checkpoint.from_directory(str(tmp_path / "ck"))
+    threads = torch.get_num_threads()
+    try:
+        scores = fn(ckpt)
+        assert scores == LiveEvaluator([held], "clip-tiny", 8, torch.device("cpu"))(model.eval())
+        assert fn(ckpt) == scores
+    finally:
+        torch.set_num_threads(threads)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/held/acc1")] == \
+        [(7, scores["eval/held/acc1"])]
+
+    broken = EvalSet(name="gone", path=str(tmp_path / "missing.parquet"), tasks=["zeroshot"], classnames=["a", "b"])
+    checkpoint.save(str(tmp_path / "ck9"), msd, osd, engine.scheduler(opt, 2, 10), {"step": 9})
+    with pytest.raises(FileNotFoundError, match="dataset gone: no file matches .*missing.parquet"):
+        validate.CheckpointEvaluator([broken], "clip-tiny", 8, 1, False, tracker, evals)(
+            ray.train.Checkpoint.from_directory(str(tmp_path / "ck9")))
+    torch.set_num_threads(threads)
+    got, failed = validate.collect(evals, validate.eval_steps(10, 3))
+    assert validate.eval_steps(10, 3) == [3, 6, 9, 10]
+    assert got == {}  # 7 is not one of the steps of that plan
+    assert set(failed) == {3, 6, 9, 10} and failed[9].startswith("FileNotFoundError: dataset gone")
+    assert failed[3].startswith("never run")
+    assert validate.collect(evals, [7]) == ({7: scores}, {})
+
+
 def test_gradient_checkpointing_and_bf16_autocast_run_the_same_step():
     images, texts = _batch()
     want_loss, want = reference("clip", 1)
@@ -282,23 +330,38 @@ def history(store: Path, run_id: str, key: str = "train/loss") -> list[tuple[int
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+# The job of one uninterrupted run, which two tests read: 40 steps (5 epochs of 8: 512 rows / 2 workers / 32),
+# checkpoints every 5, a fixed data seed, the rows log, and an evaluation every 10 steps. The worker-kill test
+# runs the same training (without the evaluation, which trains no row) and compares its rows with this run's.
+WHOLE = {"steps": 40, "checkpoint_every": 5, "seed": 3, "log_rows": True}
+HELD = {"name": "held", "builtin": "demo_heldout", "limit": 36}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, ray_local) -> tuple[Path, dict[str, Any]]:
+    """(its directory, its outcomes by stage)"""
+    root = tmp_path_factory.mktemp("whole")
+    job = spec.load(train_job(root, eval_every=10, eval_datasets=[HELD], **WHOLE))
+    return root, {o.stage: o for o in run_job(job, progress=False)}
+
+
 @pytest.mark.slow
-def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path, ray_local):
-    held = {"name": "held", "builtin": "demo_heldout", "limit": 36}
-    job = spec.load(train_job(tmp_path, epochs=3, eval_every=10, eval_datasets=[held]))
-    outcomes = {o.stage: o for o in run_job(job, progress=False)}
+def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(whole):
+    from mlflow import MlflowClient
+
+    root, outcomes = whole
     m = outcomes["train"].manifest
-    assert m.counts["steps"] == 24 and m.counts["samples"] == 24 * 64  # 512 rows / 2 workers / 32 = 8 per epoch
-    store = tmp_path / "store"
+    assert m.counts["steps"] == 40 and m.counts["samples"] == 40 * 64
+    store = root / "store"
     run = train_run(store)
     losses = [v for _, v in history(store, run.info.run_id)]
-    assert len(losses) == 24
+    assert len(losses) == 40
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
     for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/samples_per_s_per_worker",
                 "train/worker_1/samples_per_s", "train/data_wait_fraction", "train/flops_per_s"):
-        assert [s for s, _ in history(store, run.info.run_id, key)] == list(range(1, 25)), key
+        assert [s for s, _ in history(store, run.info.run_id, key)] == list(range(1, 41)), key
     assert "train/mfu" not in run.data.metrics  # no known peak on CPU
-    assert run.data.params["plan.planned_steps"] == "24"
+    assert run.data.params["plan.planned_steps"] == "40"
 
     # the published weights, and the registered model loaded by alias, give the same embeddings
     info = m.extra["model"]
@@ -317,9 +380,15 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
     config = json.loads(Path(m.location, info["config"]).read_text())
     assert config["arch"] == "clip-tiny" and config["embed_dim"] == 64
 
-    # evaluation while training: at steps 10, 20 and the last; the last equals the evaluate stage's own
-    # scoring of the published weights (the same code, on the DDP-wrapped model in the workers)
-    assert [s for s, _ in history(store, run.info.run_id, "eval/held/acc1")] == [10, 20, 24]
+    # evaluation while training, asynchronously (Ray Train's validation of the checkpoint of each step): every 10
+    # steps, the last one included; the ranks trained on while each ran (the loss of the step after it was logged
+    # before its scores); the last equals the evaluate stage's own scoring of the published weights
+    assert [s for s, _ in history(store, run.info.run_id, "eval/held/acc1")] == [10, 20, 30, 40]
+    assert m.counts["evaluations"] == 4 and "clipline.train.evaluations_failed" not in run.data.tags
+    logged = {k: {mm.step: mm.timestamp for mm in MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+                  .get_metric_history(run.info.run_id, k)} for k in ("train/loss", "eval/held/acc1")}
+    assert all(logged["eval/held/acc1"][s] > logged["train/loss"][s + 1] for s in (10, 20, 30)), logged
+    assert sorted(p.name for p in Path(m.location, "evals").iterdir()) == [f"step-{s:08d}.json" for s in (10, 20, 30, 40)]
     from pipelines.evaluation import datasets
     from pipelines.evaluation.embed import Embedder
     from pipelines.evaluation.tasks import score, texts
@@ -337,7 +406,7 @@ def test_two_workers_lower_the_loss_and_the_registered_model_loads_back(tmp_path
     for task, key in (("zeroshot", "acc1"), ("zeroshot", "mean_per_class_recall"),
                       ("retrieval", "text_retrieval_recall@5")):
         got = history(store, run.info.run_id, f"eval/held/{key.replace('@', '_at_')}")[-1]
-        assert got == (24, pytest.approx(want[task][key], abs=1e-6)), key
+        assert got == (40, pytest.approx(want[task][key], abs=1e-6)), key
 
 
 def _train_workers() -> list[int]:
@@ -445,26 +514,22 @@ def _trained(manifest: Any, workers: int, steps: int, batch: int) -> Any:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_trains_the_rows_of_an_uninterrupted_run(
-        tmp_path, ray_local):
+        tmp_path, whole):
     """Exact resume: the restarted group trains, step by step and rank by rank, the rows (in the batches)
-    that the same job trains uninterrupted."""
-    train = {"steps": 40, "checkpoint_every": 5, "max_failures": 2, "seed": 3, "log_rows": True}
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "whole").mkdir()
-    job = spec.load(train_job(tmp_path / "killed", **train))
+    that the same job trains uninterrupted (the `whole` run)."""
+    job = spec.load(train_job(tmp_path, max_failures=2, **WHOLE))
     outcome = _run_in_thread(job)
-    _kill_a_worker_after(tmp_path / "killed" / "store", 10, outcome)
+    _kill_a_worker_after(tmp_path / "store", 10, outcome)
     outcome["thread"].join(timeout=600)
     assert "killed" in outcome, "no training worker was found to kill"
     assert "error" not in outcome, outcome.get("error")
     m = {o.stage: o for o in outcome["result"]}["train"].manifest
     assert m.counts["steps"] == 40
-    run = _assert_one_continuous_run(tmp_path / "killed" / "store", 40)
+    run = _assert_one_continuous_run(tmp_path / "store", 40)
     restored = int(run.data.tags["clipline.train.restored_from_step"])
     assert 5 <= restored < 40 and restored % 5 == 0
 
-    whole = {o.stage: o for o in run_job(spec.load(train_job(tmp_path / "whole", **train)), progress=False)}
-    killed_rows, whole_rows = _trained(m, 2, 40, 32), _trained(whole["train"].manifest, 2, 40, 32)
+    killed_rows, whole_rows = _trained(m, 2, 40, 32), _trained(whole[1]["train"].manifest, 2, 40, 32)
     assert killed_rows.equals(whole_rows)
     # 512 rows over 2 ranks: 8 steps of 32 an epoch; within an epoch the 2 ranks train 512 distinct rows
     first_epoch = whole_rows[whole_rows.step <= 8]
@@ -476,7 +541,7 @@ def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_p
     """No worker-group restarts allowed: the kill fails the stage; the re-run resumes from the checkpoint
     (FSDP this time, so its sharded state goes through the checkpoint too)."""
     path = train_job(tmp_path, steps=30, checkpoint_every=5, max_failures=0, strategy="fsdp", log_rows=True,
-                     eval_datasets=[{"name": "held", "builtin": "demo_heldout", "limit": 12, "tasks": ["zeroshot"]}])
+                     eval_mode="inline", eval_datasets=[{"name": "held", "builtin": "demo_heldout", "limit": 12, "tasks": ["zeroshot"]}])
     outcome = _run_in_thread(spec.load(path))
     _kill_a_worker_after(tmp_path / "store", 10, outcome)
     outcome["thread"].join(timeout=600)
@@ -494,7 +559,7 @@ def test_rerunning_a_job_whose_training_crashed_resumes_it_in_the_same_run(tmp_p
     losses = [v for _, v in history(tmp_path / "store", run.info.run_id)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # FSDP's sharded parameters do train
     assert int(run.data.tags["clipline.train.restored_from_step"]) >= 5
-    # the end-of-training evaluation ran through FSDP's sharded forward on both ranks
+    # the end-of-training evaluation ran inline, through FSDP's sharded forward on both ranks
     assert [s for s, _ in history(tmp_path / "store", run.info.run_id, "eval/held/acc1")] == [30]
     # the seed drawn by the first attempt came back with its checkpoint: every step trained its planned rows
     from pipelines.stages.train import data

@@ -70,9 +70,11 @@ def read_state(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def report(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, rank: int, state: dict[str, Any]) -> None:
+def report(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, rank: int, state: dict[str, Any],
+           validate: bool = False) -> None:
     """A checkpoint of `state` (its `step` and `loss` are Ray Train's metrics) reported to Ray Train: every rank
-    reports (a collective gathers the full state); rank 0 writes the files."""
+    reports (a collective gathers the full state); rank 0 writes the files. `validate`: Ray Train evaluates it in
+    a task of its own (`validate.CheckpointEvaluator`) while training goes on."""
     import ray.train
 
     model_sd, optim_sd = full_state(model, opt)
@@ -83,4 +85,4 @@ def report(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, rank: int, 
     with tempfile.TemporaryDirectory() as tmp:
         save(tmp, model_sd, optim_sd, sched, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-{state['step']:08d}")
+                         checkpoint_dir_name=f"checkpoint-{state['step']:08d}", validation=validate)

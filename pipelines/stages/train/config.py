@@ -87,6 +87,13 @@ class TrainConfig:
     eval_every: int | None = field(None, "steps between evaluations on eval_datasets (one is always run at the end)",
                                    minimum=1)
     eval_batch_size: int = field(128, "images or texts per forward pass when evaluating", minimum=1)
+    eval_mode: Literal["async", "inline"] = field(
+        "async", "async: each evaluation is a Ray task on the checkpoint of its step (Ray Train's asynchronous "
+        "validation) while the ranks train on; inline: on the training ranks between steps (open_clip's way)")
+    eval_cpus: float = field(1.0, "async evaluation: CPUs its Ray task reserves (torch uses max(1, floor(this)) "
+                             "threads)", exclusiveMinimum=0)
+    eval_gpus: float = field(0.0, "async evaluation: GPUs its Ray task reserves (it evaluates on a GPU if > 0)",
+                             minimum=0)
 
     def __post_init__(self) -> None:
         if self.eval_every and not self.eval_datasets:

@@ -26,6 +26,7 @@ from pipelines.evaluation.live import LiveEvaluator
 from pipelines.prometheus import TRAIN_DATA_WAIT, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_STEPS
 from pipelines.stages.train import checkpoint, data, engine, parallel
 from pipelines.stages.train.config import TrainConfig
+from pipelines.stages.train.validate import eval_steps
 from pipelines.tracking import WorkerTracker
 
 # dense bf16 peak FLOP/s of one accelerator, by device-name substring, most specific first (vendor datasheets)
@@ -237,8 +238,9 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.set_tag("clipline.train.restored_from_step", str(state["step"]))
     with tracker.system_metrics(cfg.system_metrics):
         peak = peak_flops(cfg, device, setup.bf16)
-        evaluator = (LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if cfg.eval_datasets
-                     else None)
+        inline = cfg.eval_datasets and cfg.eval_mode == "inline"
+        evaluator = LiveEvaluator(cfg.eval_datasets, plan.arch, cfg.eval_batch_size, device) if inline else None
+        evals = set(eval_steps(plan.planned_steps, cfg.eval_every)) if cfg.eval_datasets else set()
         global_batch = cfg.batch_size * cfg.accum_freq * world
         # The data position (epoch, step in the epoch) counts steps; the rows are the plan's (data.rank_stream)
         step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
@@ -267,19 +269,19 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_end = time.perf_counter()
                 metrics = _step_metrics(cfg, model, lr, loss, t_end - t_start, wait, global_batch, world,
                                         setup.flops_per_sample, peak, device)
-                if evaluator is not None and (step == plan.planned_steps or (cfg.eval_every
-                                                                             and step % cfg.eval_every == 0)):
+                if evaluator is not None and step in evals:
                     scores = evaluator(model)  # every rank runs the forward passes (FSDP needs them all)
                     metrics.update(scores if rank == 0 else {})
                 log.step(step, metrics, global_batch)
                 progress.step(step, metrics)
-                if step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
+                validate = evaluator is None and step in evals  # async: a checkpoint Ray Train evaluates aside
+                if validate or step % cfg.checkpoint_every == 0 or step == plan.planned_steps:
                     log.flush()  # metrics up to this step are in MLflow before the checkpoint that covers them
                     rows_log.write(step)  # and the rows its steps trained
                     checkpoint.report(model, opt, sched, rank, {
                         "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "samples": samples,
                         "loss": metrics["train/loss"], "mlflow_run_id": tracker.run_id, "arch": plan.arch,
-                        "planned_steps": plan.planned_steps, "data_seed": state["data_seed"]})
+                        "planned_steps": plan.planned_steps, "data_seed": state["data_seed"]}, validate=validate)
                 wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
         finally:
             log.flush()

@@ -19,7 +19,7 @@ from pipelines.manifest import Manifest
 from pipelines.models import CONFIG_FILE, WEIGHTS_FILE, arch_name, log_model, model_config
 from pipelines.spool import unreachable
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.train import checkpoint, data
+from pipelines.stages.train import checkpoint, data, validate
 from pipelines.stages.train.config import TrainConfig
 from pipelines.stages.train.loop import Plan, train_loop
 from pipelines.tracking import run_link
@@ -103,7 +103,7 @@ class TrainStage(Stage):
     dependencies = ("open_clip_torch", "torch", "pillow", "pyarrow")
 
     def run(self, ctx: StageContext, upstream: dict[str, Manifest]) -> StageResult:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig
 
         cfg: TrainConfig = self.config
         if len(upstream) != 1:
@@ -130,6 +130,14 @@ class TrainStage(Stage):
         if cfg.use_gpu:
             resources["GPU"] = 1
         ray_dir = storage.join(storage.resolve(ctx.output), "ray")
+        evals_dir = storage.join(storage.resolve(ctx.output), "evals")
+        validation = None
+        if cfg.eval_datasets and cfg.eval_mode == "async":
+            validation = ValidationConfig(
+                fn=validate.CheckpointEvaluator(cfg.eval_datasets, cfg.model.arch, cfg.eval_batch_size,
+                                                max(1, int(cfg.eval_cpus)), cfg.eval_gpus > 0,
+                                                ctx.tracker.for_worker(), evals_dir),
+                ray_remote_kwargs={"num_cpus": cfg.eval_cpus, "num_gpus": cfg.eval_gpus})
         trainer = trainer_class()(
             train_loop,
             train_loop_config={"cfg": cfg, "plan": Plan(arch=cfg.model.arch, steps_per_epoch=steps_per_epoch,
@@ -139,8 +147,11 @@ class TrainStage(Stage):
             run_config=RunConfig(name="train", storage_path=ray_dir,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            validation_config=validation,
         )
-        result = trainer.fit()
+        result = trainer.fit()  # returns once the last evaluation has ended too
+        evaluated = self._check_evaluations(ctx, evals_dir, validate.eval_steps(planned, cfg.eval_every)) \
+            if validation is not None else None
         if result.checkpoint is None:
             raise RuntimeError(f"train: Ray Train finished without a checkpoint under {ray_dir}")
         with result.checkpoint.as_directory() as d:
@@ -151,11 +162,24 @@ class TrainStage(Stage):
             shards, model_info = self._publish(ctx, cfg, d, arch, source, state)
         return StageResult(
             shards=shards,
-            counts={"steps": state["step"], "samples": state["samples"], "epochs_started": state["epoch"]},
+            counts={"steps": state["step"], "samples": state["samples"], "epochs_started": state["epoch"],
+                    **({"evaluations": evaluated} if evaluated is not None else {})},
             metrics={"final_loss": state["loss"]},
             extra={"model": model_info, "checkpoints": storage.join(ray_dir, "train"), "data_seed": state["data_seed"],
                    **({"rows_log": rows_dir} if rows_dir else {})},
         )
+
+    @staticmethod
+    def _check_evaluations(ctx: StageContext, evals_dir: str, steps: list[int]) -> int:
+        """The asynchronous evaluations Ray Train ran: each failed or missing one said on the console and tagged on
+        the run (the model is trained all the same; Ray Train only logs a failed validation). Returns how many
+        succeeded."""
+        scores, failed = validate.collect(evals_dir, steps)
+        for step, why in failed.items():
+            ctx.log.warning("train: the evaluation at step %d failed, its eval/ metrics are missing: %s", step, why)
+        if failed:
+            ctx.tracker.set_tag("clipline.train.evaluations_failed", ",".join(str(s) for s in failed))
+        return len(scores)
 
     @staticmethod
     def _publish(ctx: StageContext, cfg: TrainConfig, ckpt_dir: str, arch: str, source: Manifest,
