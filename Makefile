@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.resize_vs_img2dataset
 	$(BIN)/python -m tests.benchmarks.clip_score
 	$(BIN)/python -m tests.benchmarks.train_vs_open_clip
+	$(BIN)/python -m tests.benchmarks.train_eval_async
 	$(BIN)/python -m tests.benchmarks.demo_models
 	$(BIN)/python -m tests.benchmarks.log_model
 	# prints "no GPU: skipped, run with --smoke for the CPU check" and exits 0 on a machine without a GPU
