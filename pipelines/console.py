@@ -221,17 +221,28 @@ class TrainReporter:
         self.last = now
         record = {"kind": "train", "step": step, "planned": self.planned, "loss": metrics.get("train/loss"),
                   "samples_per_s": metrics.get("train/samples_per_s"), "eval": evals}
+        self._put(record)
+
+    def evaluation(self, step: int, scores: dict[str, float]) -> None:
+        """An asynchronous evaluation of `step` ended: its scores to the console, whatever step the bar is at."""
+        self._put({"kind": "train_eval", "step": step, "eval": scores})
+
+    def _put(self, record: dict[str, Any]) -> None:
+        if self.handle is None:
+            return
         with contextlib.suppress(Exception):  # the driver gone: training goes on
             self.handle.put.remote(record)
 
 
 def train_reporter(rank: int, planned: int) -> TrainReporter:
-    """For the train loop: rank 0's reporter to the driver's progress actor (a no-op elsewhere)."""
-    handle = None
-    if rank == 0:
-        import ray
+    """For the train loop and its evaluations: rank 0's reporter to the driver's progress actor (a no-op on other
+    ranks, and where no driver draws progress or no Ray is connected)."""
+    import ray
 
-        with contextlib.suppress(ValueError):  # no such actor: no driver drawing progress
+    handle = None
+    # not connected: no lookup (ray.get_actor would start connecting to whatever cluster it can find)
+    if rank == 0 and ray.is_initialized():
+        with contextlib.suppress(ValueError):  # no such actor
             handle = ray.get_actor(PROGRESS_ACTOR)
     return TrainReporter(handle, planned)
 

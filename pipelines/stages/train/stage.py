@@ -174,12 +174,12 @@ class TrainStage(Stage):
         """The asynchronous evaluations Ray Train ran: each failed or missing one said on the console and tagged on
         the run (the model is trained all the same; Ray Train only logs a failed validation). Returns how many
         succeeded."""
-        scores, failed = validate.collect(evals_dir, steps)
+        done, failed = validate.collect(evals_dir, steps)
         for step, why in failed.items():
             ctx.log.warning("train: the evaluation at step %d failed, its eval/ metrics are missing: %s", step, why)
         if failed:
             ctx.tracker.set_tag("clipline.train.evaluations_failed", ",".join(str(s) for s in failed))
-        return len(scores)
+        return len(done)
 
     @staticmethod
     def _publish(ctx: StageContext, cfg: TrainConfig, ckpt_dir: str, arch: str, source: Manifest,

@@ -14,13 +14,13 @@ metrics a second time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines import storage
+from pipelines.console import train_reporter
 
 if TYPE_CHECKING:
     from pipelines.evaluation.config import EvalSet
@@ -66,7 +66,7 @@ class CheckpointEvaluator:
         self.tracker.log_metrics(scores, step)
         self.tracker.flush()
         storage.write_json(done, {"step": step, "metrics": scores})
-        _show(step, scores)
+        train_reporter(0, 0).evaluation(step, scores)  # to the driver's console, if one listens
         return scores
 
     def _score(self, weights: str) -> dict[str, float]:
@@ -82,27 +82,15 @@ class CheckpointEvaluator:
             return LiveEvaluator(self.sets, self.arch, self.batch_size, device)(model)
 
 
-def _show(step: int, scores: dict[str, float]) -> None:
-    """The scores to the driver's console (nothing without a driver listening)."""
-    import ray
-
-    from pipelines.console import PROGRESS_ACTOR
-
-    if not ray.is_initialized():  # called outside a Ray task (a test)
-        return
-    with contextlib.suppress(Exception):  # no such actor, or the driver gone: the scores are logged all the same
-        ray.get_actor(PROGRESS_ACTOR).put.remote({"kind": "train_eval", "step": step, "eval": scores})
-
-
-def collect(evals_dir: str, steps: list[int]) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
-    """After `fit`: (scores by step, what went wrong by step) for the planned evaluation steps; a step with
+def collect(evals_dir: str, steps: list[int]) -> tuple[list[int], dict[int, str]]:
+    """After `fit`: (the steps evaluated, what went wrong by step) of the planned evaluation steps; a step with
     neither file never ran (Ray Train had not started it)."""
-    scores, failed = {}, {}
+    done, failed = [], {}
     for step in steps:
         if storage.exists(result_url(evals_dir, step)):
-            scores[step] = storage.read_json(result_url(evals_dir, step))["metrics"]
+            done.append(step)
         elif storage.exists(result_url(evals_dir, step, error=True)):
             failed[step] = storage.read_json(result_url(evals_dir, step, error=True))["error"]
         else:
             failed[step] = "never run (Ray Train did not start its validation)"
-    return scores, failed
+    return done, failed
