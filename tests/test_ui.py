@@ -116,7 +116,7 @@ def test_the_rest_api_serves_the_job_run_its_stage_run_and_eval_metrics(job, ui)
     assert "manifest" in {f["path"] for f in artifacts}
 
 
-def test_the_browser_shows_stage_runs_nested_under_the_job_run_and_their_metrics(job, ui, request, tmp_path):
+def test_the_browser_shows_stage_runs_nested_under_the_job_run_with_their_metrics_and_the_job_runs_headline(job, ui, request, tmp_path):
     exp_id, parent, child = _runs(ui)
     shots = artifacts_dir(request, tmp_path)
     with chromium() as browser:
@@ -141,5 +141,16 @@ def test_the_browser_shows_stage_runs_nested_under_the_job_run_and_their_metrics
         page.get_by_text(job["manifest"].fingerprint).first.wait_for()
         page.get_by_text("eval/digits/acc1", exact=True).scroll_into_view_if_needed()
         page.screenshot(path=shots / "stage_run.png")
-    assert (shots / "runs.png").stat().st_size > 10_000 and (shots / "stage_run.png").stat().st_size > 10_000
+
+        # up to the job run, as a reviewer goes: its headline metrics and the dataset its stage wrote
+        parent_field.get_by_role("link", name=parent["info"]["run_name"]).click()
+        for key in ("eval/average", "eval/digits/acc1"):
+            metric = page.get_by_role("row").filter(has=page.get_by_text(key, exact=True))
+            metric.wait_for()
+            assert metric.inner_text().split() == [key, repr(job["acc1"])], key
+        assert page.url.endswith(f"/runs/{parent['info']['run_id']}"), page.url
+        page.get_by_text("uijob/evaluate").first.wait_for()  # the Datasets panel names the stage's output
+        page.screenshot(path=shots / "job_run.png")
+    for shot in ("runs.png", "stage_run.png", "job_run.png"):
+        assert (shots / shot).stat().st_size > 10_000, shot
     print(f"screenshots: {shots}")
