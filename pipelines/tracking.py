@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import __version__, prometheus, storage
+from pipelines import __version__, prometheus, sqlite_store, storage
 from pipelines import spool as spooling
 from pipelines.redact import REDACTED, scrub
 
@@ -383,6 +383,8 @@ class Tracker:
                         scrub(uri), sum(waiting.values()), self.spool)
             counts = spooling.replay(self.spool, uri)
             log.info("replayed %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        if not why:
+            sqlite_store.seed(uri)  # a new sqlite store without MLflow's 2 s of schema migrations
         self.client = spooling.SpoolingClient(uri, self.spool, offline=bool(why), why=why)
         self.experiment_id = self._experiment(experiment, store) if not why else (
             spooling.OFFLINE + "experiment:" + experiment)
