@@ -195,7 +195,7 @@ def read_items(items: dict[str, np.ndarray], arch: str, augment: bool, seed: int
 
 
 def rank_dataset(stream: Stream, rank: int, world: int, skip: int, arch: str, augment: bool, data_cpus: float,
-                 batch_rows: int = 64) -> Any:
+                 tasks: int | None = None, batch_rows: int = 64) -> Any:
     """A lazy Ray Dataset of a rank's preprocessed rows, in plan order (`rank_stream`): every pass as one stream,
     so the rank's iterator runs through every epoch without the pipeline stopping at each boundary; None when
     `skip` leaves nothing."""
@@ -205,7 +205,7 @@ def rank_dataset(stream: Stream, rank: int, world: int, skip: int, arch: str, au
     if not items:
         return None
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-    ds = ds.map_batches(read_items, batch_size=1, batch_format="numpy", num_cpus=data_cpus,
+    ds = ds.map_batches(read_items, batch_size=1, batch_format="numpy", num_cpus=data_cpus, concurrency=tasks,
                         fn_kwargs={"arch": arch, "augment": augment, "seed": stream.seed,
                                    "window": stream.window, "batch_rows": batch_rows})
     ctx = ds.context  # this dataset's own copy of the DataContext

@@ -222,7 +222,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # first reads start while this rank builds its model.
     stream = replace(plan.stream, seed=state["data_seed"])
     consumed = (saved["step"] if ckpt is not None else 0) * cfg.batch_size * cfg.accum_freq
-    ds = data.rank_dataset(stream, rank, world, consumed, cfg.model.arch, cfg.augment, cfg.data_cpus)
+    ds = data.rank_dataset(stream, rank, world, consumed, cfg.model.arch, cfg.augment, cfg.data_cpus,
+                           cfg.data_tasks or (None if cfg.use_gpu else 1))
     batches = primed(iter(ds.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
                                                 dtypes={"image": torch.float32, "text": torch.long, "row": torch.long},
                                                 prefetch_batches=2)) if ds is not None else iter(()))
