@@ -222,8 +222,18 @@ BASE = (
     ("text_key", "string"), ("phash_ok", "bool"), ("phash", "int64"),
 )
 TAIL = (("drop_at", "int32"), ("reason", "string"))
-# image bytes and captions while a model rule still has to score them; the group key of a dedup partition
-EXTRA = {"image": "binary", "caption": "string", "_key": "string"}
+# image bytes and captions while a model rule still has to score them; the group key of a dedup partition;
+# image embeddings from the semantic_dedup rule's model pass to its set decision, which drops them
+EXTRA = {"image": "binary", "caption": "string", "_key": "string", "_embedding": "list<float32>"}
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """An Arrow type by its pyarrow alias (`float32`, `string`, ...) or as `list<alias>`."""
+    import pyarrow as pa
+
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(arrow_type(name[5:-1]))
+    return pa.type_for_alias(name)
 
 
 def contract_scores() -> list[ScoreField]:
@@ -268,17 +278,25 @@ class Work:
         import pyarrow as pa
 
         cols = [*BASE, *((f.name, f.type) for f in self.scores), *TAIL, *((c, EXTRA[c]) for c in extra)]
-        return pa.schema([(n, pa.type_for_alias(t)) for n, t in cols])
+        return pa.schema([(n, arrow_type(t)) for n, t in cols])
 
     def table(self, df: pd.DataFrame) -> pa.Table:
-        """A block of the working table (plus the image, caption and group-key columns when present)."""
+        """A block of the working table (plus the image, caption, group-key and embedding columns when present)."""
         import pyarrow as pa
 
         extra = [c for c in EXTRA if c in df.columns]
         if "_key" in df.columns:
             df = df.assign(_key=df["_key"].astype(str))
         schema = self.schema(extra)
-        return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+        lists = [f for f in schema if pa.types.is_list(f.type)]  # the embeddings
+        flat = pa.schema([f for f in schema if f not in lists])
+        table = pa.Table.from_pandas(df[flat.names], schema=flat, preserve_index=False)
+        for f in lists:
+            # from Arrow, not through pandas: the pandas metadata of a list column in Ray's batches names a
+            # pyarrow dtype ("list<item: float>[pyarrow]") that pandas cannot read back, as Ray's hash partitioning
+            # of the block does; and it stays one Arrow array, not a Python list a row
+            table = table.append_column(f, pa.array(df[f.name], type=f.type))
+        return table.select(schema.names)
 
     def empty_scores(self, n: int) -> dict[str, Any]:
         """Null values of every score column (NaN for numbers), for rows before the rules score them."""
