@@ -65,7 +65,7 @@ def funnel_reasons(rules: list[Rule]) -> list[str]:
 class CurateStage(Stage):
     kind = "curate"
     Config = CurateConfig
-    dependencies = ("imagehash", "py3langid", "open_clip_torch", "torch", "pillow", "pyarrow")
+    dependencies = ("imagehash", "py3langid", "open_clip_torch", "torch", "pillow", "pyarrow", "scikit-learn")
 
     def input_identity(self) -> dict[str, Any]:
         """The files the listed rules read from outside the job (head weights, evaluation sets, checkpoints), and
