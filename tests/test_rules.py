@@ -51,7 +51,8 @@ def test_the_ledger_keeps_its_column_order():
     ledger = [f["name"] for f in json.loads((REPO / "schemas" / "ledger.schema.json").read_text())["fields"]]
     assert ledger == ["uid", "source", "source_row", "shard", "row", "status", "kept", "reason", "sha256",
                       "image_bytes", "caption_words", "caption_chars", "min_side", "max_side", "aspect_ratio",
-                      "language", "language_score", "phash", "eval_distance", "contaminated_by", "clip_score"]
+                      "language", "language_score", "phash", "eval_distance", "contaminated_by", "clip_score",
+                      "semantic_cluster", "semantic_similarity"]  # new columns come last
 
 
 def test_a_rule_cannot_write_a_column_that_is_taken():
