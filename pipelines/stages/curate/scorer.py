@@ -36,6 +36,30 @@ def decode(preprocess: Any, images: list[bytes]) -> tuple[Any, list[int]]:
     return torch.stack([t if t is not None else torch.zeros(shape) for t in tensors]), bad
 
 
+def embed_images(model: Any, preprocess: Any, images: list[bytes], batch_size: int, device: str
+                 ) -> tuple[Any, list[int]]:
+    """An open_clip model's image embeddings, not normalised: a float32 torch tensor on `device`, images x
+    dimensions, from forward passes of `batch_size` images (under bf16 autocast on CUDA); and the indices of the
+    images that cannot be decoded, whose rows are zeros.  The tensor is None when no image decodes."""
+    import torch
+
+    out, bad = None, []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            pixels, failed = decode(preprocess, images[start:start + batch_size])
+            bad += [start + i for i in failed]
+            if pixels is None:
+                continue
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                emb = model.encode_image(pixels.to(device)).float()
+            if out is None:
+                out = torch.zeros((len(images), emb.shape[1]), dtype=torch.float32, device=emb.device)
+            out[start:start + len(emb)] = emb
+        if out is not None and bad:
+            out[bad] = 0.0
+    return out, bad
+
+
 def model_pass(ds: Any, scorer: type, config: Any, work: Any, **kwargs: Any) -> Any:
     """`ds` scored by a pool of `config.actors` Ray actors of class `scorer`, each with `config.num_cpus` CPUs (its
     torch threads) and `config.num_gpus` GPUs, in batches of `config.batch_size`: a model rule's `stream`."""

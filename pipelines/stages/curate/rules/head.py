@@ -172,37 +172,24 @@ class HeadScorer:
         self.batch_size = batch_size
         self.work = work  # None: return pandas batches (scoring outside a curate stage)
 
-    def embed(self, images: list[bytes]) -> tuple[Any, list[int]]:
-        """Image embeddings (float32, not normalised: the head's config says whether to) and the indices of
-        images that could not be decoded (their rows are zeros)."""
-        import torch
-
-        from pipelines.stages.curate.scorer import decode
-
-        pixels, bad = decode(self.preprocess, images)
-        if pixels is None:
-            return None, bad
-        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            emb = self.model.encode_image(pixels.to(self.device))
-        return emb.float(), bad
-
     def scores(self, images: list[bytes]) -> np.ndarray:
         """The head's score of each image, in batches of `batch_size`; NaN for an image that cannot be decoded."""
         import numpy as np
         import torch
 
+        from pipelines.stages.curate.scorer import embed_images
+
         out = np.full(len(images), np.nan, dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            emb, bad = self.embed(images[start:start + self.batch_size])
-            if emb is None:
-                continue
-            if emb.shape[1] != self.config.input_dim:
-                raise ValueError(f"head {self.where}: reads {self.config.input_dim}-dim embeddings (layers "
-                                 f"{list(self.config.layers)}), but the model embeds images in {emb.shape[1]}")
-            with torch.inference_mode():
-                values = self.head(emb).cpu().numpy()
-            values[bad] = np.nan
-            out[start:start + len(values)] = values
+        emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)
+        if emb is None:
+            return out
+        if emb.shape[1] != self.config.input_dim:
+            raise ValueError(f"head {self.where}: reads {self.config.input_dim}-dim embeddings (layers "
+                             f"{list(self.config.layers)}), but the model embeds images in {emb.shape[1]}")
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):  # the head on the batches the model saw
+                out[start:start + self.batch_size] = self.head(emb[start:start + self.batch_size]).cpu().numpy()
+        out[bad] = np.nan
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table | pd.DataFrame:

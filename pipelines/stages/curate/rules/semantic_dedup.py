@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipelines.configschema import field
 from pipelines.models import ModelRef
 from pipelines.stages.curate.rules import ActorPool, Rule, ScoreField, mark, model_identity, register_rule
-from pipelines.stages.curate.rules.head import HeadScorer
 
 if TYPE_CHECKING:
     import logging
@@ -104,14 +103,13 @@ class SemanticDedupRule(Rule):
         return deduplicate(work, self, ctx.log)
 
 
-class ImageEmbedder(HeadScorer):
+class ImageEmbedder:
     """A Ray Data actor for `scorer.model_pass`: the model loaded once, each batch's images embedded as the head
-    rule's actors embed them (`HeadScorer.embed`), L2-normalised, into `_embedding`.  A row with no image (dropped
-    before this rule, or not downloaded) or one that cannot be decoded gets none."""
+    rule's actors embed them (`scorer.embed_images`), L2-normalised, into `_embedding`.  A row with no image
+    (dropped before this rule, or not downloaded) or one that cannot be decoded gets none."""
 
     def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
-        # HeadScorer's model without a head: only its embed() is used
         import torch
 
         from pipelines import models
@@ -127,14 +125,15 @@ class ImageEmbedder(HeadScorer):
         import numpy as np
         import torch
 
+        from pipelines.stages.curate.scorer import embed_images
+
         out = np.full(len(images), None, dtype=object)
-        for start in range(0, len(images), self.batch_size):
-            emb, bad = self.embed(images[start:start + self.batch_size])
-            if emb is None:
-                continue
-            unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
-            for i in sorted(set(range(len(unit))) - set(bad)):
-                out[start + i] = unit[i]
+        emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)
+        if emb is None:
+            return out
+        unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+        for i in sorted(set(range(len(unit))) - set(bad)):
+            out[i] = unit[i]
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table | pd.DataFrame:
