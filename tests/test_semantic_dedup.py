@@ -124,6 +124,20 @@ def test_kmeans_is_seeded_and_k_is_clamped_to_the_distinct_rows():
     assert len(sd.fit(x, 50, n_init=1, seed=0)) == 9  # g3's three equal rows are one point
 
 
+def test_an_embedding_that_is_not_finite_is_no_embedding():
+    """A NaN or inf embedding (a bf16 overflow on CUDA) is treated as an image that cannot be decoded: once kept, a
+    NaN would make every similarity to it NaN (the rest of its cluster kept, or dropped), and k-means fails on one."""
+    import torch
+
+    emb = torch.tensor([[3.0, 4.0], [math.nan, 1.0], [math.inf, 1.0], [0.0, 0.0], [1.0, 0.0], [-math.inf, 2.0]])
+    got = sd.unit_rows(emb, [3], 6)  # row 3: an image that could not be decoded (its row zeros)
+    assert [v is None for v in got] == [False, True, True, True, False, True]
+    np.testing.assert_allclose(got[0], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(got[4], [1.0, 0.0])
+    assert got[0].dtype == np.float32
+    assert sd.unit_rows(None, [0, 1], 2).tolist() == [None, None]  # no image decoded
+
+
 def test_import_is_light():
     code = ("import sys, pipelines.stages.curate.rules.semantic_dedup; "
             "print(sorted(m for m in ('sklearn', 'torch', 'ray') if m in sys.modules))")

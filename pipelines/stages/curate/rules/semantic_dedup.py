@@ -106,7 +106,8 @@ class SemanticDedupRule(Rule):
 class ImageEmbedder:
     """A Ray Data actor for `scorer.model_pass`: the model loaded once, each batch's images embedded as the head
     rule's actors embed them (`scorer.embed_images`), L2-normalised, into `_embedding`.  A row with no image
-    (dropped before this rule, or not downloaded) or one that cannot be decoded gets none."""
+    (dropped before this rule, or not downloaded), one whose image cannot be decoded and one whose embedding is not
+    finite get none (`unit_rows`)."""
 
     def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
@@ -121,20 +122,11 @@ class ImageEmbedder:
         self.work = work  # None: return pandas batches (embedding outside a curate stage)
 
     def embeddings(self, images: list[bytes]) -> np.ndarray:
-        """Unit embeddings (float32), an object array: None for an image that cannot be decoded."""
-        import numpy as np
-        import torch
-
+        """Unit embeddings (float32), an object array: None for an image without one (`unit_rows`)."""
         from pipelines.stages.curate.scorer import embed_images
 
-        out = np.full(len(images), None, dtype=object)
         emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)
-        if emb is None:
-            return out
-        unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
-        for i in sorted(set(range(len(unit))) - set(bad)):
-            out[i] = unit[i]
-        return out
+        return unit_rows(emb, bad, len(images))
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table | pd.DataFrame:
         import numpy as np
@@ -145,6 +137,25 @@ class ImageEmbedder:
             vectors[todo] = self.embeddings(list(batch["image"].iloc[todo]))
         batch = batch.assign(**{EMBEDDING: vectors})
         return self.work.table(batch) if self.work is not None else batch
+
+
+def unit_rows(emb: Any, bad: list[int], n: int) -> np.ndarray:
+    """The `n` images' embeddings (`scorer.embed_images`' tensor, or None) L2-normalised, one float32 vector per
+    element of an object array; None for an image that could not be decoded (in `bad`) and for one whose unit
+    embedding is not finite (a bf16 overflow on CUDA, say): a NaN kept in a cluster would make every similarity
+    to it NaN, which the greedy decision cannot order, and a NaN in the sample makes k-means fail."""
+    import numpy as np
+    import torch
+
+    out = np.full(n, None, dtype=object)
+    if emb is None:
+        return out
+    unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
+    ok = np.isfinite(unit).all(axis=1)
+    ok[bad] = False
+    for i in np.flatnonzero(ok):
+        out[i] = unit[i]
+    return out
 
 
 # ---- the set decision, on Ray Data ---------------------------------------------------------------------------
