@@ -116,7 +116,7 @@ def test_kmeans_is_seeded_and_k_is_clamped_to_the_distinct_rows():
     a, b = sd.fit(x, 5, n_init=4, seed=3), sd.fit(x, 5, n_init=4, seed=3)
     assert a.shape == (5, DIM) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
-    labels = sd.nearest(x, a)  # the clusters are the constructed groups
+    labels = sd.assign_clusters(x, a)  # the clusters are the constructed groups
     seen = df[~df["earlier"] & df["v"].notna()]
     by_group = {g: set(labels[(seen["group"] == g).to_numpy()].tolist()) for g in groups}
     assert labels.dtype == np.int32 and all(len(c) == 1 for c in by_group.values())

@@ -78,14 +78,15 @@ class SemanticDedupConfig(ActorPool):
 
 @register_rule
 class SemanticDedupRule(Rule):
-    """SemDeDup: k-means on CLIP image embeddings; within each cluster one row of each group of near-identical
-    images is kept, in a stated order."""
+    """SemDeDup: k-means on CLIP image embeddings; within each cluster, rows visited in a stated order, a row more
+    alike than 1 - eps to one kept before it is dropped."""
 
     name = "semantic_dedup"
     Config = SemanticDedupConfig
     scores = (ScoreField(CLUSTER, "int32", "k-means cluster of the image embedding (semantic_dedup)"),
               ScoreField(SIMILARITY, "float32", "highest cosine similarity of the image embedding to another row "
-                                                "its cluster keeps; above 1 - eps: dropped (semantic_dedup)"))
+                                                "its cluster keeps; above 1 - eps (to float32 rounding): dropped "
+                                                "(semantic_dedup)"))
     uses_images = True
 
     def reasons(self) -> tuple[str, ...]:
@@ -257,12 +258,13 @@ def _sample(df: pd.DataFrame, pos: int, fraction: float) -> pa.Table:
 def _assign(df: pd.DataFrame, work: Work, pos: int, centroids: np.ndarray) -> pa.Table:
     """The rule's rows, each with its cluster."""
     c = df[seen(df, pos)]
-    return work.table(c.assign(**{CLUSTER: nearest(matrix(c[EMBEDDING]), centroids)}))
+    return work.table(c.assign(**{CLUSTER: assign_clusters(matrix(c[EMBEDDING]), centroids)}))
 
 
 def _decide_block(df: pd.DataFrame, work: Work, pos: int, centroids: np.ndarray, keep: str, threshold: float
                   ) -> pa.Table:
-    """A hash partition holding whole clusters: each cluster decided in input order, the embeddings dropped."""
+    """A hash partition holding whole clusters, each decided by `decide_cluster` (its rows visited in the `keep`
+    order, ties in input order); the embeddings dropped."""
     import numpy as np
 
     df = df.sort_values([CLUSTER, *ORDER], kind="stable").reset_index(drop=True)
@@ -303,7 +305,7 @@ def fit(x: np.ndarray, clusters: int, n_init: int, seed: int) -> np.ndarray:
     return np.asarray(model.cluster_centers_, dtype=np.float32)
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def assign_clusters(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Each row's nearest centroid by Euclidean distance, as k-means assigns (int32), in slices of rows that keep
     the rows x centroids distance block near 2**24 numbers."""
     import numpy as np
