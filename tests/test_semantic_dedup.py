@@ -124,6 +124,19 @@ def test_kmeans_is_seeded_and_k_is_clamped_to_the_distinct_rows():
     assert len(sd.fit(x, 50, n_init=1, seed=0)) == 9  # g3's three equal rows are one point
 
 
+def test_kmeans_on_more_rows_than_a_thread_chunk_gives_the_same_clusters_every_time():
+    """600 rows: scikit-learn's Lloyd step splits them into chunks of 256 rows, whose partial centroids several
+    OpenMP threads would add in the order they finish; on one thread a seed fixes centroids and labels exactly."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(8, DIM))
+    x = centres[rng.integers(0, 8, 600)] + 0.3 * rng.normal(size=(600, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    a, b = sd.fit(x, 8, n_init=1, seed=1), sd.fit(x, 8, n_init=1, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert sd.assign_clusters(x, a).tolist() == sd.assign_clusters(x, b).tolist()
+    assert len(np.unique(sd.assign_clusters(x, a))) == 8
+
+
 def test_an_embedding_that_is_not_finite_is_no_embedding():
     """A NaN or inf embedding (a bf16 overflow on CUDA) is treated as an image that cannot be decoded: once kept, a
     NaN would make every similarity to it NaN (the rest of its cluster kept, or dropped), and k-means fails on one."""

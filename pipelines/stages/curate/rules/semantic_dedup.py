@@ -300,8 +300,13 @@ def fit(x: np.ndarray, clusters: int, n_init: int, seed: int) -> np.ndarray:
     except ImportError as exc:
         raise ImportError("the semantic_dedup rule needs scikit-learn: pip install scikit-learn") from exc
 
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     k = min(clusters, len(np.unique(x, axis=0)))
-    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+    # one OpenMP thread: scikit-learn's Lloyd step adds the threads' partial centroids (chunks of 256 rows) in the
+    # order they finish, so with more threads the centroids' last bits, and then the clusters, vary run to run
+    with threadpool_limits(1, user_api="openmp"):
+        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     return np.asarray(model.cluster_centers_, dtype=np.float32)
 
 
