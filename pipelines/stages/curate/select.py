@@ -35,6 +35,16 @@ def candidates(df: pd.DataFrame, pos: int, key: str | None = None, want: bool = 
     return df[mask if want else ~mask]
 
 
+def count_candidates(ds: ray.data.Dataset, pos: int, key: str | None = None) -> int:
+    """How many rows of `ds` are `candidates` (with a key, when given), counted block by block."""
+    counts = ds.map_batches(_count, batch_format="pandas", fn_kwargs={"pos": pos, "key": key}).to_pandas()
+    return int(counts["n"].sum())
+
+
+def _count(df: pd.DataFrame, pos: int, key: str | None) -> pd.DataFrame:
+    return pd.DataFrame({"n": [len(candidates(df, pos, key))]})
+
+
 def part(df: pd.DataFrame, work: Work, pos: int, key: str | None = None, want: bool = True) -> pa.Table:
     """`candidates` as a block of the working table, for Dataset.map_batches."""
     return work.table(candidates(df, pos, key, want))
@@ -195,8 +205,7 @@ def top_fraction(ds: ray.data.Dataset, rule: Rule, fraction: float, reason: str
     """Keep the best `fraction` of the rule's candidates by `clip_score` (ties in input order): the exact k-th
     best score by radix select; returns the working table and that cutoff score (None if nothing is kept)."""
     pos, work = rule.position, rule.work
-    n = int(sum(ds.map_batches(lambda df: pd.DataFrame({"n": [len(candidates(df, pos))]}),
-                               batch_format="pandas").to_pandas()["n"]))
+    n = count_candidates(ds, pos)
     k = top_count(n, fraction)
     if k == 0:
         return ds, None

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 REASON = "semantic_duplicate"
 EMBEDDING = "_embedding"  # the working table's column (rules.EXTRA), between the model pass and the decision
 CLUSTER, SIMILARITY = "semantic_cluster", "semantic_similarity"
-ORDER = ["shard", "row"]  # input order
 KEEP = ("farthest_from_centroid", "nearest_to_centroid", "input_order")
 PART_ROWS = 50_000  # candidate rows per hash partition of the clusters
 CHUNK = 1024  # rows compared at once: similarity blocks of CHUNK x CHUNK bound the memory of a large cluster
@@ -169,17 +168,17 @@ def deduplicate(ds: ray.data.Dataset, rule: Rule, log: logging.Logger, parts: in
     one per cluster)."""
     import numpy as np
 
+    from pipelines.stages.curate.select import count_candidates
+
     c, pos, work = rule.config, rule.position, rule.work
     assert work is not None
-    n = int(ds.map_batches(_count, batch_format="pandas", fn_kwargs={"pos": pos}).to_pandas()["n"].sum())
+    n = count_candidates(ds, pos, EMBEDDING)
     if n == 0:
         log.info("semantic_dedup: no candidate row has an image embedding; nothing to cluster")
         out = ds.map_batches(_rest, batch_format="pandas", fn_kwargs={"work": work, "pos": pos}).materialize()
         return out, {"semantic_clusters": 0.0, "semantic_sampled": 0.0, "semantic_dropped": 0.0}
 
-    fraction = min(1.0, c.sample / n)
-    sample = ds.map_batches(_sample, batch_format="pandas", fn_kwargs={"pos": pos, "fraction": fraction}).to_pandas()
-    x = matrix(sample.sort_values(ORDER, kind="stable")[EMBEDDING])  # input order: k-means sees the same sequence
+    x = sample(ds, pos, min(1.0, c.sample / n))
     if not len(x):  # about exp(-sample) likely, sample being at least 100
         raise RuntimeError(f"semantic_dedup: the sample of {c.sample} of {n} rows drew none; raise sample")
     centroids = fit(x, c.clusters, c.n_init, c.seed)
@@ -203,13 +202,14 @@ def deduplicate(ds: ray.data.Dataset, rule: Rule, log: logging.Logger, parts: in
                                                "semantic_dropped": float(dropped)}
 
 
-def seen(df: pd.DataFrame, pos: int) -> np.ndarray:
-    """Rows the rule decides: no rule before it dropped them, and their image has an embedding."""
-    import numpy as np
+def sample(ds: ray.data.Dataset, pos: int, fraction: float) -> np.ndarray:
+    """The embeddings k-means is fitted on, in input order (k-means sees the same sequence in every run): every
+    candidate's when `fraction` is 1, else those whose uid hashes below it (about that fraction of them, the same
+    rows in every run)."""
+    from pipelines.stages.curate.select import ORDER
 
-    if EMBEDDING not in df.columns:
-        return np.zeros(len(df), dtype=bool)
-    return (df["drop_at"].to_numpy() > pos) & df[EMBEDDING].notna().to_numpy()
+    rows = ds.map_batches(_sample, batch_format="pandas", fn_kwargs={"pos": pos, "fraction": fraction}).to_pandas()
+    return matrix(rows.sort_values(ORDER, kind="stable")[EMBEDDING])
 
 
 def matrix(column: Any) -> np.ndarray:
@@ -237,18 +237,13 @@ def unit_hash(uids: Any) -> np.ndarray:
                      for u in uids], dtype=np.float64)
 
 
-def _count(df: pd.DataFrame, pos: int) -> pd.DataFrame:
-    import pandas as pd
-
-    return pd.DataFrame({"n": [int(seen(df, pos).sum())]})
-
-
 def _sample(df: pd.DataFrame, pos: int, fraction: float) -> pa.Table:
-    """The rows k-means is fitted on: every candidate when there are at most `sample`, else those whose uid hashes
-    below the fraction (about `sample` of them, the same rows in every run)."""
+    """A block's rows of the sample (see `sample`): their input positions and embeddings."""
     import pyarrow as pa
 
-    c = df[seen(df, pos)]
+    from pipelines.stages.curate.select import candidates
+
+    c = candidates(df, pos, EMBEDDING)
     if fraction < 1.0:
         c = c[unit_hash(c["uid"]) < fraction]
     return pa.table({"shard": pa.array(c["shard"], pa.int32()), "row": pa.array(c["row"], pa.int32()),
@@ -257,7 +252,9 @@ def _sample(df: pd.DataFrame, pos: int, fraction: float) -> pa.Table:
 
 def _assign(df: pd.DataFrame, work: Work, pos: int, centroids: np.ndarray) -> pa.Table:
     """The rule's rows, each with its cluster."""
-    c = df[seen(df, pos)]
+    from pipelines.stages.curate.select import candidates
+
+    c = candidates(df, pos, EMBEDDING)
     return work.table(c.assign(**{CLUSTER: assign_clusters(matrix(c[EMBEDDING]), centroids)}))
 
 
@@ -266,6 +263,8 @@ def _decide_block(df: pd.DataFrame, work: Work, pos: int, centroids: np.ndarray,
     """A hash partition holding whole clusters, each decided by `decide_cluster` (its rows visited in the `keep`
     order, ties in input order); the embeddings dropped."""
     import numpy as np
+
+    from pipelines.stages.curate.select import ORDER
 
     df = df.sort_values([CLUSTER, *ORDER], kind="stable").reset_index(drop=True)
     x, labels = matrix(df[EMBEDDING]), df[CLUSTER].to_numpy(dtype=np.int64)
@@ -285,7 +284,9 @@ def _dropped(df: pd.DataFrame, pos: int) -> pd.DataFrame:
 
 def _rest(df: pd.DataFrame, work: Work, pos: int) -> pa.Table:
     """The rows the rule does not decide, as they are, without embeddings."""
-    return work.table(df[~seen(df, pos)].drop(columns=[EMBEDDING], errors="ignore"))
+    from pipelines.stages.curate.select import part
+
+    return part(df, work, pos, EMBEDDING, want=False).drop_columns([EMBEDDING])
 
 
 # ---- k-means and the decision within a cluster (numpy; no Ray) -------------------------------------------------
