@@ -1,21 +1,31 @@
 """`semantic_dedup`: SemDeDup's method (Abbas et al., 2023) on CLIP image embeddings, as a curate rule.
 
-A pool of Ray actors embeds every candidate row's image with an open_clip model (the head rule's embedding
-code), L2-normalised, into the working table's `_embedding` column.  Over the set: k-means (scikit-learn's
-`KMeans`, seeded) is fitted on the embeddings of at most about `sample` rows (a fixed sample by uid), every row
-is assigned its nearest centroid in a distributed pass, and the rows are hash-partitioned by cluster so that
-each cluster lands whole in one block; the blocks are decided in parallel.  Within a cluster, rows are visited in
-the `keep` order (SemDeDup's default: farthest from the centroid first, by cosine similarity; ties in input
-order) and a row is dropped when its cosine similarity to a row of the cluster already kept exceeds 1 - eps,
-so each group of near-identical images keeps one row.  (SemDeDup's code compares a row with every row before it,
-kept or not; comparing with kept rows only, as near_duplicate does, keeps the ends of a chain a~b~c whose ends
-are not alike.)
+A pool of Ray actors embeds every candidate row's image with an open_clip model (`scorer.embed_images`, as the
+head rule does), L2-normalised, into the working table's `_embedding` column.  Over the set: k-means
+(scikit-learn's `KMeans`, seeded, on one OpenMP thread so that a seed gives the same clusters in every run) is
+fitted on the embeddings of at most about `sample` rows (a fixed sample by uid), every row is assigned its nearest
+centroid in a distributed pass, and the rows are hash-partitioned by cluster so that each cluster lands whole in
+one block; the blocks are decided in parallel.  Within a cluster, rows are visited in the `keep` order (SemDeDup's
+default: farthest from the centroid first, by cosine similarity; ties in input order) and a row is dropped when its
+cosine similarity to a row of the cluster already kept exceeds 1 - eps.  So no two rows a cluster keeps are more
+alike than 1 - eps, and each row it drops is more alike than that to one it keeps; but a group of near-identical
+images may keep more than one row: comparing with kept rows only, as near_duplicate does, keeps both ends of a
+chain a~b~c whose ends are not alike when b is dropped (SemDeDup's code compares a row with every row before it,
+kept or not, and keeps only a).  Images alike but in different clusters are never compared.
+
+`clusters` is a fixed number, not one per so many rows: of n rows, a cluster holds about n/k, decided whole in
+one pandas block with their embeddings (its comparisons growing with its square), so choose about n/10,000
+clusters, as SemDeDup did.  On CUDA the embeddings come from bf16 autocast (about 3 significant digits): an eps
+much smaller than that decides on rounding, and a CPU and a GPU run may differ.
 
 The embeddings are dropped with the decision: the ledger and the curated shards get `semantic_cluster` and
-`semantic_similarity`, the highest cosine similarity to another row that the cluster keeps.  A row whose image
-cannot be decoded has no embedding: the rule does not see it (no cluster, NaN similarity) and it goes on, as a
-row without a pHash goes past near_duplicate: a dedup rule says nothing of a row it cannot compare (a filtering
-model rule, clip_score or head, drops such a row instead).
+`semantic_similarity`, the highest cosine similarity to another row that the cluster keeps (above 1 - eps for a
+dropped row and at most that for a kept one, up to float32 rounding: the decision and this column take their
+dot products in different blocks, so a value within a unit in the last place of 1 - eps may read the other
+way).  A row whose image cannot be decoded, or whose embedding is not finite, has no embedding: the rule does not
+see it (no cluster, NaN similarity) and it goes on, as a row without a pHash goes past near_duplicate: a dedup
+rule says nothing of a row it cannot compare (a filtering model rule, clip_score or head, drops such a row
+instead).
 """
 
 from __future__ import annotations
