@@ -222,5 +222,22 @@ def test_the_servers_ui_shows_the_job_run_and_its_stages(mlflow_server, runs, re
         page.get_by_text(MODEL).first.wait_for()  # the run page names the model version it registered
         page.get_by_text(train.info.run_id).first.wait_for()
         page.screenshot(path=shots / "train_run.png")
-    assert (shots / "runs.png").stat().st_size > 10_000 and (shots / "train_run.png").stat().st_size > 10_000
+
+        # the registered version's page: its description names the job and the dataset version, and its tags
+        # carry the train run, the dataset and the evaluate stage's scores, as the registry holds them
+        version = runs["client"].get_model_version_by_alias(MODEL, "candidate")
+        page.goto(f"{mlflow_server.uri}/#/models/{MODEL}/versions/{version.version}")
+        description = page.get_by_text("trained by clipline job", exact=False).first  # rendered from markdown
+        description.wait_for()
+        assert f"job {JOB} " in description.inner_text() and version.tags["clipline.dataset"] in \
+            description.inner_text(), description.inner_text()
+        for key in ("clipline.train_run", "eval/average"):
+            row = page.get_by_role("row").filter(has=page.get_by_text(key, exact=True))
+            row.first.wait_for()
+            assert version.tags[key] in row.first.inner_text(), (key, row.first.inner_text())
+            row.first.scroll_into_view_if_needed()  # the tags table scrolls: the screenshot shows the score
+        assert version.tags["clipline.train_run"] == train.info.run_id
+        page.screenshot(path=shots / "model_version.png", full_page=True)
+    for shot in ("runs.png", "train_run.png", "model_version.png"):
+        assert (shots / shot).stat().st_size > 10_000, shot
     print(f"screenshots: {shots}")
