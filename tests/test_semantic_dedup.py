@@ -192,13 +192,14 @@ def rule(position: int = 2, **config):
     return r
 
 
-def working_table(r) -> list:
-    """The crafted rows as blocks of the working table, one per shard: what the model pass leaves."""
+def working_table(r, embeddings: bool = True) -> list:
+    """The crafted rows as blocks of the working table, one per shard: what the model pass leaves (with no
+    embedding at all when `embeddings` is false, as when no image decodes)."""
     df, _ = crafted()
     n = len(df)
     emb = np.full(n, None, dtype=object)
     for i, v in enumerate(df["v"]):
-        emb[i] = v
+        emb[i] = v if embeddings else None
     table = pd.DataFrame({
         "uid": [f"{i:032x}" for i in range(n)], "source": "crafted.parquet", "source_row": np.arange(n),
         "shard": df["shard"].astype("int32"), "row": df["row"].astype("int32"), "status": "success",
@@ -266,6 +267,46 @@ def test_the_set_decision_on_crafted_embeddings(ray_local):
         "input_order": 5, "nearest_to_centroid": 6, "farthest_from_centroid": 4}
     again, _ = decide("farthest_from_centroid", 1)
     pd.testing.assert_frame_equal(again, runs["farthest_from_centroid"])
+
+
+@pytest.mark.slow
+def test_a_sample_fixed_by_uid_and_every_row_clustered(ray_local):
+    """sample 6 of 11 rows (below the schema's minimum, set directly): k-means is fitted on the rows whose uid hashes
+    below 6/11, the same ones in every run, and every row the rule sees, sampled or not, gets a cluster."""
+    import ray.data
+
+    r = rule(clusters=5, n_init=4, seed=3, sample=6)
+    ds = ray.data.from_arrow(working_table(r))
+    x = sd.sample(ds, r.position, 6 / 11)
+    # the uids (f"{i:032x}", i the row's place in `crafted`) of rows 0, 2 and 4 hash below 6/11: (0, 0), (0, 2), (0, 4)
+    df, groups = crafted()
+    np.testing.assert_array_equal(x, np.stack(df["v"][[0, 2, 4]].to_list()))
+    np.testing.assert_array_equal(sd.sample(ds, r.position, 6 / 11), x)  # drawn again: the same rows
+    out, metrics = decide("farthest_from_centroid", 2, sample=6)
+    assert metrics["semantic_sampled"] == 3 and metrics["semantic_clusters"] == 3
+    seen = (out["drop_at"] > r.position - 1) & ~((out["shard"] == 1) & (out["row"] == 4))
+    assert seen.sum() == 11 and out.loc[seen, "semantic_cluster"].notna().all()
+    assert out.loc[~seen, "semantic_cluster"].isna().all()
+    at = {(s, w): i for i, (s, w) in enumerate(zip(out["shard"], out["row"], strict=True))}
+    clusters = {g: {out.loc[at[k], "semantic_cluster"] for k in groups[g]} for g in ("g1", "g2")}
+    assert all(len(c) == 1 for c in clusters.values()) and clusters["g1"] != clusters["g2"]
+
+
+@pytest.mark.slow
+def test_no_row_with_an_embedding_passes_every_row_through(ray_local):
+    """Every candidate's image undecodable (no embedding) and one row dropped earlier: nothing is clustered, the
+    metrics are zero, and every row comes out as it went in, without the embedding column."""
+    import ray.data
+
+    r = rule()
+    blocks = working_table(r, embeddings=False)
+    out, metrics = sd.deduplicate(ray.data.from_arrow(blocks), r, logging.getLogger("t"))
+    assert metrics == {"semantic_clusters": 0.0, "semantic_sampled": 0.0, "semantic_dropped": 0.0}
+    assert out.schema().base_schema == r.work.schema()  # the working table's, without the embedding column
+    got = out.to_pandas().sort_values(["shard", "row"]).reset_index(drop=True)
+    want = ray.data.from_arrow([b.drop_columns([sd.EMBEDDING]) for b in blocks]).to_pandas()  # Ray's pandas dtypes
+    pd.testing.assert_frame_equal(got, want)
+    assert got[sd.CLUSTER].isna().all() and got[sd.SIMILARITY].isna().all()
 
 
 # ---- a curate run with a tiny open_clip model ------------------------------------------------------------------
