@@ -186,9 +186,12 @@ def _load() -> None:
 
 
 def registry() -> dict[str, type[Rule]]:
-    """Every rule by name: the built-in ones, then plugins, each group in name order."""
+    """Every rule by name: the built-in ones, then plugins, each group in name order (not in the order they were
+    imported: a rule module imported before the registry first loads, by a test or a user's code, would otherwise
+    move its rule, and with it the generated job schema)."""
     _load()
-    return dict(_RULES)
+    ours = sorted(n for n, c in _RULES.items() if c.__module__.startswith(f"{__name__}."))
+    return {n: _RULES[n] for n in [*ours, *sorted(n for n in _RULES if n not in ours)]}
 
 
 def builtin() -> dict[str, type[Rule]]:
