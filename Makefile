@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.demo_models
 	$(BIN)/python -m tests.benchmarks.log_model
 	$(BIN)/python -m tests.benchmarks.mlflow_store
+	$(BIN)/python -m tests.benchmarks.train_startup
 	# prints "no GPU: skipped, run with --smoke for the CPU check" and exits 0 on a machine without a GPU
 	$(BIN)/python -m tests.benchmarks.gpu
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipelines.stages.train import data
 
@@ -127,4 +128,36 @@ def test_each_ranks_ray_dataset_streams_its_planned_rows_decoded_every_epoch(tmp
         counts.update(ids)
         resumed = data.rank_dataset(stream, rank, 2, 37, "clip-tiny", augment=False, data_cpus=0.5, batch_rows=4)
         assert [i for b in resumed.iter_batches(batch_size=None, batch_format="numpy") for i in b["row"]] == ids[37:]
+
+        # a CPU worker's default (data_tasks 0): the same batches from a thread of the worker, no Ray Data
+        for skip in (0, 37):
+            local = list(data.LocalBatches(stream, rank, 2, skip, "clip-tiny", augment=False, batch_size=7,
+                                           batch_rows=4))
+            whole = (len(ids) - skip) // 7 * 7  # drop_last, as iter_torch_batches(drop_last=True)
+            assert [len(b["row"]) for b in local] == [7] * (whole // 7)
+            assert [int(i) for b in local for i in b["row"]] == ids[skip:skip + whole], (rank, skip)
+            assert [img.numpy().tobytes() for b in local for img in b["image"]] == images[skip:skip + whole]
+            assert all(b["image"].dtype == torch.float32 and b["text"].dtype == torch.long for b in local)
     assert counts == Counter({i: 3 for i in range(60)})
+
+
+def test_the_worker_thread_loader_raises_a_bad_shard_at_the_batch_and_stops_when_closed(tmp_path):
+    urls = _shards(tmp_path, [10, 10], images=True)
+    short = data.LocalBatches(_stream(urls, [10, 14], passes=1, fixed_order=True), 0, 1, 0, "clip-tiny",
+                              augment=False, batch_size=4, batch_rows=4)
+    got = []
+    with pytest.raises(ValueError, match=r"part-1\.parquet ended at row 10; the curated manifest lists rows up to 14"):
+        for _ in range(10):
+            got.append(next(short))
+    # the batches before it were whole and each row once: whatever was read before the shard ran short
+    rows = [int(i) for b in got for i in b["row"]]
+    assert got and len(rows) == 4 * len(got) and len(set(rows)) == len(rows)
+    with pytest.raises(StopIteration):
+        next(short)
+    # a consumer that stops early (a finished run) stops the thread, which held a full queue
+    many = data.LocalBatches(_stream(urls, [10, 10], passes=50, fixed_order=True), 0, 1, 0, "clip-tiny",
+                             augment=False, batch_size=2, batch_rows=2, prefetch=1)
+    next(many)
+    many.close()
+    many._thread.join(timeout=10)
+    assert not many._thread.is_alive()

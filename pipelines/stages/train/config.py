@@ -55,9 +55,10 @@ class TrainConfig:
                               minimum=1)
     data_cpus: float = field(0.5, "CPUs per Ray Data decode/augment task", exclusiveMinimum=0)
     data_tasks: int | None = field(
-        None, "Ray Data decode/augment tasks running at once for each worker; null: one for a CPU worker (its steps "
-        "are compute-bound, and every further task is a process that imports torch and open_clip, about 5 s of CPU "
-        "at start-up), no limit for a GPU worker (Ray Data schedules as many as there are CPUs for them)", minimum=1)
+        None, "Ray Data decode/augment tasks running at once for each worker; 0: none, the worker decodes in a "
+        "thread of its own, ahead of its steps (no Ray Data process, each of which imports torch and open_clip, "
+        "about 5 s of CPU at start-up); null: 0 for a CPU worker (its steps are compute-bound), no limit for a GPU "
+        "worker (Ray Data schedules as many as there are CPUs for them)", minimum=0)
     augment: bool = field(True, "the model's training preprocessing (random resized crop); false: the eval transform")
     shuffle_buffer: int = field(256, "rows shuffled together: each worker's stream is cut into windows of this many "
                                 "rows, each permuted from the data seed, the epoch and its position (so batches differ "

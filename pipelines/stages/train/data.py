@@ -9,9 +9,10 @@ seeded with (data seed, pass, file, window start): the shuffle is part of the pl
 state a restart loses.  A rank that has trained s steps has consumed s x batch x accum rows of its stream;
 a resumed rank starts its stream there (`skip`), mid-window if need be.
 
-Decoding and the model's preprocessing run in Ray Data tasks on CPU (anywhere in the cluster), never in the
-training workers; each rank iterates its own dataset (built on the rank, `rank_dataset`), in order
-(`preserve_order`), every epoch as one stream.
+Decoding and the model's preprocessing run either in Ray Data tasks on CPU (anywhere in the cluster): each rank
+iterates its own dataset (built on the rank, `rank_dataset`), in order (`preserve_order`), every epoch as one
+stream; or, for CPU workers by default, in a thread of the training worker itself (`LocalBatches`): the same
+items read and preprocessed by the same functions, in the same order, without Ray Data's processes.
 """
 
 from __future__ import annotations
@@ -212,6 +213,89 @@ def rank_dataset(stream: Stream, rank: int, world: int, skip: int, arch: str, au
     ctx.execution_options.preserve_order = True  # the plan's order, whichever task finishes first
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # a worker's bars would only reach the log
     return ds
+
+
+class LocalBatches:
+    """A rank's batches of the plan (`rank_stream`), read, decoded and preprocessed by `read_items` in a thread of
+    this process, `prefetch` batches ahead: what `rank_dataset(...).iter_torch_batches(batch_size, drop_last=True)`
+    yields, the same rows in the same order, without a Ray Data task process (each imports torch and open_clip,
+    about 5 s of CPU) or Ray Data's coordinating actors. For CPU workers, whose steps are compute-bound.
+
+    The thread starts at once; an error it meets is raised by the `next` that would have returned its batch.
+    `close()` (or dropping the iterator) stops it."""
+
+    def __init__(self, stream: Stream, rank: int, world: int, skip: int, arch: str, augment: bool,
+                 batch_size: int, device: Any = "cpu", batch_rows: int = 64, prefetch: int = 2) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._done = False
+        self._device = device
+        items = rank_stream(stream, rank, world, skip)
+        self._thread = threading.Thread(
+            target=self._produce, name=f"clipline-data-rank-{rank}", daemon=True,
+            args=(items, arch, augment, stream.seed, stream.window, batch_size, batch_rows))
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, items: list[dict[str, Any]], arch: str, augment: bool, seed: int, window: int,
+                 batch_size: int, batch_rows: int) -> None:
+        keys = ("image", "text", "row")
+        held: list[dict[str, np.ndarray]] = []
+        count = 0
+        try:
+            for item in items:
+                one = {k: np.array([v]) for k, v in item.items()}
+                for block in read_items(one, arch, augment, seed, window, batch_rows):
+                    held.append(block)
+                    count += len(block["row"])
+                    while count >= batch_size:
+                        joined = {k: np.concatenate([b[k] for b in held]) for k in keys}
+                        batch = {k: v[:batch_size] for k, v in joined.items()}
+                        rest = {k: v[batch_size:] for k, v in joined.items()}
+                        held, count = ([rest] if len(rest["row"]) else []), len(rest["row"])
+                        if not self._put(("batch", batch)):
+                            return
+            self._put(("end", None))  # drop_last: fewer than batch_size rows left are not a batch
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer, by the next() it belongs to
+            self._put(("error", exc))
+
+    def __iter__(self) -> LocalBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        import torch
+
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "end":
+            self._done = True
+            raise StopIteration
+        if kind == "error":
+            self._done = True
+            raise value
+        dtypes = {"image": torch.float32, "text": torch.long, "row": torch.long}
+        return {k: torch.from_numpy(v).to(device=self._device, dtype=dtypes[k]) for k, v in value.items()}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._done = True
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def trained_rows(rows_dir: str) -> Any:

@@ -199,6 +199,14 @@ def primed(it: Iterator[Any]) -> Iterator[Any]:
     return items()
 
 
+def data_tasks(cfg: TrainConfig) -> int | None:
+    """Ray Data decode tasks at once for each rank: 0 decodes in the worker's own thread (a CPU worker's default),
+    None as many as Ray Data schedules (a GPU worker's default)."""
+    if cfg.data_tasks is not None:
+        return cfg.data_tasks
+    return None if cfg.use_gpu else 0
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     import ray.train
@@ -222,11 +230,16 @@ def train_loop(config: dict[str, Any]) -> None:
     # first reads start while this rank builds its model.
     stream = replace(plan.stream, seed=state["data_seed"])
     consumed = (saved["step"] if ckpt is not None else 0) * cfg.batch_size * cfg.accum_freq
-    ds = data.rank_dataset(stream, rank, world, consumed, cfg.model.arch, cfg.augment, cfg.data_cpus,
-                           cfg.data_tasks or (None if cfg.use_gpu else 1))
-    batches = primed(iter(ds.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                                dtypes={"image": torch.float32, "text": torch.long, "row": torch.long},
-                                                prefetch_batches=2)) if ds is not None else iter(()))
+    tasks = data_tasks(cfg)
+    if tasks == 0:  # in this process, a thread ahead of the steps (data.LocalBatches)
+        batches: Iterator[Any] = data.LocalBatches(stream, rank, world, consumed, cfg.model.arch, cfg.augment,
+                                                   cfg.batch_size, device)
+    else:
+        ds = data.rank_dataset(stream, rank, world, consumed, cfg.model.arch, cfg.augment, cfg.data_cpus, tasks)
+        batches = primed(iter(ds.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, device=device,
+            dtypes={"image": torch.float32, "text": torch.long, "row": torch.long}, prefetch_batches=2))
+            if ds is not None else iter(()))
     setup = build(cfg, plan, device)
     model, loss_fn, opt, sched = setup.model, setup.loss, setup.opt, setup.sched
     if ckpt is not None:
@@ -286,6 +299,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 wait, t_start = 0.0, t_end  # logging and checkpoints count in the next step's time
         finally:
             log.flush()
+            if isinstance(batches, data.LocalBatches):
+                batches.close()
 
 
 def _step_metrics(cfg: TrainConfig, model: Any, lr: float, loss: float, seconds: float, wait: float,
