@@ -36,20 +36,9 @@ if TYPE_CHECKING:
 
     from pipelines.stage import StageContext
 
-from pipelines.configschema import field
 
 ENTRY_POINTS = "clipline.rules"
 KEPT = 1 << 14  # drop_at of a row no rule has dropped; rule positions are 1..len(rules), 0 is not downloaded
-
-
-@dataclass(kw_only=True)
-class ActorPool:
-    """Settings of a model rule's pool of Ray actors (see `scorer.model_pass`); its Config extends this."""
-
-    batch_size: int = field(64, "images per forward pass", minimum=1)
-    actors: int = field(1, "scoring actors in the pool", minimum=1)
-    num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
-    num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`semantic_dedup`: SemDeDup's method (Abbas et al., 2023) on CLIP image embeddings, as a curate rule.
 
-A pool of Ray actors embeds every candidate row's image with an open_clip model (`scorer.embed_images`, as the
+A pool of Ray actors embeds every candidate row's image with an open_clip model (`embedding.embed_images`, as the
 head rule does), L2-normalised, into the working table's `_embedding` column.  Over the set: k-means
 (scikit-learn's `KMeans`, seeded, on one OpenMP thread so that a seed gives the same clusters in every run) is
 fitted on the embeddings of at most about `sample` rows (a fixed sample by uid), every row is assigned its nearest
@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.configschema import field
+from pipelines.embedding import ActorPool
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import ActorPool, Rule, ScoreField, mark, model_identity, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, mark, model_identity, register_rule
 
 if TYPE_CHECKING:
     import logging
@@ -105,7 +106,7 @@ class SemanticDedupRule(Rule):
         return model_identity(self.config.model)
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        from pipelines.stages.curate.scorer import model_pass
+        from pipelines.embedding import model_pass
 
         return model_pass(ds, ImageEmbedder, self.config, self.work)
 
@@ -114,26 +115,22 @@ class SemanticDedupRule(Rule):
 
 
 class ImageEmbedder:
-    """A Ray Data actor for `scorer.model_pass`: the model loaded once, each batch's images embedded as the head
-    rule's actors embed them (`scorer.embed_images`), L2-normalised, into `_embedding`.  A row with no image
+    """A Ray Data actor for `embedding.model_pass`: the model loaded once, each batch's images embedded as the head
+    rule's actors embed them (`embedding.embed_images`), L2-normalised, into `_embedding`.  A row with no image
     (dropped before this rule, or not downloaded), one whose image cannot be decoded and one whose embedding is not
     finite get none (`unit_rows`)."""
 
     def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
-        import torch
+        from pipelines.embedding import load_model
 
-        from pipelines import models
-
-        torch.set_num_threads(max(1, threads))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess, _ = models.create(model, device=self.device)
+        self.model, self.preprocess, _, self.device = load_model(model, threads, device)
         self.batch_size = batch_size
         self.work = work  # None: return pandas batches (embedding outside a curate stage)
 
     def embeddings(self, images: list[bytes]) -> np.ndarray:
         """Unit embeddings (float32), an object array: None for an image without one (`unit_rows`)."""
-        from pipelines.stages.curate.scorer import embed_images
+        from pipelines.embedding import embed_images
 
         emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)
         return unit_rows(emb, bad, len(images))
@@ -150,21 +147,18 @@ class ImageEmbedder:
 
 
 def unit_rows(emb: Any, bad: list[int], n: int) -> np.ndarray:
-    """The `n` images' embeddings (`scorer.embed_images`' tensor, or None) L2-normalised, one float32 vector per
+    """The `n` images' embeddings (`embedding.embed_images`' tensor, or None) L2-normalised, one float32 vector per
     element of an object array; None for an image that could not be decoded (in `bad`) and for one whose unit
     embedding is not finite (a bf16 overflow on CUDA, say): a NaN kept in a cluster would make every similarity
     to it NaN, which the greedy decision cannot order, and a NaN in the sample makes k-means fail."""
     import numpy as np
-    import torch
+
+    from pipelines.embedding import unit
 
     out = np.full(n, None, dtype=object)
-    if emb is None:
-        return out
-    unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
-    ok = np.isfinite(unit).all(axis=1)
-    ok[bad] = False
+    vectors, ok = unit(emb, bad, n)
     for i in np.flatnonzero(ok):
-        out[i] = unit[i]
+        out[i] = vectors[i]
     return out
 
 
