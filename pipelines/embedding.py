@@ -32,6 +32,16 @@ class ActorPool:
     num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
 
+def model_identity(ref: ModelRef) -> dict[str, Any]:
+    """The keys of a ModelRef's files (a checkpoint, a JSON architecture): part of the fingerprint of a stage that
+    runs the model (a model rule's `identity()`, the embed stage's input identity), so new weights at the same
+    path are a new output."""
+    from pipelines import storage
+
+    files = [f for f in (ref.checkpoint, ref.arch if str(ref.arch).endswith(".json") else None) if f]
+    return storage.file_keys(files) if files else {}
+
+
 def load_model(model: ModelRef, threads: int, device: str | None = None) -> tuple[Any, Any, Any, str]:
     """What an actor does once: torch on `threads` threads, then (model in eval mode, image preprocessing,
     tokenizer, device), on CUDA when there is one unless `device` says otherwise."""

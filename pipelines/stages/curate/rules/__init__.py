@@ -298,14 +298,6 @@ class Work:
                 if f.type.startswith(("float", "int")) else [None] * n for f in self.scores}
 
 
-def model_identity(ref: Any) -> dict[str, Any]:
-    """The keys of a ModelRef's files (a checkpoint, a JSON architecture): what `identity()` of a model rule has."""
-    from pipelines import storage
-
-    files = [f for f in (ref.checkpoint, ref.arch if str(ref.arch).endswith(".json") else None) if f]
-    return storage.file_keys(files) if files else {}
-
-
 def candidates(df: pd.DataFrame, position: int) -> np.ndarray:
     """Rows no rule before `position` dropped."""
     return df["drop_at"].to_numpy() > position

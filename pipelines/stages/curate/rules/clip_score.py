@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
-from pipelines.embedding import ActorPool
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import Rule, ScoreField, model_identity, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, register_rule
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
-from pipelines.embedding import ActorPool
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
 from pipelines.stages.curate.rules import (
     BASE,
@@ -23,7 +23,6 @@ from pipelines.stages.curate.rules import (
     ScoreField,
     Work,
     contract_scores,
-    model_identity,
     register_rule,
 )
 

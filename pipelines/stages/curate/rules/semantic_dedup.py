@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.configschema import field
-from pipelines.embedding import ActorPool
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import Rule, ScoreField, mark, model_identity, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, mark, register_rule
 
 if TYPE_CHECKING:
     import logging

@@ -1,0 +1,148 @@
+"""The embed stage: a dataset version's image and text embeddings (float16, unit norm) keyed by uid, written once per
+(dataset, model) through the runner's cache.  One job run (a test-only source stage copying crafted crawled shards,
+then `embed` with a tiny seeded open_clip model) is shared by the tests that read its output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import spec
+from pipelines.contracts import EMBEDDINGS
+from pipelines.runner import plan, run_job
+from tests.conftest import write_job
+
+ARCH, SEED = "clip-tiny", 5
+SOURCE = "tests.support.sources:CrawledFiles"
+
+
+def crawled(tmp_path) -> list[str]:
+    """Two crawled shards: images that decode, a row not downloaded, one opted out, an image that does not decode,
+    a successful row without image bytes and one without a caption."""
+    from tests.test_curate import GOOD, row, smooth_image, write_crawl
+
+    no_bytes = {**row(f"{GOOD} without bytes"), "image": None}
+    shard0 = [*(row(f"{GOOD} {i}", image=smooth_image(400 + i)) for i in range(8)),
+              row(status="failed_to_download"), row(f"{GOOD} broken", image=b"not an image"), no_bytes]
+    shard1 = [*(row(f"{GOOD} {i}", image=smooth_image(420 + i)) for i in range(6)),
+              {**row(image=smooth_image(430)), "caption": None}, row(status="opted_out")]
+    manifest = write_crawl(tmp_path, [shard0, shard1])
+    return manifest.shard_urls()
+
+
+def job_file(tmp_path, files: list[str]):
+    return write_job(tmp_path, {
+        "source": {"uses": SOURCE, "with": {"files": files}},
+        "embed": {"uses": "embed", "needs": ["source"],
+                  "with": {"model": {"arch": ARCH, "seed": SEED}, "batch_size": 8}},
+    })
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, ray_local):
+    """(job file, outcomes of the one run, the crawled rows, the embeddings as written)."""
+    tmp = tmp_path_factory.mktemp("embed")
+    files = crawled(tmp)
+    path = job_file(tmp, files)
+    outcomes = {o.stage: o for o in run_job(spec.load(path), progress=False)}
+    source = pa.concat_tables([pq.read_table(f) for f in files])
+    out = pa.concat_tables([pq.read_table(u) for u in outcomes["embed"].manifest.shard_urls()])
+    return path, outcomes, source, out
+
+
+def reference(source: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Unit image and text embeddings of the decodable successful rows, from a plain open_clip loop (float32)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pipelines import models
+
+    model, preprocess, tokenizer = models.create(models.ModelRef(arch=ARCH, seed=SEED))
+    rows = source.filter(pa.compute.equal(source["status"], "success")).to_pylist()
+    images = [r["image"] for r in rows if r["image"] not in (None, b"not an image")]
+    captions = [r["caption"] for r in rows if r["caption"] is not None]
+    with torch.inference_mode():
+        img = model.encode_image(torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]),
+                                 normalize=True)
+        txt = model.encode_text(tokenizer(captions), normalize=True)
+    return img.numpy(), txt.numpy()
+
+
+def matrix(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks().drop_null()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
+
+
+@pytest.mark.slow
+def test_embeddings_are_unit_float16_keyed_by_the_successful_rows(embedded):
+    _, outcomes, source, out = embedded
+    success = [r["uid"] for r in source.to_pylist() if r["status"] == "success"]
+    assert out["uid"].to_pylist() == success  # every successful row once, in the input's order; no other row
+    assert out.schema.equals(EMBEDDINGS, check_metadata=False)
+    assert out.schema.field("image_embedding").type == pa.list_(pa.float16())
+    img, txt = matrix(out["image_embedding"]), matrix(out["text_embedding"])
+    assert img.dtype == txt.dtype == np.float16 and img.shape == (len(success) - 2, 64) and txt.shape[1] == 64
+    for m in (img, txt):
+        np.testing.assert_allclose(np.linalg.norm(m.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    ref_img, ref_txt = reference(source)
+    np.testing.assert_allclose(img.astype(np.float32), ref_img, atol=2e-3)  # float16 rounding of the plain loop's
+    np.testing.assert_allclose(txt.astype(np.float32), ref_txt, atol=2e-3)
+    m = outcomes["embed"].manifest
+    assert [s["path"] for s in m.shards] == ["part-00000.parquet", "part-00001.parquet"]  # one per upstream shard
+    assert m.extra == {"model": ARCH, "embeddings": ["image", "text"], "dim": 64, "dtype": "float16",
+                       "columns": ["uid", "image_embedding", "text_embedding"]}
+    assert m.params["model"]["arch"] == ARCH and m.params["model"]["seed"] == SEED
+
+
+@pytest.mark.slow
+def test_a_missing_or_undecodable_image_has_a_null_image_embedding(embedded):
+    from tests.test_curate import GOOD
+
+    _, outcomes, source, out = embedded
+    by_uid = {r["uid"]: r for r in source.to_pylist()}
+    rows = out.to_pylist()
+    no_image = [r["uid"] for r in rows if r["image_embedding"] is None]
+    assert sorted(by_uid[u]["caption"] for u in no_image) == [f"{GOOD} broken", f"{GOOD} without bytes"]
+    assert all(r["text_embedding"] is not None for r in rows if r["uid"] in no_image)  # its caption still embeds
+    no_text = [r["uid"] for r in rows if r["text_embedding"] is None]
+    assert [by_uid[u]["caption"] for u in no_text] == [None] and by_uid[no_text[0]]["image"] is not None
+    assert outcomes["embed"].manifest.counts == {
+        "rows_in": 19, "rows_out": 17, "skipped_failed_to_download": 1, "skipped_opted_out": 1,
+        "no_image_embedding": 2}
+
+
+@pytest.mark.slow
+def test_a_second_run_is_a_cache_hit_and_another_model_another_fingerprint(embedded):
+    path, first, _, _ = embedded
+    store = path.parent / "store"
+    files = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and "embed" in p.parts}
+    again = {o.stage: o for o in run_job(spec.load(path), progress=False)}
+    assert again["embed"].state == "cached" and again["embed"].fingerprint == first["embed"].fingerprint
+    assert again["embed"].manifest.digest == first["embed"].manifest.digest
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and "embed" in p.parts} == files
+
+    def fingerprint(*overrides: str) -> str:
+        (row,) = [r for r in plan(spec.load(path, list(overrides))) if r["stage"] == "embed"]
+        return row["fingerprint"]
+
+    assert fingerprint() == first["embed"].fingerprint
+    others = {fingerprint("stages.embed.with.model.arch=clip-small"), fingerprint("stages.embed.with.model.seed=6"),
+              fingerprint("stages.embed.with.embeddings=[image]")}
+    assert len(others) == 3 and first["embed"].fingerprint not in others
+
+
+@pytest.mark.parametrize(("embeddings", "message"), [
+    ("[]", r"stages\.e\.with\.embeddings"),
+    ("[image, image]", r"embeddings: \['image', 'image'\] lists one kind twice"),
+    ("[pixels]", r"stages\.e\.with\.embeddings\[0\]"),
+])
+def test_bad_embeddings_setting_is_an_error_naming_the_field(tmp_path, embeddings, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: t\nstages:\n  c:\n    uses: crawl\n    with: {{input: x.parquet}}\n"
+                   f"  e:\n    uses: embed\n    needs: [c]\n    with: {{embeddings: {embeddings}}}\n")
+    with pytest.raises(spec.SpecError, match=message):
+        spec.load(bad)
