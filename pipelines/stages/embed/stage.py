@@ -14,6 +14,7 @@ image embedding.  Caching is the runner's: the fingerprint covers the upstream m
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -100,6 +101,12 @@ class ShardEmbedder:
         return pa.table(columns, schema=self.schema)
 
     def shard(self, index: int, url: str) -> dict[str, Any]:
+        """Embed and write one upstream shard (or describe what an earlier attempt wrote): its manifest record, its
+        counts, the embeddings' width and when the work began and ended (wall clock, for the running rate)."""
+        started = time.time()
+        return {**self._shard(index, url), "started": started, "ended": time.time()}
+
+    def _shard(self, index: int, url: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
         path = layout.shard_name(index)
@@ -194,8 +201,14 @@ class EmbedStage(Stage):
             ctx.log.info("resuming: %d of %d shards were already written", resumed, len(recs))
         model = cfg.model.model_uri or cfg.model.arch
         dim = next((r["dim"] for r in recs if r["dim"] is not None), None)
-        ctx.log.info("embedded %d of %d rows of %r with %s (%s, %s dimensions, float16) into %d shards",
-                     counts["rows_out"], counts["rows_in"], name, model, "+".join(cfg.embeddings), dim, len(recs))
+        # from the first shard an actor began to the last one it finished: the stage's time less the actors' start
+        running = max(r["ended"] for r in recs) - min(r["started"] for r in recs) if recs else 0.0
+        metrics = {"running_seconds": round(running, 3),
+                   "rows_per_s_running": round(counts["rows_out"] / running, 1) if running > 0 else 0.0}
+        ctx.log.info("embedded %d of %d rows of %r with %s (%s, %s dimensions, float16) into %d shards; %.1f rows/s "
+                     "once the actors were up", counts["rows_out"], counts["rows_in"], name, model,
+                     "+".join(cfg.embeddings), dim, len(recs), metrics["rows_per_s_running"])
         return StageResult(shards=[layout.shard_entry(r["path"], r) for r in recs], counts=dict(counts),
+                           metrics=metrics,
                            extra={"model": model, "embeddings": list(cfg.embeddings), "dim": dim, "dtype": "float16",
                                   "columns": output_schema(list(cfg.embeddings)).names})
