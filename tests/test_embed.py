@@ -15,6 +15,7 @@ from pipelines.runner import plan, run_job
 from tests.conftest import write_job
 
 ARCH, SEED = "clip-tiny", 5
+EPS = 5e-4  # a random model puts every image near one direction; copies with pixel noise are above 0.99998
 SOURCE = "tests.support.sources:CrawledFiles"
 
 
@@ -27,7 +28,9 @@ def crawled(tmp_path) -> list[str]:
     shard0 = [*(row(f"{GOOD} {i}", image=smooth_image(400 + i)) for i in range(8)),
               row(status="failed_to_download"), row(f"{GOOD} broken", image=b"not an image"), no_bytes]
     shard1 = [*(row(f"{GOOD} {i}", image=smooth_image(420 + i)) for i in range(6)),
-              {**row(image=smooth_image(430)), "caption": None}, row(status="opted_out")]
+              {**row(image=smooth_image(430)), "caption": None}, row(status="opted_out"),
+              row(f"{GOOD} near copy", image=smooth_image(401, jitter=1)),  # semantic_dedup's duplicates
+              row(f"{GOOD} nearer copy", image=smooth_image(424, jitter=1))]
     manifest = write_crawl(tmp_path, [shard0, shard1])
     return manifest.shard_urls()
 
@@ -37,6 +40,12 @@ def job_file(tmp_path, files: list[str]):
         "source": {"uses": SOURCE, "with": {"files": files}},
         "embed": {"uses": "embed", "needs": ["source"],
                   "with": {"model": {"arch": ARCH, "seed": SEED}, "batch_size": 8}},
+        # semantic_dedup on the embed stage's image embeddings: one cluster and input order, so that its decision
+        # is the greedy one over every row, which a test recomputes from a plain loop's embeddings
+        "curate": {"uses": "curate", "needs": ["source", "embed"],
+                   "with": {"rules": ["semantic_dedup"], "shard_rows": 100,
+                            "semantic_dedup": {"embeddings": "embed", "clusters": 1, "keep": "input_order",
+                                               "eps": EPS}}},
     })
 
 
@@ -111,7 +120,7 @@ def test_a_missing_or_undecodable_image_has_a_null_image_embedding(embedded):
     no_text = [r["uid"] for r in rows if r["text_embedding"] is None]
     assert [by_uid[u]["caption"] for u in no_text] == [None] and by_uid[no_text[0]]["image"] is not None
     assert outcomes["embed"].manifest.counts == {
-        "rows_in": 19, "rows_out": 17, "skipped_failed_to_download": 1, "skipped_opted_out": 1,
+        "rows_in": 21, "rows_out": 19, "skipped_failed_to_download": 1, "skipped_opted_out": 1,
         "no_image_embedding": 2}
 
 
@@ -146,3 +155,71 @@ def test_bad_embeddings_setting_is_an_error_naming_the_field(tmp_path, embedding
                    f"  e:\n    uses: embed\n    needs: [c]\n    with: {{embeddings: {embeddings}}}\n")
     with pytest.raises(spec.SpecError, match=message):
         spec.load(bad)
+
+
+@pytest.mark.slow
+def test_semantic_dedup_reads_the_embed_stages_image_embeddings(embedded):
+    """A curate stage whose semantic_dedup names the embed stage decides as the greedy rule over the plain loop's
+    float32 embeddings (one cluster, input order): the noisy copies are dropped, every other decodable row kept."""
+    from pipelines.stages.curate.rules import semantic_dedup as sd
+
+    _, outcomes, source, _ = embedded
+    m = outcomes["curate"].manifest
+    assert m.inputs["embed"]["digest"] == outcomes["embed"].manifest.digest  # in the curate's fingerprint
+    ledger = pa.concat_tables([pq.read_table(u) for u in (storage_url(m, s["path"]) for s in m.extra["ledger"])]
+                              ).to_pandas()
+    rows = source.to_pylist()
+    assert ledger["uid"].tolist() == [r["uid"] for r in rows]
+    seen = [i for i, r in enumerate(rows) if r["status"] == "success" and r["image"] not in (None, b"not an image")]
+    ref_img, _ = reference(source)
+    expected = sd.greedy(ref_img.astype(np.float32), 1 - EPS)
+    assert ledger.loc[seen, "kept"].tolist() == expected.tolist()
+    dropped = ledger.loc[ledger["reason"].eq("semantic_duplicate"), "uid"].tolist()
+    by_uid = {r["uid"]: r["caption"] for r in rows}
+    assert sorted(by_uid[u].rsplit(" ", 2)[-2] for u in dropped) == ["near", "nearer"]
+    assert ledger.loc[seen, "semantic_cluster"].eq(0).all()
+    assert ledger.drop(index=seen)["semantic_cluster"].isna().all()  # not downloaded, no bytes, undecodable
+    assert m.counts["dropped_semantic_duplicate"] == 2 and m.metrics["semantic_sampled"] == len(seen)
+
+
+def storage_url(m, path: str) -> str:
+    from pipelines import storage
+
+    return storage.join(m.location, path)
+
+
+def test_semantic_dedup_checks_the_embed_stage_it_names(tmp_path):
+    """The named stage must be in the curate's needs, hold image embeddings and have embedded the crawl curated."""
+    import logging
+
+    from pipelines import configschema
+    from pipelines.manifest import Manifest
+    from pipelines.stage import StageContext
+    from pipelines.stages.curate.config import CurateConfig
+    from pipelines.stages.curate.rules import semantic_dedup as sd
+    from pipelines.stages.curate.stage import CurateStage
+
+    def manifest(stage: str, uses: str, inputs: dict, columns: list[str]) -> Manifest:
+        return Manifest(job="t", stage=stage, uses=uses, fingerprint="0" * 16, code_version="x", params={},
+                        inputs=inputs, shards=[{"path": "part-00000.parquet", "rows": 1, "bytes": 1, "sha256": "0" * 64}],
+                        counts={}, metrics={}, started_at="", finished_at="", extra={"columns": columns},
+                        location=str(tmp_path / stage))
+
+    crawl = manifest("crawl", "crawl", {}, [])
+    other = Manifest(**{**crawl.to_json(), "fingerprint": "1" * 16, "digest": ""}, location=crawl.location)
+    link = {"crawl": {"fingerprint": crawl.fingerprint, "digest": crawl.digest, "path": crawl.location}}
+    rule = sd.SemanticDedupRule(sd.SemanticDedupConfig(embeddings="embed"), 1)
+    assert not rule.uses_images and rule.reads() == ("embed",) and rule.identity() == {}
+    rule.attach(crawl, {"embed": manifest("embed", "embed", link, ["uid", "image_embedding"])})
+    assert rule.embedding_shards == [str(tmp_path / "embed" / "part-00000.parquet")]
+    with pytest.raises(ValueError, match=r"semantic_dedup\.embeddings: stage 'embed' \(uses: embed\) wrote no image "):
+        rule.attach(crawl, {"embed": manifest("embed", "embed", link, ["uid", "text_embedding"])})
+    with pytest.raises(ValueError, match=r"semantic_dedup\.embeddings: .* not the crawl this stage curates"):
+        rule.attach(other, {"embed": manifest("embed", "embed", link, ["uid", "image_embedding"])})
+    assert sd.SemanticDedupRule(sd.SemanticDedupConfig(), 1).uses_images  # without it: the model pass, as before
+
+    cfg = configschema.build(CurateConfig, {"rules": ["semantic_dedup"], "semantic_dedup": {"embeddings": "embed"}})
+    ctx = StageContext(job="t", stage="curate", output=str(tmp_path / "out"), tracker=None,
+                       log=logging.getLogger("t"), progress=False)
+    with pytest.raises(ValueError, match=r"semantic_dedup: reads stage 'embed', which is not in this stage's needs"):
+        CurateStage(cfg).run(ctx, {"crawl": crawl})

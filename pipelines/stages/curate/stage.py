@@ -93,18 +93,26 @@ class CurateStage(Stage):
         import ray.data
 
         cfg: CurateConfig = self.config
-        if len(upstream) != 1:
-            raise ValueError(f"curate reads exactly one crawl stage; needs: lists {len(upstream)} ({', '.join(upstream)})")
-        (crawl,) = upstream.values()
+        rules = cfg.instances()
+        read = {name: rule for rule in rules for name in rule.reads()}  # other stages' outputs the rules read
+        for name, rule in read.items():
+            if name not in upstream:
+                raise ValueError(f"{rule.name}: reads stage {name!r}, which is not in this stage's needs "
+                                 f"({', '.join(upstream)}); add it to needs")
+        crawls = [m for name, m in upstream.items() if name not in read]
+        if len(crawls) != 1:
+            raise ValueError(f"curate reads exactly one crawl stage (and the stages its rules name); needs: lists "
+                             f"{len(crawls)} more ({', '.join(n for n in upstream if n not in read)})")
+        (crawl,) = crawls
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = ctx.progress
         dctx.enable_operator_progress_bars = ctx.progress
         t0 = time.perf_counter()
 
-        rules = cfg.instances()
         self.work = Work(job_scores(rules))
         for rule in rules:
             rule.work = self.work
+            rule.attach(crawl, {name: upstream[name] for name in rule.reads()})
             rule.prepare(ctx.log)
         self.ledger = ledger_schema([f.arrow() for f in self.work.scores], funnel_reasons(rules))
         urls = crawl.shard_urls()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from pipelines.manifest import Manifest
     from pipelines.stage import StageContext
 
 
@@ -61,7 +62,9 @@ class Rule:
     name: ClassVar[str]
     Config: ClassVar[type]
     scores: ClassVar[tuple[ScoreField, ...]] = ()
-    uses_images: ClassVar[bool] = False  # scores image bytes in stream(), then decides per row on those scores
+    # scores image bytes in stream(), then decides per row on those scores; a rule may turn it off for one
+    # instance (semantic_dedup reading an embed stage's embeddings instead of running its model)
+    uses_images: bool = False
 
     def __init__(self, config: Any, position: int) -> None:
         self.config = config
@@ -98,6 +101,14 @@ class Rule:
         """Files outside the job that the rule reads (weights, evaluation sets), by their fsspec keys (size and
         modification time, or ETag): part of the stage's fingerprint, so that replacing one reruns the stage."""
         return {}
+
+    def reads(self) -> tuple[str, ...]:
+        """Upstream stages (names in the curate stage's `needs`) the rule reads besides the crawl it curates."""
+        return ()
+
+    def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
+        """On the driver, before prepare(): the crawl the stage curates and the outputs of the stages `reads()`
+        names; raise ValueError naming the field when one is not what the rule reads."""
 
     def prepare(self, log: logging.Logger) -> None:
         """On the driver, once before any task: load what every task needs. The rule must stay picklable."""

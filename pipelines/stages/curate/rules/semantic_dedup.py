@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from pipelines.manifest import Manifest
     from pipelines.stage import StageContext
     from pipelines.stages.curate.rules import Work
 
@@ -76,6 +77,10 @@ class SemanticDedupConfig(ActorPool):
     seed: int = field(0, "k-means' random state")
     n_init: int = field(1, "k-means runs from different k-means++ starts; the one of least inertia is kept",
                         minimum=1)
+    embeddings: str | None = field(
+        None, "an embed stage of this job (listed in the curate stage's needs, embedding the crawl it curates) whose "
+              "image embeddings the rule reads by uid instead of running model; model and the actor pool settings "
+              "are then not used")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -99,11 +104,45 @@ class SemanticDedupRule(Rule):
                                                 "(semantic_dedup)"))
     uses_images = True
 
+    def __init__(self, config: Any, position: int) -> None:
+        super().__init__(config, position)
+        # embeddings from an embed stage: read in the featurize task (`score`), no model pass and no image bytes kept
+        self.uses_images = not config.embeddings
+        self.embedding_shards: list[str] = []  # the embed stage's shard per crawled shard, once attached
+
     def reasons(self) -> tuple[str, ...]:
         return (REASON,)
 
     def identity(self) -> dict[str, Any]:
-        return model_identity(self.config.model)
+        return {} if self.config.embeddings else model_identity(self.config.model)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.embeddings,) if self.config.embeddings else ()
+
+    def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
+        """The embed stage's output: it must hold image embeddings of the crawl this stage curates, one shard per
+        crawled shard (its rows the crawled shard's, by uid)."""
+        if not self.config.embeddings:
+            return
+        name = self.config.embeddings
+        m = upstream[name]
+        what = f"semantic_dedup.embeddings: stage {name!r} (uses: {m.uses})"
+        if "image_embedding" not in m.extra.get("columns", []):
+            raise ValueError(f"{what} wrote no image embeddings; name an embed stage whose embeddings include image")
+        if not any(isinstance(i, dict) and i.get("digest") == crawl.digest for i in m.inputs.values()):
+            read = ", ".join(str(i.get("path")) for i in m.inputs.values() if isinstance(i, dict))
+            raise ValueError(f"{what} embedded {read}, not the crawl this stage curates ({crawl.location}); its "
+                             "needs must be the same crawl stage")
+        if len(m.shards) != len(crawl.shards):
+            raise ValueError(f"{what} has {len(m.shards)} shards for the crawl's {len(crawl.shards)}")
+        self.embedding_shards = m.shard_urls()
+
+    def score(self, crawled: pa.Table, work: pd.DataFrame) -> dict[str, Any]:
+        """With `embeddings`: the crawled shard's image embeddings read from the embed stage's shard of the same
+        number, by uid, into `_embedding` (float32, normalised again after float16 storage)."""
+        if not self.config.embeddings or not len(work):
+            return {}
+        return {EMBEDDING: stored_embeddings(self.embedding_shards[int(work["shard"].iloc[0])], work["uid"])}
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
         from pipelines.embedding import model_pass
@@ -144,6 +183,32 @@ class ImageEmbedder:
             vectors[todo] = self.embeddings(list(batch["image"].iloc[todo]))
         batch = batch.assign(**{EMBEDDING: vectors})
         return self.work.table(batch) if self.work is not None else batch
+
+
+def stored_embeddings(url: str, uids: Any) -> np.ndarray:
+    """The image embeddings an embed stage wrote in one shard, for `uids` in their order: unit float32 vectors in an
+    object array, None for a uid the shard does not have or has no image embedding for (as `unit_rows`)."""
+    import numpy as np
+
+    from pipelines import storage
+
+    table = storage.read_parquet(url).select(["uid", "image_embedding"])
+    at = {u: i for i, u in enumerate(table.column("uid").to_pylist())}
+    column = table.column("image_embedding").combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    out = np.full(len(uids), None, dtype=object)
+    rows = [(j, at[u]) for j, u in enumerate(uids) if u in at and valid[at[u]]]
+    if not rows:
+        return out
+    wanted = column.take([i for _, i in rows])
+    x = wanted.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    ok = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
+    x = x / np.where(norms > 0, norms, 1.0)
+    for (j, _), vector, good in zip(rows, x, ok, strict=True):
+        if good:
+            out[j] = vector
+    return out
 
 
 def unit_rows(emb: Any, bad: list[int], n: int) -> np.ndarray:
