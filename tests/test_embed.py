@@ -223,3 +223,25 @@ def test_semantic_dedup_checks_the_embed_stage_it_names(tmp_path):
                        log=logging.getLogger("t"), progress=False)
     with pytest.raises(ValueError, match=r"semantic_dedup: reads stage 'embed', which is not in this stage's needs"):
         CurateStage(cfg).run(ctx, {"crawl": crawl})
+
+
+@pytest.mark.slow  # no Ray, but torch and open_clip imported: seconds, unless a test before it imported them
+def test_an_actor_writes_only_the_embeddings_asked_for_and_describes_a_shard_already_written(tmp_path):
+    """The actor alone, in this process: `embeddings: [text]` writes uid and text_embedding only; a shard an earlier
+    attempt wrote is described (same record, file untouched), not embedded again, so a failed stage resumes."""
+    from pipelines.models import ModelRef
+    from pipelines.stages.embed.stage import ShardEmbedder
+
+    (url, _) = crawled(tmp_path)
+    actor = ShardEmbedder(ModelRef(arch=ARCH, seed=SEED), batch_size=4, threads=1, kinds=["text"],
+                          output=str(tmp_path / "out"))
+    first = actor.shard(0, url)
+    written = tmp_path / "out" / "part-00000.parquet"
+    table, mtime = pq.read_table(written), written.stat().st_mtime_ns
+    assert table.column_names == ["uid", "text_embedding"] and table.num_rows == first["rows"] == 10
+    assert first["counts"] == {"rows_in": 11, "rows_out": 10, "skipped_failed_to_download": 1}
+    assert first["dim"] == 64 and not first["resumed"]
+    again = actor.shard(0, url)
+    assert again["resumed"] and written.stat().st_mtime_ns == mtime
+    assert {k: again[k] for k in ("path", "rows", "bytes", "sha256", "counts", "dim")} == {
+        k: first[k] for k in ("path", "rows", "bytes", "sha256", "counts", "dim")}

@@ -1,7 +1,9 @@
 """`semantic_dedup`: SemDeDup's method (Abbas et al., 2023) on CLIP image embeddings, as a curate rule.
 
 A pool of Ray actors embeds every candidate row's image with an open_clip model (`embedding.embed_images`, as the
-head rule does), L2-normalised, into the working table's `_embedding` column.  Over the set: k-means
+head rule does), L2-normalised, into the working table's `_embedding` column; or, with `embeddings: <stage>`, the
+featurize task of each crawled shard reads them from an embed stage's shard of the same number, by uid
+(`stored_embeddings`), and no model runs.  Over the set: k-means
 (scikit-learn's `KMeans`, seeded, on one OpenMP thread so that a seed gives the same clusters in every run) is
 fitted on the embeddings of at most about `sample` rows (a fixed sample by uid), every row is assigned its nearest
 centroid in a distributed pass, and the rows are hash-partitioned by cluster so that each cluster lands whole in
