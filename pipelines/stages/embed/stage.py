@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipelines import layout, storage
 from pipelines.contracts import EMBEDDINGS
 from pipelines.embedding import embed_images, embed_texts, load_model, model_identity, unit
-from pipelines.manifest import Manifest
+from pipelines.manifest import Manifest, parquet_schema
 from pipelines.models import ModelRef
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.embed.config import EmbedConfig
@@ -140,16 +140,8 @@ class ShardEmbedder:
 
 def _check_upstream(name: str, manifest: Manifest, cfg: EmbedConfig) -> None:
     """Fail before any actor starts when the upstream output is not Parquet with the columns embedding reads."""
-    import pyarrow.parquet as pq
-
     what = f"embed: the upstream stage {name!r} (uses: {manifest.uses})"
-    for shard in manifest.shards:
-        if not shard["path"].endswith(".parquet"):
-            raise ValueError(f"{what} wrote {shard['path']}, not Parquet shards; embed reads a crawl, ingest or "
-                             "curate stage")
-    fs, path = storage.filesystem(manifest.shard_urls()[0])
-    with fs.open(path, "rb") as f:
-        names = pq.read_schema(f).names
+    names = parquet_schema(manifest, "embed").names
     missing = [c for c in ("uid", "status", *(SOURCE[k] for k in cfg.embeddings)) if c not in names]
     if missing:
         raise ValueError(f"{what} has no column(s) {', '.join(missing)} (embeddings: {cfg.embeddings}); embed reads "
