@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 class ActorPool:
     """Settings of a pool of Ray actors that each hold one model (see `model_pass`); a Config extends this."""
 
-    batch_size: int = field(64, "images per forward pass", minimum=1)
-    actors: int = field(1, "scoring actors in the pool", minimum=1)
+    batch_size: int = field(64, "images (or captions) per forward pass", minimum=1)
+    actors: int = field(1, "actors in the pool, each holding the model", minimum=1)
     num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
     num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
