@@ -245,3 +245,12 @@ def test_an_actor_writes_only_the_embeddings_asked_for_and_describes_a_shard_alr
     assert again["resumed"] and written.stat().st_mtime_ns == mtime
     assert {k: again[k] for k in ("path", "rows", "bytes", "sha256", "counts", "dim")} == {
         k: first[k] for k in ("path", "rows", "bytes", "sha256", "counts", "dim")}
+
+
+def test_an_unknown_model_is_found_before_the_run(tmp_path):
+    from pipelines import preflight
+
+    path = write_job(tmp_path, {"i": {"uses": "ingest", "with": {"builtin": "digits_train"}},
+                                "e": {"uses": "embed", "needs": ["i"], "with": {"model": {"arch": "nope"}}}})
+    with pytest.raises(spec.SpecError, match=r"stages\.e\.with\.model\.arch: 'nope' is not an open_clip architecture"):
+        preflight.check(spec.load(path))

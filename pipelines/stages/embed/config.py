@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipelines.configschema import field
 from pipelines.embedding import ActorPool
 from pipelines.models import ModelRef
+
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
 
 KINDS = ("image", "text")
 
@@ -29,3 +32,7 @@ class EmbedConfig(ActorPool):
             raise ValueError(f"embeddings: expected image, text or both, got {', '.join(map(repr, unknown))}")
         if len(set(self.embeddings)) != len(self.embeddings):
             raise ValueError(f"embeddings: {self.embeddings} lists one kind twice")
+
+    def preflight(self, check: Check) -> None:
+        """Before the run (`pipelines.preflight`): the model's architecture exists and its checkpoint fits it."""
+        check.attempt(check.model, "model", self.model)
