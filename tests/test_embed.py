@@ -209,7 +209,7 @@ def test_semantic_dedup_checks_the_embed_stage_it_names(tmp_path):
     other = Manifest(**{**crawl.to_json(), "fingerprint": "1" * 16, "digest": ""}, location=crawl.location)
     link = {"crawl": {"fingerprint": crawl.fingerprint, "digest": crawl.digest, "path": crawl.location}}
     rule = sd.SemanticDedupRule(sd.SemanticDedupConfig(embeddings="embed"), 1)
-    assert not rule.uses_images and rule.reads() == ("embed",) and rule.identity() == {}
+    assert not rule.uses_images and rule.reads() == {"embed": "embeddings"} and rule.identity() == {}
     rule.attach(crawl, {"embed": manifest("embed", "embed", link, ["uid", "image_embedding"])})
     assert rule.embedding_shards == [str(tmp_path / "embed" / "part-00000.parquet")]
     with pytest.raises(ValueError, match=r"semantic_dedup\.embeddings: stage 'embed' \(uses: embed\) wrote no image "):
@@ -221,8 +221,17 @@ def test_semantic_dedup_checks_the_embed_stage_it_names(tmp_path):
     cfg = configschema.build(CurateConfig, {"rules": ["semantic_dedup"], "semantic_dedup": {"embeddings": "embed"}})
     ctx = StageContext(job="t", stage="curate", output=str(tmp_path / "out"), tracker=None,
                        log=logging.getLogger("t"), progress=False)
-    with pytest.raises(ValueError, match=r"semantic_dedup: reads stage 'embed', which is not in this stage's needs"):
+    with pytest.raises(ValueError, match=r"semantic_dedup\.embeddings: 'embed': not in this stage's needs \(crawl\)"):
         CurateStage(cfg).run(ctx, {"crawl": crawl})
+    # and before that, when the job is loaded
+    path = write_job(tmp_path, {
+        "source": {"uses": SOURCE, "with": {"files": []}},
+        "embed": {"uses": "embed", "needs": ["source"]},
+        "curate": {"uses": "curate", "needs": ["source"],
+                   "with": {"rules": ["semantic_dedup"], "semantic_dedup": {"embeddings": "embed"}}}})
+    with pytest.raises(spec.SpecError, match=r"stages\.curate\.with\.semantic_dedup\.embeddings: names stage 'embed', "
+                                             r"which is not in stages\.curate\.needs \(source\); add it there"):
+        spec.load(path)
 
 
 @pytest.mark.slow  # no Ray, but torch and open_clip imported: seconds, unless a test before it imported them

@@ -94,16 +94,15 @@ class CurateStage(Stage):
 
         cfg: CurateConfig = self.config
         rules = cfg.instances()
-        read = {name: rule for rule in rules for name in rule.reads()}  # other stages' outputs the rules read
-        for name, rule in read.items():
-            if name not in upstream:
-                raise ValueError(f"{rule.name}: reads stage {name!r}, which is not in this stage's needs "
-                                 f"({', '.join(upstream)}); add it to needs")
-        crawls = [m for name, m in upstream.items() if name not in read]
+        read = cfg.reads()  # other stages' outputs the rules read: in needs (the spec checks it when it loads)
+        missing = [f"{field}: {name!r}" for name, field in read.items() if name not in upstream]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: not in this stage's needs ({', '.join(upstream)}); add it")
+        crawls = [name for name in upstream if name not in read]
         if len(crawls) != 1:
-            raise ValueError(f"curate reads exactly one crawl stage (and the stages its rules name); needs: lists "
-                             f"{len(crawls)} more ({', '.join(n for n in upstream if n not in read)})")
-        (crawl,) = crawls
+            raise ValueError(f"curate reads exactly one crawl stage besides those its rules name; needs: lists "
+                             f"{len(crawls)} ({', '.join(crawls)})")
+        crawl = upstream[crawls[0]]
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = ctx.progress
         dctx.enable_operator_progress_bars = ctx.progress

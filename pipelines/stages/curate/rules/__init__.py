@@ -102,9 +102,10 @@ class Rule:
         modification time, or ETag): part of the stage's fingerprint, so that replacing one reruns the stage."""
         return {}
 
-    def reads(self) -> tuple[str, ...]:
-        """Upstream stages (names in the curate stage's `needs`) the rule reads besides the crawl it curates."""
-        return ()
+    def reads(self) -> dict[str, str]:
+        """Upstream stages (names that must be in the curate stage's `needs`) the rule reads besides the crawl it
+        curates, each with the setting that names it (checked when the job is loaded)."""
+        return {}
 
     def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
         """On the driver, before prepare(): the crawl the stage curates and the outputs of the stages `reads()`
@@ -159,7 +160,7 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
 
 # Names a rule cannot take: the curate settings and methods that share `with:` and the config class with the
 # rules' fields (CurateSettings; listed here, not read from it, which would import the config while it is made).
-RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns"})
+RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns", "reads"})
 
 
 def _load() -> None:

@@ -118,8 +118,8 @@ class SemanticDedupRule(Rule):
     def identity(self) -> dict[str, Any]:
         return {} if self.config.embeddings else model_identity(self.config.model)
 
-    def reads(self) -> tuple[str, ...]:
-        return (self.config.embeddings,) if self.config.embeddings else ()
+    def reads(self) -> dict[str, str]:
+        return {self.config.embeddings: "embeddings"} if self.config.embeddings else {}
 
     def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
         """The embed stage's output: it must hold image embeddings of the crawl this stage curates, one shard per
