@@ -263,3 +263,15 @@ def test_an_unknown_model_is_found_before_the_run(tmp_path):
                                 "e": {"uses": "embed", "needs": ["i"], "with": {"model": {"arch": "nope"}}}})
     with pytest.raises(spec.SpecError, match=r"stages\.e\.with\.model\.arch: 'nope' is not an open_clip architecture"):
         preflight.check(spec.load(path))
+
+
+@pytest.mark.slow
+def test_the_report_grid_of_such_a_curate_reads_its_crawl(embedded):
+    """The curate output's inputs are the crawl and the embed stage (in name order, embed first): the report's grid
+    of kept and dropped rows shows the crawled images and captions, not an error."""
+    from pipelines.report import StageRun, section_grid
+
+    _, outcomes, _, _ = embedded
+    html = section_grid(StageRun("curate", "curate", None, outcomes["curate"].manifest), 8)
+    assert "semantic_duplicate 2" in html and "near copy" in html and "class=err" not in html
+    assert html.count("<img src='data:image/jpeg") == 5  # the 3 kept and 2 duplicates shown; not-downloaded: none
