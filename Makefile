@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.storage_s3_vs_local
 	$(BIN)/python -m tests.benchmarks.resize_vs_img2dataset
 	$(BIN)/python -m tests.benchmarks.clip_score
+	$(BIN)/python -m tests.benchmarks.embed
 	$(BIN)/python -m tests.benchmarks.train_vs_open_clip
 	$(BIN)/python -m tests.benchmarks.train_eval_async
 	$(BIN)/python -m tests.benchmarks.demo_models

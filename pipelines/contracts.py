@@ -102,3 +102,19 @@ def ledger_schema(scores: list[pa.Field], reasons: list[str]) -> pa.Schema:
 def curated_schema(scores: list[pa.Field]) -> pa.Schema:
     """Curated shards: the crawled columns, then the features and rule scores of each kept row."""
     return pa.schema([*CRAWLED, *scored_fields(scores)])
+
+
+# ---- embeddings (stage embed) --------------------------------------------------------------------------------
+# One row per successful row of the dataset version embedded, in its order; a shard per upstream shard. Only the
+# columns of the embeddings the stage was asked for are written.
+
+EMBEDDINGS = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False, metadata={"doc": "the embedded row's uid"}),
+        pa.field("image_embedding", pa.list_(pa.float16()), metadata={
+            "doc": "L2-normalised image embedding (float16, the model's embed_dim values); null where the row has "
+                   "no image or it cannot be decoded"}),
+        pa.field("text_embedding", pa.list_(pa.float16()), metadata={
+            "doc": "L2-normalised embedding of the caption (float16); null where the caption is null"}),
+    ]
+)

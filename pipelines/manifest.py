@@ -83,6 +83,21 @@ MANIFEST_SCHEMA: dict[str, Any] = document_schema(
     Manifest, "https://clipline.dev/schemas/manifest.schema.json", "clipline stage manifest")
 
 
+def parquet_schema(m: Manifest, reader: str) -> Any:
+    """The Arrow schema of an upstream output's first shard, for a stage (`reader`, its kind) that reads a crawl's,
+    ingest's or curate's Parquet shards; ValueError naming the upstream stage when they are not Parquet (a train
+    stage's checkpoints, export's tars)."""
+    import pyarrow.parquet as pq
+
+    for shard in m.shards:
+        if not shard["path"].endswith(".parquet"):
+            raise ValueError(f"{reader}: the upstream stage {m.stage!r} (uses: {m.uses}) wrote {shard['path']}, not "
+                             f"Parquet shards; {reader} reads a crawl, ingest or curate stage")
+    fs, path = storage.filesystem(m.shard_urls()[0])
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
 def write(directory: str, manifest: Manifest) -> None:
     doc = manifest.to_json()
     jsonschema.validate(doc, MANIFEST_SCHEMA)

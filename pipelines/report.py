@@ -259,7 +259,9 @@ def _link(url: str | None) -> str:
 def section_grid(s: StageRun, cap: int) -> str:
     m = s.output
     picked = _sample(m, cap)
-    crawl = next((manifest.read(i["path"]) for i in m.inputs.values() if isinstance(i, dict) and "path" in i), None)
+    # the crawl it curated: its input that is not an embed stage's output (semantic_dedup.embeddings), or None if gone
+    read = (manifest.read(i["path"]) for i in m.inputs.values() if isinstance(i, dict) and "path" in i)
+    crawl = next((u for u in read if u is None or u.uses != "embed"), None)
     note = ""
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for rec in picked:

@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow as pa
 
 
-def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
-    return {
+def arrow_schema_json(schema: pa.Schema, title: str, passthrough: bool = True) -> dict[str, Any]:
+    doc = {
         "title": title,
         "format": "arrow",
         "fields": [
@@ -20,11 +20,14 @@ def arrow_schema_json(schema: pa.Schema, title: str) -> dict[str, Any]:
         ],
         "passthrough": "input columns named in the stage's passthrough list follow these fields",
     }
+    if not passthrough:
+        del doc["passthrough"]
+    return doc
 
 
 def documents() -> dict[str, Any]:
     from pipelines.configschema import dataclass_schema
-    from pipelines.contracts import CRAWLED
+    from pipelines.contracts import CRAWLED, EMBEDDINGS
     from pipelines.manifest import MANIFEST_SCHEMA
     from pipelines.spec import job_schema
     from pipelines.stage import builtin_kinds
@@ -42,6 +45,9 @@ def documents() -> dict[str, Any]:
         "curated.schema.json": arrow_schema_json(curate["curated"], "curated shards (stage `curate`); crawl passthrough "
                                                           "columns follow the crawled ones"),
         "ledger.schema.json": arrow_schema_json(curate["ledger"], "curate ledger: one row per crawled row"),
+        "embeddings.schema.json": arrow_schema_json(
+            EMBEDDINGS, "embeddings (stage `embed`): one row per successful row of the dataset embedded; only the "
+                        "columns of the embeddings asked for", passthrough=False),
     }
 
 

@@ -426,6 +426,7 @@ def resolve(raw: dict[str, Any], source: str, storage_override: str | None = Non
             retries=st.retries,
         )
     _check_columns(stages, source)
+    _check_reads(stages, source)
     return JobSpec(name=doc.name, storage=store, tracking=doc.tracking, ray=doc.ray, stages=stages, source=source,
                    raw=raw)
 
@@ -445,6 +446,16 @@ def _check_columns(stages: dict[str, StageSpec], source: str) -> None:
                     raise SpecError(f"{source}: stages.{name}.with.{reader}: reads the column {column!r}, which stage "
                                     f"{dep!r} ({stages[dep].uses}) does not write{hint}; its columns: "
                                     f"{', '.join(cols)}")
+
+
+def _check_reads(stages: dict[str, StageSpec], source: str) -> None:
+    """A stage whose settings name another stage it reads (`semantic_dedup.embeddings`) must list it in `needs`."""
+    for name, st in stages.items():
+        reads = getattr(st.config, "reads", None)
+        for stage, field_ in (reads() if reads is not None else {}).items():
+            if stage not in st.needs:
+                raise SpecError(f"{source}: stages.{name}.with.{field_}: names stage {stage!r}, which is not in "
+                                f"stages.{name}.needs ({', '.join(st.needs) or 'empty'}); add it there")
 
 
 def load(path: str | Path, overrides: list[str] | None = None, storage_override: str | None = None) -> JobSpec:

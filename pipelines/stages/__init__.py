@@ -13,4 +13,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.stages.evaluate.config:EvaluateConfig",
                  "pipelines.stages.evaluate.stage:EvaluateStage"),
     "export": ("pipelines.stages.export.config:ExportConfig", "pipelines.stages.export.stage:ExportStage"),
+    "embed": ("pipelines.stages.embed.config:EmbedConfig", "pipelines.stages.embed.stage:EmbedStage"),
 }

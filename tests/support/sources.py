@@ -35,3 +35,27 @@ class DemoCurated(Stage):
             path = f"part-{i:05d}.parquet"
             shards.append({"path": path, **storage.write_parquet(storage.join(ctx.output, path), table)})
         return StageResult(shards=shards)
+
+
+@dataclass(kw_only=True)
+class CrawledFilesConfig:
+    files: list[str] = field(default_factory=list, metadata={"help": "crawled-schema Parquet files, one shard each"})
+
+
+class CrawledFiles(Stage):
+    """Crawled-schema Parquet files a test wrote (rows of any status, images that do not decode), copied as the
+    shards of a source stage: `uses: tests.support.sources:CrawledFiles`, where ingest would refuse such rows."""
+
+    kind = "crawled_files"
+    Config = CrawledFilesConfig
+
+    def input_identity(self):
+        return {"files": storage.file_keys(self.config.files)}
+
+    def run(self, ctx, inputs):
+        shards = []
+        for i, url in enumerate(self.config.files):
+            path = f"part-{i:05d}.parquet"
+            shards.append({"path": path, **storage.write_parquet(storage.join(ctx.output, path),
+                                                                 storage.read_parquet(url))})
+        return StageResult(shards=shards)

@@ -42,6 +42,11 @@ class CurateSettings:
         """The listed rules, in order, each with its settings and position."""
         return rule_registry.instances(self)
 
+    def reads(self) -> dict[str, str]:
+        """Stages the listed rules read besides the crawl (`semantic_dedup.embeddings`), each with the field naming
+        it: each must be in the stage's needs, which the job's loading checks."""
+        return {stage: f"{rule.name}.{setting}" for rule in self.instances() for stage, setting in rule.reads().items()}
+
     def required_columns(self) -> dict[str, str]:
         """Crawled columns beyond the contract that the listed rules read, each with the first rule reading it."""
         out: dict[str, str] = {}

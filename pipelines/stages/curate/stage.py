@@ -93,18 +93,25 @@ class CurateStage(Stage):
         import ray.data
 
         cfg: CurateConfig = self.config
-        if len(upstream) != 1:
-            raise ValueError(f"curate reads exactly one crawl stage; needs: lists {len(upstream)} ({', '.join(upstream)})")
-        (crawl,) = upstream.values()
+        rules = cfg.instances()
+        read = cfg.reads()  # other stages' outputs the rules read: in needs (the spec checks it when it loads)
+        missing = [f"{field}: {name!r}" for name, field in read.items() if name not in upstream]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: not in this stage's needs ({', '.join(upstream)}); add it")
+        crawls = [name for name in upstream if name not in read]
+        if len(crawls) != 1:
+            raise ValueError(f"curate reads exactly one crawl stage besides those its rules name; needs: lists "
+                             f"{len(crawls)} ({', '.join(crawls)})")
+        crawl = upstream[crawls[0]]
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = ctx.progress
         dctx.enable_operator_progress_bars = ctx.progress
         t0 = time.perf_counter()
 
-        rules = cfg.instances()
         self.work = Work(job_scores(rules))
         for rule in rules:
             rule.work = self.work
+            rule.attach(crawl, {name: upstream[name] for name in rule.reads()})
             rule.prepare(ctx.log)
         self.ledger = ledger_schema([f.arrow() for f in self.work.scores], funnel_reasons(rules))
         urls = crawl.shard_urls()

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipelines import layout, storage
 from pipelines.contracts import CRAWLED
-from pipelines.manifest import Manifest
+from pipelines.manifest import Manifest, parquet_schema
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.export.config import ExportConfig
 
@@ -131,16 +131,8 @@ def shards_pattern(count: int) -> str:
 
 def _check_upstream(name: str, manifest: Manifest, cfg: ExportConfig) -> None:
     """Fail before any task when the upstream output is not crawled-schema Parquet or lacks the caption column."""
-    import pyarrow.parquet as pq
-
     what = f"export: the upstream stage {name!r} (uses: {manifest.uses})"
-    for shard in manifest.shards:
-        if not shard["path"].endswith(".parquet"):
-            raise ValueError(f"{what} wrote {shard['path']}, not Parquet shards in the crawled schema; export "
-                             "reads a crawl, ingest or curate stage")
-    fs, path = storage.filesystem(manifest.shard_urls()[0])
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
+    schema = parquet_schema(manifest, "export")
     names = schema.names
     missing = [c for c in NEEDED if c not in names]
     if missing:

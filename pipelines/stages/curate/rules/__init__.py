@@ -34,22 +34,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from pipelines.manifest import Manifest
     from pipelines.stage import StageContext
 
-from pipelines.configschema import field
 
 ENTRY_POINTS = "clipline.rules"
 KEPT = 1 << 14  # drop_at of a row no rule has dropped; rule positions are 1..len(rules), 0 is not downloaded
-
-
-@dataclass(kw_only=True)
-class ActorPool:
-    """Settings of a model rule's pool of Ray actors (see `scorer.model_pass`); its Config extends this."""
-
-    batch_size: int = field(64, "images per forward pass", minimum=1)
-    actors: int = field(1, "scoring actors in the pool", minimum=1)
-    num_cpus: float = field(1.0, "CPUs per actor (also its torch threads)", exclusiveMinimum=0)
-    num_gpus: float = field(0.0, "GPUs per actor", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -72,7 +62,9 @@ class Rule:
     name: ClassVar[str]
     Config: ClassVar[type]
     scores: ClassVar[tuple[ScoreField, ...]] = ()
-    uses_images: ClassVar[bool] = False  # scores image bytes in stream(), then decides per row on those scores
+    # scores image bytes in stream(), then decides per row on those scores; a rule may turn it off for one
+    # instance (semantic_dedup reading an embed stage's embeddings instead of running its model)
+    uses_images: bool = False
 
     def __init__(self, config: Any, position: int) -> None:
         self.config = config
@@ -109,6 +101,15 @@ class Rule:
         """Files outside the job that the rule reads (weights, evaluation sets), by their fsspec keys (size and
         modification time, or ETag): part of the stage's fingerprint, so that replacing one reruns the stage."""
         return {}
+
+    def reads(self) -> dict[str, str]:
+        """Upstream stages (names that must be in the curate stage's `needs`) the rule reads besides the crawl it
+        curates, each with the setting that names it (checked when the job is loaded)."""
+        return {}
+
+    def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
+        """On the driver, before prepare(): the crawl the stage curates and the outputs of the stages `reads()`
+        names; raise ValueError naming the field when one is not what the rule reads."""
 
     def prepare(self, log: logging.Logger) -> None:
         """On the driver, once before any task: load what every task needs. The rule must stay picklable."""
@@ -159,7 +160,7 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
 
 # Names a rule cannot take: the curate settings and methods that share `with:` and the config class with the
 # rules' fields (CurateSettings; listed here, not read from it, which would import the config while it is made).
-RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns"})
+RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns", "reads"})
 
 
 def _load() -> None:
@@ -307,14 +308,6 @@ class Work:
 
         return {f.name: np.full(n, np.nan, dtype=f.type if f.type.startswith("float") else "float64")
                 if f.type.startswith(("float", "int")) else [None] * n for f in self.scores}
-
-
-def model_identity(ref: Any) -> dict[str, Any]:
-    """The keys of a ModelRef's files (a checkpoint, a JSON architecture): what `identity()` of a model rule has."""
-    from pipelines import storage
-
-    files = [f for f in (ref.checkpoint, ref.arch if str(ref.arch).endswith(".json") else None) if f]
-    return storage.file_keys(files) if files else {}
 
 
 def candidates(df: pd.DataFrame, position: int) -> np.ndarray:

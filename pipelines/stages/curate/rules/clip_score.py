@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import ActorPool, Rule, ScoreField, model_identity, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, register_rule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +52,8 @@ class ClipScoreRule(Rule):
         return model_identity(self.config.model)
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        from pipelines.stages.curate.scorer import ClipScorer, model_pass
+        from pipelines.embedding import model_pass
+        from pipelines.stages.curate.scorer import ClipScorer
 
         return model_pass(ds, ClipScorer, self.config, self.work)
 

@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipelines.configschema import field
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
 from pipelines.stages.curate.rules import (
     BASE,
     EXTRA,
     TAIL,
-    ActorPool,
     Rule,
     ScoreField,
     Work,
     contract_scores,
-    model_identity,
     register_rule,
 )
 
@@ -135,7 +134,7 @@ class HeadRule(Rule):
                  list(cfg.layers))
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        from pipelines.stages.curate.scorer import model_pass
+        from pipelines.embedding import model_pass
 
         return model_pass(ds, HeadScorer, self.config, self.work, head=self.config.path)
 
@@ -159,13 +158,10 @@ class HeadScorer:
 
     def __init__(self, model: ModelRef, head: str, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
-        import torch
+        from pipelines import heads
+        from pipelines.embedding import load_model
 
-        from pipelines import heads, models
-
-        torch.set_num_threads(max(1, threads))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess, _ = models.create(model, device=self.device)
+        self.model, self.preprocess, _, self.device = load_model(model, threads, device)
         self.head, self.config = heads.load_head(head)
         self.head.to(self.device)
         self.where = head
@@ -177,7 +173,7 @@ class HeadScorer:
         import numpy as np
         import torch
 
-        from pipelines.stages.curate.scorer import embed_images
+        from pipelines.embedding import embed_images
 
         out = np.full(len(images), np.nan, dtype=np.float32)
         emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)

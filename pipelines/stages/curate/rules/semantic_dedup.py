@@ -1,7 +1,9 @@
 """`semantic_dedup`: SemDeDup's method (Abbas et al., 2023) on CLIP image embeddings, as a curate rule.
 
-A pool of Ray actors embeds every candidate row's image with an open_clip model (`scorer.embed_images`, as the
-head rule does), L2-normalised, into the working table's `_embedding` column.  Over the set: k-means
+A pool of Ray actors embeds every candidate row's image with an open_clip model (`embedding.embed_images`, as the
+head rule does), L2-normalised, into the working table's `_embedding` column; or, with `embeddings: <stage>`, the
+featurize task of each crawled shard reads them from an embed stage's shard of the same number, by uid
+(`stored_embeddings`), and no model runs.  Over the set: k-means
 (scikit-learn's `KMeans`, seeded, on one OpenMP thread so that a seed gives the same clusters in every run) is
 fitted on the embeddings of at most about `sample` rows (a fixed sample by uid), every row is assigned its nearest
 centroid in a distributed pass, and the rows are hash-partitioned by cluster so that each cluster lands whole in
@@ -35,8 +37,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.configschema import field
+from pipelines.embedding import ActorPool, model_identity
 from pipelines.models import ModelRef
-from pipelines.stages.curate.rules import ActorPool, Rule, ScoreField, mark, model_identity, register_rule
+from pipelines.stages.curate.rules import Rule, ScoreField, mark, register_rule
 
 if TYPE_CHECKING:
     import logging
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from pipelines.manifest import Manifest
     from pipelines.stage import StageContext
     from pipelines.stages.curate.rules import Work
 
@@ -75,6 +79,10 @@ class SemanticDedupConfig(ActorPool):
     seed: int = field(0, "k-means' random state")
     n_init: int = field(1, "k-means runs from different k-means++ starts; the one of least inertia is kept",
                         minimum=1)
+    embeddings: str | None = field(
+        None, "an embed stage of this job (listed in the curate stage's needs, embedding the crawl it curates) whose "
+              "image embeddings the rule reads by uid instead of running model; model and the actor pool settings "
+              "are then not used")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -98,14 +106,48 @@ class SemanticDedupRule(Rule):
                                                 "(semantic_dedup)"))
     uses_images = True
 
+    def __init__(self, config: Any, position: int) -> None:
+        super().__init__(config, position)
+        # embeddings from an embed stage: read in the featurize task (`score`), no model pass and no image bytes kept
+        self.uses_images = not config.embeddings
+        self.embedding_shards: list[str] = []  # the embed stage's shard per crawled shard, once attached
+
     def reasons(self) -> tuple[str, ...]:
         return (REASON,)
 
     def identity(self) -> dict[str, Any]:
-        return model_identity(self.config.model)
+        return {} if self.config.embeddings else model_identity(self.config.model)
+
+    def reads(self) -> dict[str, str]:
+        return {self.config.embeddings: "embeddings"} if self.config.embeddings else {}
+
+    def attach(self, crawl: Manifest, upstream: dict[str, Manifest]) -> None:
+        """The embed stage's output: it must hold image embeddings of the crawl this stage curates, one shard per
+        crawled shard (its rows the crawled shard's, by uid)."""
+        if not self.config.embeddings:
+            return
+        name = self.config.embeddings
+        m = upstream[name]
+        what = f"semantic_dedup.embeddings: stage {name!r} (uses: {m.uses})"
+        if "image_embedding" not in m.extra.get("columns", []):
+            raise ValueError(f"{what} wrote no image embeddings; name an embed stage whose embeddings include image")
+        if not any(isinstance(i, dict) and i.get("digest") == crawl.digest for i in m.inputs.values()):
+            read = ", ".join(str(i.get("path")) for i in m.inputs.values() if isinstance(i, dict))
+            raise ValueError(f"{what} embedded {read}, not the crawl this stage curates ({crawl.location}); its "
+                             "needs must be the same crawl stage")
+        if len(m.shards) != len(crawl.shards):
+            raise ValueError(f"{what} has {len(m.shards)} shards for the crawl's {len(crawl.shards)}")
+        self.embedding_shards = m.shard_urls()
+
+    def score(self, crawled: pa.Table, work: pd.DataFrame) -> dict[str, Any]:
+        """With `embeddings`: the crawled shard's image embeddings read from the embed stage's shard of the same
+        number, by uid, into `_embedding` (float32, normalised again after float16 storage)."""
+        if not self.config.embeddings or not len(work):
+            return {}
+        return {EMBEDDING: stored_embeddings(self.embedding_shards[int(work["shard"].iloc[0])], work["uid"])}
 
     def stream(self, ds: ray.data.Dataset, ctx: StageContext) -> ray.data.Dataset:
-        from pipelines.stages.curate.scorer import model_pass
+        from pipelines.embedding import model_pass
 
         return model_pass(ds, ImageEmbedder, self.config, self.work)
 
@@ -114,26 +156,22 @@ class SemanticDedupRule(Rule):
 
 
 class ImageEmbedder:
-    """A Ray Data actor for `scorer.model_pass`: the model loaded once, each batch's images embedded as the head
-    rule's actors embed them (`scorer.embed_images`), L2-normalised, into `_embedding`.  A row with no image
+    """A Ray Data actor for `embedding.model_pass`: the model loaded once, each batch's images embedded as the head
+    rule's actors embed them (`embedding.embed_images`), L2-normalised, into `_embedding`.  A row with no image
     (dropped before this rule, or not downloaded), one whose image cannot be decoded and one whose embedding is not
     finite get none (`unit_rows`)."""
 
     def __init__(self, model: ModelRef, batch_size: int, threads: int, work: Work | None = None,
                  device: str | None = None) -> None:
-        import torch
+        from pipelines.embedding import load_model
 
-        from pipelines import models
-
-        torch.set_num_threads(max(1, threads))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess, _ = models.create(model, device=self.device)
+        self.model, self.preprocess, _, self.device = load_model(model, threads, device)
         self.batch_size = batch_size
         self.work = work  # None: return pandas batches (embedding outside a curate stage)
 
     def embeddings(self, images: list[bytes]) -> np.ndarray:
         """Unit embeddings (float32), an object array: None for an image without one (`unit_rows`)."""
-        from pipelines.stages.curate.scorer import embed_images
+        from pipelines.embedding import embed_images
 
         emb, bad = embed_images(self.model, self.preprocess, images, self.batch_size, self.device)
         return unit_rows(emb, bad, len(images))
@@ -149,22 +187,45 @@ class ImageEmbedder:
         return self.work.table(batch) if self.work is not None else batch
 
 
+def stored_embeddings(url: str, uids: Any) -> np.ndarray:
+    """The image embeddings an embed stage wrote in one shard, for `uids` in their order: unit float32 vectors in an
+    object array, None for a uid the shard does not have or has no image embedding for (as `unit_rows`)."""
+    import numpy as np
+
+    from pipelines import storage
+
+    table = storage.read_parquet(url).select(["uid", "image_embedding"])
+    at = {u: i for i, u in enumerate(table.column("uid").to_pylist())}
+    column = table.column("image_embedding").combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    out = np.full(len(uids), None, dtype=object)
+    rows = [(j, at[u]) for j, u in enumerate(uids) if u in at and valid[at[u]]]
+    if not rows:
+        return out
+    wanted = column.take([i for _, i in rows])
+    x = wanted.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rows), -1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    ok = np.isfinite(x).all(axis=1) & (norms[:, 0] > 0)
+    x = x / np.where(norms > 0, norms, 1.0)
+    for (j, _), vector, good in zip(rows, x, ok, strict=True):
+        if good:
+            out[j] = vector
+    return out
+
+
 def unit_rows(emb: Any, bad: list[int], n: int) -> np.ndarray:
-    """The `n` images' embeddings (`scorer.embed_images`' tensor, or None) L2-normalised, one float32 vector per
+    """The `n` images' embeddings (`embedding.embed_images`' tensor, or None) L2-normalised, one float32 vector per
     element of an object array; None for an image that could not be decoded (in `bad`) and for one whose unit
     embedding is not finite (a bf16 overflow on CUDA, say): a NaN kept in a cluster would make every similarity
     to it NaN, which the greedy decision cannot order, and a NaN in the sample makes k-means fail."""
     import numpy as np
-    import torch
+
+    from pipelines.embedding import unit
 
     out = np.full(n, None, dtype=object)
-    if emb is None:
-        return out
-    unit = torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
-    ok = np.isfinite(unit).all(axis=1)
-    ok[bad] = False
+    vectors, ok = unit(emb, bad, n)
     for i in np.flatnonzero(ok):
-        out[i] = unit[i]
+        out[i] = vectors[i]
     return out
 
 
