@@ -47,6 +47,7 @@ class _Pending:
     """One resolution in flight; its waiters wait on `done`."""
 
     done: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 0  # lookups waiting for it, the one that started it included
     infos: list[AddrInfo] | None = None
     error: OSError | None = None
 
@@ -79,7 +80,10 @@ class DNSCounts:
 
 
 class Resolver:
-    """A TTL cache of host -> addresses in front of `resolve`, run on at most `threads` threads; thread-safe."""
+    """A TTL cache of host -> addresses in front of `resolve`, run on at most `threads` threads; thread-safe.
+
+    `clock` times the cache's entries only; a lookup's wait is measured with time.monotonic(), as its deadline is.
+    """
 
     def __init__(self, *, ttl: float = 300.0, negative_ttl: float = 30.0, threads: int = 8,
                  resolve: ResolveFn = system_resolve, clock: Callable[[], float] = time.monotonic) -> None:
@@ -87,7 +91,7 @@ class Resolver:
             raise ValueError("ttl and negative_ttl must be >= 0 and threads >= 1")
         self.ttl, self.negative_ttl, self.threads = ttl, negative_ttl, threads
         self._resolve, self._clock = resolve, clock
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when a lookup starts waiting for a resolution
         self._cache: dict[str, _Entry] = {}  # in insertion order, which is expiry order within each kind
         self._inflight: dict[str, _Pending] = {}
         self._queue: deque[str] = deque()  # hosts whose resolution waits for a resolver thread
@@ -101,10 +105,10 @@ class Resolver:
         """
         if _is_literal(host):
             return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-        key, start = host.lower(), self._clock()
+        key, start = host.lower(), time.monotonic()
         with self._lock:
             entry = self._cache.get(key)
-            if entry is not None and entry.expires > start:
+            if entry is not None and entry.expires > self._clock():
                 pending: _Pending | None = None
                 infos, error = entry.infos, entry.error
             else:
@@ -116,13 +120,15 @@ class Resolver:
                     what = "misses"
                 else:
                     what = "hits"  # another request's resolution answers this one too
+                pending.waiters += 1
+                self._lock.notify_all()
         if pending is None:
             what = "hits"
         elif not pending.done.wait(max(wait_until - start, 0.0)):
             if counts is not None:
                 counts.add(what)
                 counts.add("timeouts")
-            waited = self._clock() - start
+            waited = time.monotonic() - start
             raise ResolveTimeout(f"resolving {host} did not finish in the {waited:.3g} s this request had left "
                                  f"(the resolution goes on for later requests)")
         else:
@@ -133,6 +139,14 @@ class Resolver:
             raise copy.copy(error)  # a copy per raise: threads raising one cached exception would share its traceback
         assert infos is not None
         return [(*info[:4], (info[4][0], port, *info[4][2:])) for info in infos]
+
+    def wait_for_waiters(self, host: str, count: int, timeout: float) -> bool:
+        """Wait until `count` lookups have waited for the resolution of `host` now in flight (False after `timeout`):
+        how a test knows concurrent requests share one resolution."""
+        key = host.lower()
+        with self._lock:
+            return self._lock.wait_for(lambda: key in self._inflight and self._inflight[key].waiters >= count,
+                                       timeout)
 
     def _start_worker(self) -> None:
         """A resolver thread for the queue, unless `threads` already serve it (under the lock)."""
