@@ -1,10 +1,9 @@
 """One HTTP(S) fetch, safe by default: scheme check, address policy on every connection, byte cap.
 
 Every connection urllib opens - the first request and each redirect hop - resolves the host itself
-(through the process's cache, within the request's deadline: resolver.py),
-refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
-connects to the address it checked, so DNS cannot answer differently between check and connect
-(the policy: netpolicy.py). Proxies from the environment are ignored: through a proxy the check would
+(through the process's cache, within the request's deadline: resolver.py), refuses if any resolved
+address is not public (unless an `allow_networks` CIDR covers it) and then connects to the address it
+checked, so DNS cannot answer differently between check and connect (the policy: netpolicy.py). Proxies from the environment are ignored: through a proxy the check would
 see the proxy, not the host. Every read on those connections waits at most until the request's
 deadline, so a server that drips its status line, headers or body a byte at a time (each read well
 inside the timeout) cannot hold a thread past it (the sockets: sockets.py), and a redirect's body is

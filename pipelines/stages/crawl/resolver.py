@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import math
+import os
 import socket
 import threading
 import time
@@ -124,7 +126,7 @@ class Resolver:
                 self._lock.notify_all()
         if pending is None:
             what = "hits"
-        elif not pending.done.wait(max(wait_until - start, 0.0)):
+        elif not pending.done.wait(None if wait_until == math.inf else max(wait_until - start, 0.0)):
             if counts is not None:
                 counts.add(what)
                 counts.add("timeouts")
@@ -202,6 +204,16 @@ def _is_literal(host: str) -> bool:
 
 _shared: dict[tuple[float, float, int], Resolver] = {}
 _shared_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of its parent's resolver threads: a resolver it inherited would queue for ever."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def shared(ttl: float, negative_ttl: float, threads: int) -> Resolver:
