@@ -52,6 +52,12 @@ class CrawlConfig:
                               "backoff) during which the host gets no request", minimum=0)
     max_retry_wait: float = field(60.0, "longest wait for one retry, seconds; a longer Retry-After gives up the row "
                                   "(a refresh retries it)", minimum=0)
+    dns_ttl: float = field(300.0, "seconds a host's resolved addresses are kept, per worker process, for every shard "
+                           "task it runs; 0: resolve on every connection", minimum=0)
+    dns_negative_ttl: float = field(30.0, "seconds a host that does not exist (NXDOMAIN) is remembered as such",
+                                    minimum=0)
+    dns_threads: int = field(8, "resolver threads per worker process: a stuck resolver holds at most these, and a "
+                             "request waits for its host's addresses at most its timeout and deadline", minimum=1)
     refresh_from: str | None = field("auto", "previous output whose results are reused: auto (this stage's newest "
                                      "complete output with the same image parameters), a directory, or null (none)")
     refetch: Literal["transient", "failed", "all"] = field(

@@ -1,9 +1,9 @@
 """One HTTP(S) fetch, safe by default: scheme check, address policy on every connection, byte cap.
 
-Every connection urllib opens - the first request and each redirect hop - resolves the host itself,
-refuses if any resolved address is not public (unless an `allow_networks` CIDR covers it) and then
-connects to the address it checked, so DNS cannot answer differently between check and connect
-(the policy: netpolicy.py). Proxies from the environment are ignored: through a proxy the check would
+Every connection urllib opens - the first request and each redirect hop - resolves the host itself
+(through the process's cache, within the request's deadline: resolver.py), refuses if any resolved
+address is not public (unless an `allow_networks` CIDR covers it) and then connects to the address it
+checked, so DNS cannot answer differently between check and connect (the policy: netpolicy.py). Proxies from the environment are ignored: through a proxy the check would
 see the proxy, not the host. Every read on those connections waits at most until the request's
 deadline, so a server that drips its status line, headers or body a byte at a time (each read well
 inside the timeout) cannot hold a thread past it (the sockets: sockets.py), and a redirect's body is
@@ -29,7 +29,8 @@ from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag o
 from pipelines import __version__
 from pipelines.stages.crawl.netpolicy import AddressPolicy, BlockedAddress
 from pipelines.stages.crawl.polite import HostLimiter, HostPaused, NoSlot, host_key, retry_after
-from pipelines.stages.crawl.sockets import DeadlineSSLSocket, GuardedHTTP, GuardedHTTPS
+from pipelines.stages.crawl.resolver import DNSCounts, Resolver, ResolveTimeout, shared
+from pipelines.stages.crawl.sockets import DeadlineSSLSocket, GuardedHTTP, GuardedHTTPS, Lookup
 
 
 class TooLarge(Exception):
@@ -45,24 +46,25 @@ def _deadline(req: urllib.request.Request) -> float:
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: AddressPolicy):
+    def __init__(self, policy: AddressPolicy, lookup: Lookup):
         super().__init__()
-        self.policy = policy
+        self.policy, self.lookup = policy, lookup
 
     def http_open(self, req):
-        return self.do_open(functools.partial(GuardedHTTP, policy=self.policy, deadline=_deadline(req)), req)
+        return self.do_open(functools.partial(GuardedHTTP, policy=self.policy, deadline=_deadline(req),
+                                              lookup=self.lookup), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: AddressPolicy):
+    def __init__(self, policy: AddressPolicy, lookup: Lookup):
         context = ssl.create_default_context()
         context.sslsocket_class = DeadlineSSLSocket
         super().__init__(context=context)
-        self.policy = policy
+        self.policy, self.lookup = policy, lookup
 
     def https_open(self, req):
-        return self.do_open(functools.partial(GuardedHTTPS, policy=self.policy, deadline=_deadline(req)), req,
-                            context=self._context)
+        return self.do_open(functools.partial(GuardedHTTPS, policy=self.policy, deadline=_deadline(req),
+                                              lookup=self.lookup), req, context=self._context)
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -118,14 +120,21 @@ class Fetcher:
     or than the request has left, in which case it gives up at once (a refresh retries such rows).
 
     Every fetch returns within `budget` = 3*timeout*(1 + http_retries) + max_retry_wait*http_retries
-    seconds of its start (plus DNS resolution, which the resolver bounds): each attempt gets at most
-    3*timeout, each retry wait at most max_retry_wait, and waits for a connection slot, a rate slot or a
-    pause count against the same deadline - a request that cannot start in time fails as a timeout.
+    seconds of its start: each attempt gets at most 3*timeout, each retry wait at most max_retry_wait, and
+    waits for a connection slot, a rate slot or a pause count against the same deadline - a request that
+    cannot start in time fails as a timeout. Name resolution counts too: each connection waits for its
+    host's addresses at most the timeout and until the deadline (resolver.py), else the row fails as `dns`.
+
+    Names are resolved through `resolver`, by default the process's own (resolver.shared) for `dns_ttl`,
+    `dns_negative_ttl` and `dns_threads`, so every shard task a worker process runs shares its cache;
+    `dns` counts this fetcher's lookups (hits, misses, timeouts).
     """
 
     def __init__(self, *, timeout: float, max_bytes: int, max_redirects: int, policy: AddressPolicy,
                  user_agent_token: str, contact: str | None, disallowed: list[str], per_host_connections: int = 0,
-                 per_host_rate: float = 0.0, http_retries: int = 0, max_retry_wait: float = 60.0) -> None:
+                 per_host_rate: float = 0.0, http_retries: int = 0, max_retry_wait: float = 60.0,
+                 dns_ttl: float = 300.0, dns_negative_ttl: float = 30.0, dns_threads: int = 8,
+                 resolver: Resolver | None = None) -> None:
         self.timeout, self.max_bytes = timeout, max_bytes
         self.http_retries, self.max_retry_wait = http_retries, max_retry_wait
         self.budget = 3 * timeout * (1 + http_retries) + max_retry_wait * http_retries
@@ -134,9 +143,12 @@ class Fetcher:
         self.token, self.disallowed = user_agent_token.lower(), [d.lower() for d in disallowed]
         extra = f"; +{contact}" if contact else ""
         self.user_agent = f"Mozilla/5.0 (compatible; {user_agent_token}/{__version__}{extra})"
+        self.resolver = resolver if resolver is not None else shared(dns_ttl, dns_negative_ttl, dns_threads)
+        self.dns = DNSCounts()
+        lookup = functools.partial(self.resolver.lookup, counts=self.dns)
         self.opener = urllib.request.OpenerDirector()
-        for h in (urllib.request.ProxyHandler({}), urllib.request.UnknownHandler(), _HTTPHandler(policy),
-                  _HTTPSHandler(policy), urllib.request.HTTPDefaultErrorHandler(), _Redirects(max_redirects),
+        for h in (urllib.request.ProxyHandler({}), urllib.request.UnknownHandler(), _HTTPHandler(policy, lookup),
+                  _HTTPSHandler(policy, lookup), urllib.request.HTTPDefaultErrorHandler(), _Redirects(max_redirects),
                   urllib.request.HTTPErrorProcessor()):
             self.opener.add_handler(h)
 
@@ -247,6 +259,8 @@ def _http_class(code: int) -> str:
 def classify(exc: object) -> str:
     if isinstance(exc, BlockedAddress):
         return "ssrf"
+    if isinstance(exc, ResolveTimeout):  # the resolver, not the server, ran out of the request's time
+        return "dns"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timeout"
     if isinstance(exc, socket.gaierror):

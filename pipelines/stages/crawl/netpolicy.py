@@ -2,15 +2,15 @@
 
 Loopback, private, link-local (cloud metadata), shared, reserved and other non-global space is refused
 unless an `allow_networks` CIDR covers it; an IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64,
-compatible) is judged by both. `resolve` is the DNS check: a host is refused if any address it resolves
+compatible) is judged by both. `check` is the DNS check: a host is refused if any address it resolves
 to is, and the connection (sockets.guarded_connect) then goes to the addresses checked, so DNS cannot
-answer differently between the check and the connect.
+answer differently between the check and the connect. It runs on every connection, on whatever the
+resolver's cache (resolver.py) answers.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +63,8 @@ def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ip
     return out
 
 
-
-
-def resolve(policy: AddressPolicy, host: str, port: int) -> list[tuple[Any, ...]]:
-    """`host`'s stream addresses (getaddrinfo's tuples); BlockedAddress if the policy refuses any of them."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+def check(policy: AddressPolicy, host: str, infos: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """`host`'s resolved addresses (getaddrinfo's tuples) as given; BlockedAddress if the policy refuses any."""
     for *_, sockaddr in infos:
         if policy.refuses(str(sockaddr[0])):
             raise BlockedAddress(f"{host} resolves to {sockaddr[0]}, which is not a public address "

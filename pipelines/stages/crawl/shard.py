@@ -54,6 +54,7 @@ class ShardCrawler:
             user_agent_token=cfg.user_agent_token, contact=cfg.contact, disallowed=cfg.disallowed_header_directives,
             per_host_connections=cfg.per_host_connections, per_host_rate=cfg.per_host_rate,
             http_retries=cfg.http_retries, max_retry_wait=cfg.max_retry_wait,
+            dns_ttl=cfg.dns_ttl, dns_negative_ttl=cfg.dns_negative_ttl, dns_threads=cfg.dns_threads,
         )
         self.resizer = Resizer(
             image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -114,6 +115,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
     record = write_shard(assemble(table, results), out_url)
     record["fetched_success"] = sum(results[i].get("status") == "success" for i in todo)
     record["http_retries"] = sum(results[i].get("retries", 0) for i in todo)
+    record |= {f"dns_{k}": v for k, v in crawler.fetcher.dns.as_dict().items()}  # the lookups of this shard's rows
     return record
 
 

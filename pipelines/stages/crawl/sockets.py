@@ -3,7 +3,8 @@
 A socket timeout bounds one read only: a server that sends a byte of its status line, headers or body
 every half second (each read well inside the timeout) would hold a thread for ever. The sockets here
 (plain and TLS) also stop at a deadline fixed when the request starts, and the HTTP(S) connections open
-them through `guarded_connect`, which resolves the host, refuses it if the address policy refuses any of
+them through `guarded_connect`, which resolves the host within the deadline (resolver.py: a cache per
+process, and a wait that ends when the request's time does), refuses it if the address policy refuses any of
 its addresses (netpolicy.py), then connects to an address it checked.
 """
 
@@ -15,9 +16,14 @@ import math
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pipelines.stages.crawl.netpolicy import AddressPolicy, resolve
+from pipelines.stages.crawl.netpolicy import AddressPolicy, check
+from pipelines.stages.crawl.resolver import AddrInfo
+
+# (host, port, wait until time.monotonic()) -> the host's stream addresses with that port: Resolver.lookup
+Lookup = Callable[[str, int, float], list[AddrInfo]]
 
 
 class Deadline:
@@ -73,11 +79,13 @@ DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 
 
 def guarded_connect(policy: AddressPolicy, address, timeout=DEFAULT_TIMEOUT, source_address=None,
-                    *, deadline: float = math.inf):
-    """http.client's create_connection, to an address the policy allows (netpolicy.resolve), as a
-    DeadlineSocket whose connect and reads end by `deadline`."""
+                    *, deadline: float = math.inf, lookup: Lookup):
+    """http.client's create_connection, to an address the policy allows (netpolicy.check), as a
+    DeadlineSocket whose connect and reads end by `deadline`. The resolution (`lookup`), like the connect,
+    waits at most the timeout and until the deadline."""
     host, port = address
-    infos = resolve(policy, host, port)
+    wait_until = deadline if timeout is DEFAULT_TIMEOUT or timeout is None else min(deadline, time.monotonic() + timeout)
+    infos = check(policy, host, lookup(host, port, wait_until))
     last: OSError | None = None
     for family, socktype, proto, _, sockaddr in infos:
         sock = DeadlineSocket(family, socktype, proto)
@@ -97,18 +105,18 @@ def guarded_connect(policy: AddressPolicy, address, timeout=DEFAULT_TIMEOUT, sou
 class GuardedHTTP(http.client.HTTPConnection):
     """An HTTP connection opened through guarded_connect."""
 
-    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
+    def __init__(self, *args, policy: AddressPolicy, deadline: float, lookup: Lookup, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(guarded_connect, policy, deadline=deadline)
+        self._create_connection = functools.partial(guarded_connect, policy, deadline=deadline, lookup=lookup)
 
 
 class GuardedHTTPS(http.client.HTTPSConnection):
     """An HTTPS connection opened through guarded_connect; its TLS socket keeps the same deadline."""
 
-    def __init__(self, *args, policy: AddressPolicy, deadline: float, **kwargs):
+    def __init__(self, *args, policy: AddressPolicy, deadline: float, lookup: Lookup, **kwargs):
         super().__init__(*args, **kwargs)
         self._deadline = deadline
-        self._create_connection = functools.partial(guarded_connect, policy, deadline=deadline)
+        self._create_connection = functools.partial(guarded_connect, policy, deadline=deadline, lookup=lookup)
 
     def connect(self):
         super().connect()  # TCP through guarded_connect, then the TLS handshake, within the timeout it left

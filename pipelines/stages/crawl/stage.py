@@ -44,12 +44,14 @@ class _Tally:
     errors: Counter[str] = field(default_factory=Counter)
     fetched_ok: int = 0
     http_retries: int = 0
+    dns: Counter[str] = field(default_factory=Counter)  # resolver cache hits, misses, timeouts
 
     def add(self, rec: dict[str, Any]) -> None:
         self.status.update(rec["status"])
         self.errors.update(rec["errors"])
-        self.fetched_ok += rec.get("fetched_success", 0)  # only a shard task's record has these two
+        self.fetched_ok += rec.get("fetched_success", 0)  # only a shard task's record has these
         self.http_retries += rec.get("http_retries", 0)
+        self.dns.update({k: rec.get(f"dns_{k}", 0) for k in ("hits", "misses", "timeouts")})
 
 
 @register
@@ -221,6 +223,9 @@ class CrawlStage(Stage):
             "images_per_sec": images_per_sec,
             "shards_resumed": resumed,
             "http_retries": tally.http_retries,  # 429/503 answers retried after their Retry-After or a backoff
+            # host lookups answered by the worker's resolver cache (or a resolution in flight), resolved, given up
+            "dns_cache_hits": tally.dns["hits"], "dns_cache_misses": tally.dns["misses"],
+            "dns_timeouts": tally.dns["timeouts"],
         }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_"))})
         out_shards = [layout.shard_entry(layout.shard_name(i, failed=i in failed), r) for i, r in sorted(records.items())]
