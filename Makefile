@@ -35,8 +35,9 @@ lint: install
 	$(BIN)/mypy pipelines
 
 # PYTEST_WORKERS=2: two pytest-xdist processes, one test file each at a time (tests/conftest.py says how the
-# files are handed out). Default 0, one process: on the 2-core machine two processes drove the load past 20 and
-# local Ray instances missed Ray's 30 s start-up limit, so parallel runs are not yet reliable there.
+# files are handed out). Default 0, one process. On the 2-core machine one process keeps the CPUs 62% busy (29.0 min
+# on 2026-12-07) and two 89% busy (22.6 min, one passing run); earlier parallel runs drove the load past 20 and local
+# Ray instances missed Ray's 30 s start-up limit, so two are not the default until more runs show them reliable.
 PYTEST_WORKERS ?= 0
 
 test: install system-deps
