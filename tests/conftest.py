@@ -139,7 +139,7 @@ def mlflow_server(s3, postgres, tmp_path_factory):
 # of work, so its module fixtures (a job run that several tests read) run once; the files that start
 # cluster/local.sh on its fixed ports are one unit between them; and the longest units are handed out first,
 # so that the two processes finish near together. The order is from the fresh-clone run's durations.
-SAME_UNIT = {"test_readme_cluster": "cluster", "test_multinode": "cluster", "test_cluster": "cluster"}
+SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster"}
 LONGEST_FIRST = ["test_train", "test_node_loss", "cluster", "test_submit", "test_demo", "test_s3",
                  "test_shared_tracking", "test_prometheus", "test_outages", "test_runner", "test_report",
                  "test_takedown", "test_curate", "test_crawl_refresh", "test_crawl", "test_export", "test_plugins",

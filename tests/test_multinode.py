@@ -1,75 +1,32 @@
-"""The way from the demo to a cluster, as a new user walks it: a fresh 3-node `cluster/local.sh` (head and two
-workers on 127.0.0.1), the demo web served by `clipline demo --serve-only`, and `clipline submit --wait` at once,
-from a shell whose first `python` is not the one clipline is installed in.
+"""The way from the demo to a cluster, as a new user walks it: the demo web served by `clipline demo
+--serve-only`, and how a failed driver attempt names a file-less OSError.
 
 A fresh cluster's first submission used to fail its crawl with a FileNotFoundError naming no file: the nodes
 share one session directory, and a worker node's runtime env agent, meeting the job's working_dir for the
-first time, deleted and unpacked it again under the driver that ran in it on the head.
+first time, deleted and unpacked it again under the driver that ran in it on the head. The fresh 3-node
+cluster, its first submission from a shell whose first `python` is not clipline's, and the explicit --address
+are checked on the README's cluster steps (tests/test_readme_cluster.py), which start one such cluster for the
+whole suite.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import manifest, spec
-from pipelines.demo.run import DEMO_JOB
-from pipelines.runner import _cause, plan
+from pipelines.runner import _cause
 from tests.conftest import REPO
-from tests.support.net import free_port, wait_until
+from tests.support.net import wait_until
 
 VENV_BIN = Path(sys.executable).parent
-LOCAL_SH = REPO / "cluster" / "local.sh"
 IMAGES = 120
-RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS", "RAY_API_SERVER")
-
-
-def plain_env(tmp: Path) -> dict[str, str]:
-    """A shell as a user has it: no Ray variables, and a `python` first on PATH without clipline's dependencies."""
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    assert system and subprocess.run([system, "-c", "import fsspec"], capture_output=True).returncode != 0, \
-        "the test needs a system python3 without fsspec"
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(system)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(RAY_VARS)}
-    return env | {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
-    """A freshly started head + 2 workers; yields the dashboard URL and the plain shell's env with local.sh's
-    exports (RAY_API_SERVER_ADDRESS among them, as the README has users eval them)."""
-    env = plain_env(tmp_path_factory.mktemp("shell"))
-    # short: Ray's Unix socket paths under the state directory may not pass 107 bytes
-    state = tempfile.mkdtemp(prefix="cl-m-", dir="/tmp")
-    port, dashboard = free_port(), free_port()
-    try:
-        start = subprocess.run([str(LOCAL_SH), "start", "--workers", "2", "--state-dir", state, "--port", str(port),
-                                "--dashboard-port", str(dashboard)], capture_output=True, text=True, env=env,
-                               timeout=400)
-        log = Path(state, "local_cluster.log")
-        assert start.returncode == 0, start.stderr + (log.read_text()[-3000:] if log.exists() else "")
-        assert f"nodes and submitted jobs run {VENV_BIN / 'python'}" in start.stderr, start.stderr
-        exports = dict(shlex.split(line)[1].split("=", 1) for line in start.stdout.splitlines()
-                       if line.startswith("export "))
-        yield f"http://127.0.0.1:{dashboard}", env | exports
-    finally:
-        stop = subprocess.run([str(LOCAL_SH), "stop", "--state-dir", state], capture_output=True, text=True,
-                              env=env, timeout=120)
-        assert stop.returncode == 0, stop.stderr
-        shutil.rmtree(state, ignore_errors=True)
 
 
 class DemoWeb:
@@ -105,68 +62,6 @@ class DemoWeb:
         for reader in self.readers:  # what it wrote last is read to the end of its pipes before a test looks
             reader.join(30)
         return code
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_a_fresh_three_node_cluster_runs_the_first_submission(cluster, tmp_path):
-    dashboard, env = cluster
-    store = str(tmp_path / "store")
-    web = DemoWeb(store, env)
-    try:
-        assert web.info["url_list"] == f"{store}/demo-web/urls.parquet" and web.info["storage"] == store
-        urls = pq.read_table(web.info["url_list"]).column("url").to_pylist()
-        assert len(urls) == IMAGES and all(u.startswith(web.info["base_url"] + "/") for u in urls)
-
-        # the first job this cluster sees, submitted the moment it is up; RAY_API_SERVER_ADDRESS names a port
-        # where nothing listens, so this reaches the cluster only if the explicit --address wins
-        wrong = env | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}"}
-        sets = ["stages.crawl.with.samples_per_shard=40", "stages.crawl.with.threads=4"]
-        r = subprocess.run([str(VENV_BIN / "clipline"), "-v", "submit", str(DEMO_JOB), "--address", dashboard,
-                            "--storage", store, *[w for s in sets for w in ("--set", s)], "--until", "curate",
-                            "--wait"], env=wrong, capture_output=True, text=True, timeout=300, cwd=REPO)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-5000:]
-        assert "attempt 1/2 failed" not in out and "Traceback" not in out, out[-5000:]
-        sid = r.stdout.splitlines()[0]
-        # the driver ran in the cluster's Python (local.sh's interpreter), not the shell's first `python`
-        assert f"driver of submission {sid}: Python 3.11" in out and f"at {VENV_BIN / 'python'} " in out, out[-3000:]
-        assert f"submitted 'demo' to {dashboard} as {sid}" in r.stderr
-    finally:
-        assert web.stop() == 0
-    assert "clipline: demo web stopped" in "".join(web.err)
-
-    # every row of the URL list is in the crawl's output exactly once, spread over the shards of three nodes
-    job = spec.load(DEMO_JOB, sets, store)
-    rows = {row["stage"]: row for row in plan(job)}
-    assert rows["crawl"]["state"] == "cached" and rows["curate"]["state"] == "cached"
-    assert rows["train"]["state"] == "missing"  # --until curate
-    crawl = manifest.read(rows["crawl"]["path"])
-    assert crawl.rows == IMAGES and len(crawl.shards) == IMAGES // 40
-    crawled = [pq.read_table(f"{crawl.location}/{s['path']}", columns=["url", "status"]) for s in crawl.shards]
-    assert sum(t.num_rows for t in crawled) == IMAGES
-    assert sorted(u for t in crawled for u in t.column("url").to_pylist()) == sorted(urls)
-    statuses = [s for t in crawled for s in t.column("status").to_pylist()]
-    assert crawl.counts["input_rows"] == IMAGES and statuses.count("success") >= IMAGES * 0.9
-    assert {k: statuses.count(k) for k in set(statuses)} == {k: crawl.counts[k] for k in set(statuses)}
-
-    # the submission by its id: status with --address, logs through the exported RAY_API_SERVER_ADDRESS
-    st = subprocess.run([str(VENV_BIN / "clipline"), "status", sid, "--address", dashboard], env=env,
-                        capture_output=True, text=True, timeout=120)
-    assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "driver_exit_code  0" in st.stdout, st.stderr
-    logs = subprocess.run([str(VENV_BIN / "clipline"), "logs", sid], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert logs.returncode == 0 and "crawl: done" in logs.stdout and "curate: done" in logs.stdout, logs.stderr
-
-
-@pytest.mark.slow
-def test_an_explicit_address_wins_over_the_exported_one(cluster):
-    dashboard, env = cluster
-    assert env["RAY_API_SERVER_ADDRESS"] == dashboard  # local.sh's export: a cluster that answers
-    closed = f"http://127.0.0.1:{free_port()}"
-    for cmd in (["status", "clipline-x", "--address", closed], ["logs", "clipline-x", "--address", closed]):
-        r = subprocess.run([str(VENV_BIN / "clipline"), *cmd], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and f"no Ray Jobs API at {closed}" in r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.slow
