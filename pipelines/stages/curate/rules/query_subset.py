@@ -20,8 +20,8 @@ params (and its fingerprint); the kept rows each query matched are metrics `quer
 Distributed as semantic_dedup's set decision is: the working table stays in Ray's object store.  With
 `k_per_query`, each block returns, per query, its own k best rows (only the similarity and uid: numpy
 `argpartition`, then the ties at the k-th value), the driver merges those lists into each query's k-th (similarity,
-uid), and a second pass over the blocks keeps the rows at or above it: the driver holds at most queries x k x blocks
-(similarity, uid) pairs, never an embedding.
+uid), and a second pass over the blocks keeps the rows at or above it: the driver holds at most queries x
+min(rows, k x blocks) (similarity, uid) pairs, never an embedding.
 """
 
 from __future__ import annotations
@@ -395,7 +395,8 @@ def select(ds: ray.data.Dataset, rule: QuerySubsetRule, log: logging.Logger) -> 
     queries, labels = rule.vectors, [q.label for q in c.queries]
     cuts = None
     if c.k_per_query is not None:
-        tops = ds.map_batches(_block_top, batch_format="pandas", fn_kwargs={
+        # whole blocks (a crawled shard's rows each, from the featurize task): one list per block, not per batch
+        tops = ds.map_batches(_block_top, batch_size=None, batch_format="pandas", fn_kwargs={
             "pos": pos, "queries": queries, "k": c.k_per_query, "floor": c.min_similarity}).to_pandas()
         cuts = cutoffs(tops, len(queries), c.k_per_query)
     seen = count_candidates(ds, pos)
