@@ -292,15 +292,16 @@ def crafted(tmp_path_factory, queries):
     return tmp, crawl, embeds, uids, vectors, queries[0]
 
 
-def run(crafted, embed: str, **setting: Any) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
-    """rules [dedup_image, query_subset] on the crafted crawl, query_subset reading `embed`: (result, ledger by
+def run(crafted, embed: str, rules: tuple[str, ...] = ("dedup_image", "query_subset"), other: dict | None = None,
+        **setting: Any) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
+    """`rules` on the crafted crawl, query_subset reading `embed` (`other`: other rules' settings): (result, ledger by
     row tag, curated)."""
     from pipelines.tracking import Tracker
 
     tmp, crawl, embeds, uids, _, qq = crafted
     name = f"curate{len(list(tmp.glob('curate*')))}"
     cfg = configschema.build(CurateConfig, {
-        "rules": ["dedup_image", "query_subset"], "shard_rows": 100,
+        "rules": list(rules), "shard_rows": 100, **(other or {}),
         "query_subset": {"embeddings": embed, "queries": [dataclasses.asdict(q) for q in qq], **setting}})
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "t", str(tmp))
     tracker.start_job("t", {}, {})
@@ -379,13 +380,19 @@ def test_k_nearest_of_each_query_at_least_min_similarity(crafted, queries, ray_l
 def test_a_threshold_alone_and_k_alone_over_text_embeddings(crafted, queries, ray_local):
     """min_similarity 0.88 alone keeps every row that alike to some query (all three tied ramen rows); k 1 alone, over
     the text embeddings (the crafted vectors are the embed_text stage's captions), keeps each query's nearest, the
-    car's 0.70 row among them, and the smallest uid of the tie."""
+    car's 0.70 row among them, and the smallest uid of the tie, with semantic_dedup reading image embeddings before
+    it."""
     _, _, _, uids, _, _ = crafted
     _, ledger, _ = run(crafted, "embed_image", min_similarity=0.88)
     assert sorted(ledger.index[ledger["kept"]]) == sorted(["l95", "l90", "r92a", "r92b", "r92c", "img97"])
     check_ledger(ledger, reference(crafted, queries, None, 0.88))
 
-    result, ledger, _ = run(crafted, "embed_text", modality="text", k_per_query=1)
+    # semantic_dedup before it reads the same stage's image embeddings (orthogonal: no duplicates) into a column of
+    # its own, which it drops with its decision: query_subset still compares the text embeddings
+    result, ledger, _ = run(crafted, "embed_text", rules=("dedup_image", "semantic_dedup", "query_subset"),
+                            other={"semantic_dedup": {"embeddings": "embed_text", "clusters": 2}},
+                            modality="text", k_per_query=1)
+    assert result.metrics["semantic_dropped"] == 0 and ledger["semantic_cluster"].notna().sum() == 11
     first = min(["r92a", "r92b", "r92c"], key=lambda t: uids[t])
     assert sorted(ledger.index[ledger["kept"]]) == sorted(["l95", first, "car70", "img97"])
     assert ledger.loc["car70", "query_match"] == TEXTS[2]
