@@ -70,7 +70,8 @@ FEATURES = [
 # The order of the feature and score columns in the ledger and curated shards (as it was before rules were
 # objects, so files of both versions line up); columns of rules added since follow, in the order given.
 SCORE_ORDER = ("caption_words", "caption_chars", "min_side", "max_side", "aspect_ratio", "language", "language_score",
-               "phash", "eval_distance", "contaminated_by", "clip_score")
+               "phash", "eval_distance", "contaminated_by", "clip_score", "semantic_cluster", "semantic_similarity",
+               "query_match", "query_similarity")
 
 
 def scored_fields(scores: list[pa.Field]) -> list[pa.Field]:

@@ -36,6 +36,10 @@ def crawled(tmp_path) -> list[str]:
 
 
 def job_file(tmp_path, files: list[str]):
+    from tests.test_curate import smooth_image
+
+    query = tmp_path / "query.jpg"  # the image of the crawl's third row: query_subset's nearest row is that row
+    query.write_bytes(smooth_image(402))
     return write_job(tmp_path, {
         "source": {"uses": SOURCE, "with": {"files": files}},
         "embed": {"uses": "embed", "needs": ["source"],
@@ -46,6 +50,11 @@ def job_file(tmp_path, files: list[str]):
                    "with": {"rules": ["semantic_dedup"], "shard_rows": 100,
                             "semantic_dedup": {"embeddings": "embed", "clusters": 1, "keep": "input_order",
                                                "eps": EPS}}},
+        # query_subset on the same embeddings: the image query is one crawled row's image
+        "subset": {"uses": "curate", "needs": ["source", "embed"],
+                   "with": {"rules": ["query_subset"], "shard_rows": 100,
+                            "query_subset": {"embeddings": "embed", "queries": [{"image": str(query), "name": "row 2"}],
+                                             "k_per_query": 1}}},
     })
 
 
@@ -275,3 +284,25 @@ def test_the_report_grid_of_such_a_curate_reads_its_crawl(embedded):
     html = section_grid(StageRun("curate", "curate", None, outcomes["curate"].manifest), 8)
     assert "semantic_duplicate 2" in html and "near copy" in html and "class=err" not in html
     assert html.count("<img src='data:image/jpeg") == 5  # the 3 kept and 2 duplicates shown; not-downloaded: none
+
+
+@pytest.mark.slow
+def test_query_subset_finds_the_row_whose_image_is_the_query(embedded):
+    """Through the runner, on the embed stage's float16 embeddings: the query, embedded with the model the embed
+    stage's manifest names, is nearest to the row whose image it is (similarity 1 to float16 rounding); k 1 keeps that
+    row alone; the curate manifest's params list the query."""
+    _, outcomes, source, _ = embedded
+    m = outcomes["subset"].manifest
+    assert m.params["query_subset"]["queries"] == [{"text": None, "image": m.params["query_subset"]["queries"][0]["image"],
+                                                    "name": "row 2"}]
+    assert m.params["query_subset"]["queries"][0]["image"].endswith("query.jpg")
+    assert m.inputs["embed"]["digest"] == outcomes["embed"].manifest.digest
+    ledger = pa.concat_tables([pq.read_table(storage_url(m, s["path"])) for s in m.extra["ledger"]]).to_pandas()
+    rows = source.to_pylist()
+    assert ledger["uid"].tolist() == [r["uid"] for r in rows]
+    assert ledger.loc[ledger["kept"], "uid"].tolist() == [rows[2]["uid"]]
+    assert ledger.loc[2, "query_match"] == "row 2" and ledger.loc[2, "query_similarity"] > 0.9999
+    seen = ledger["reason"].ne("not_downloaded") & ledger["status"].eq("success")
+    assert ledger.loc[seen & ~ledger["kept"], "reason"].eq("query_subset").all()
+    assert (ledger.loc[seen & ~ledger["kept"], "query_similarity"].fillna(-1) < ledger.loc[2, "query_similarity"]).all()
+    assert m.counts["rows_out"] == 1 and m.metrics["query_subset_rows_0"] == 1

@@ -52,7 +52,7 @@ def test_the_ledger_keeps_its_column_order():
     assert ledger == ["uid", "source", "source_row", "shard", "row", "status", "kept", "reason", "sha256",
                       "image_bytes", "caption_words", "caption_chars", "min_side", "max_side", "aspect_ratio",
                       "language", "language_score", "phash", "eval_distance", "contaminated_by", "clip_score",
-                      "semantic_cluster", "semantic_similarity"]  # new columns come last
+                      "semantic_cluster", "semantic_similarity", "query_match", "query_similarity"]  # new ones last
 
 
 def test_a_rule_cannot_write_a_column_that_is_taken():

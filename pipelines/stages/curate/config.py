@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipelines.configschema import field
 from pipelines.stages.curate import rules as rule_registry
 
+if TYPE_CHECKING:
+    from pipelines.preflight import Check
+
 DEFAULT_RULES = ["basic", "dedup_image", "dedup_text", "near_duplicate"]
 
 
@@ -46,6 +49,11 @@ class CurateSettings:
         """Stages the listed rules read besides the crawl (`semantic_dedup.embeddings`), each with the field naming
         it: each must be in the stage's needs, which the job's loading checks."""
         return {stage: f"{rule.name}.{setting}" for rule in self.instances() for stage, setting in rule.reads().items()}
+
+    def preflight(self, check: Check) -> None:
+        """Before the run (`pipelines.preflight`): each listed rule's own checks of the files it names."""
+        for rule in self.instances():
+            check.attempt(rule.preflight, check)
 
     def required_columns(self) -> dict[str, str]:
         """Crawled columns beyond the contract that the listed rules read, each with the first rule reading it."""

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from pipelines.manifest import Manifest
+    from pipelines.preflight import Check
     from pipelines.stage import StageContext
 
 
@@ -114,6 +115,10 @@ class Rule:
     def prepare(self, log: logging.Logger) -> None:
         """On the driver, once before any task: load what every task needs. The rule must stay picklable."""
 
+    def preflight(self, check: Check) -> None:
+        """Before the run (`pipelines.preflight`): the files the rule names exist; raise or record a `Problem` whose
+        field is under the rule's name (`query_subset.queries[0].image`)."""
+
     def score(self, crawled: pa.Table, work: pd.DataFrame) -> dict[str, Any]:
         """Per-row values of the rule's score fields for one crawled shard (in the featurize task)."""
         return {}
@@ -160,7 +165,7 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
 
 # Names a rule cannot take: the curate settings and methods that share `with:` and the config class with the
 # rules' fields (CurateSettings; listed here, not read from it, which would import the config while it is made).
-RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns", "reads"})
+RESERVED = frozenset({"rules", "shard_rows", "shard_bytes", "instances", "required_columns", "reads", "preflight"})
 
 
 def _load() -> None:
@@ -227,8 +232,11 @@ BASE = (
 )
 TAIL = (("drop_at", "int32"), ("reason", "string"))
 # image bytes and captions while a model rule still has to score them; the group key of a dedup partition;
-# image embeddings from the semantic_dedup rule's model pass to its set decision, which drops them
-EXTRA = {"image": "binary", "caption": "string", "_key": "string", "_embedding": "list<float32>"}
+# image embeddings from the semantic_dedup rule's model pass to its set decision, which drops them; the embeddings
+# query_subset reads from an embed stage, a column of its own (it may read text embeddings, and semantic_dedup drops
+# `_embedding` with its decision), until its decision drops them
+EXTRA = {"image": "binary", "caption": "string", "_key": "string", "_embedding": "list<float32>",
+         "_query_embedding": "list<float32>"}
 
 
 def arrow_type(name: str) -> pa.DataType:

@@ -187,16 +187,17 @@ class ImageEmbedder:
         return self.work.table(batch) if self.work is not None else batch
 
 
-def stored_embeddings(url: str, uids: Any) -> np.ndarray:
-    """The image embeddings an embed stage wrote in one shard, for `uids` in their order: unit float32 vectors in an
-    object array, None for a uid the shard does not have or has no image embedding for (as `unit_rows`)."""
+def stored_embeddings(url: str, uids: Any, column_name: str = "image_embedding") -> np.ndarray:
+    """The image embeddings (or those of `column_name`: `text_embedding`, as query_subset may read) an embed stage
+    wrote in one shard, for `uids` in their order: unit float32 vectors in an object array, None for a uid the shard
+    does not have or has no such embedding for (as `unit_rows`)."""
     import numpy as np
 
     from pipelines import storage
 
-    table = storage.read_parquet(url).select(["uid", "image_embedding"])
+    table = storage.read_parquet(url).select(["uid", column_name])
     at = {u: i for i, u in enumerate(table.column("uid").to_pylist())}
-    column = table.column("image_embedding").combine_chunks()
+    column = table.column(column_name).combine_chunks()
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     out = np.full(len(uids), None, dtype=object)
     rows = [(j, at[u]) for j, u in enumerate(uids) if u in at and valid[at[u]]]
