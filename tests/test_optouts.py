@@ -183,3 +183,19 @@ def test_response_headers_opt_the_image_out(site, headers, expected):
 
 def test_tdm_reservation_can_be_ignored(site):
     assert outcome(polite(tdm_reservation=False), site.img("n", tdm_reservation="1")) == ("success", None)
+
+
+def test_a_huge_robots_txt_is_read_up_to_its_cap_and_the_rest_ignored(site):
+    filler = "# " + "x" * 1000 + "\n"
+    site.serve("User-agent: *\nDisallow: /img/early\n" + filler * 600 + "Disallow: /img/late\n")  # ~600 KB
+    f = polite()
+    assert outcome(f, site.img("early")) == ("opted_out", "robots_txt")
+    assert outcome(f, site.img("late")) == ("success", None)  # past 512 KiB: not read
+
+
+def test_fetchers_of_a_worker_process_share_its_robots_cache_only_when_their_answers_would_agree():
+    a, b = (fetcher(robots_txt=True, optout_user_agents=["GPTBot"]) for _ in range(2))
+    assert a.robots is b.robots is not None  # two shard tasks of one crawl in one process
+    other_tokens = fetcher(robots_txt=True, optout_user_agents=["CCBot"])
+    other_policy = fetcher(robots_txt=True, optout_user_agents=["GPTBot"], policy=AddressPolicy())
+    assert other_tokens.robots is not a.robots and other_policy.robots is not a.robots

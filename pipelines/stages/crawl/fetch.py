@@ -233,7 +233,8 @@ class Fetcher:
     def _robots(self, url: str, parts: SplitResult, host: str, deadline: float) -> Fetched | None:
         """The row's result when the origin's robots.txt keeps it from being fetched (or cannot be read); else None."""
         origin = f"{parts.scheme}://{host}"
-        robots_url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/robots.txt"
+        # from the URL as requested (encoded), without userinfo
+        robots_url = f"{parts.scheme}://{urlsplit(url).netloc.rpartition('@')[2]}/robots.txt"
         assert self.robots is not None
         try:
             rules = self.robots.rules(origin, robots_url, self._fetch_robots, self.tokens, deadline, self.robots_counts)
@@ -276,8 +277,8 @@ class Fetcher:
             except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
                 cls = classify(reason)
-                return RobotsAnswer(status="blocked" if cls == "ssrf" else "failed_to_download", error_class=cls,
-                                    error_message=f"{type(reason).__name__}: {reason}"[:300])
+                return RobotsAnswer(status={"ssrf": "blocked", "invalid_url": "invalid"}.get(cls, "failed_to_download"),
+                                    error_class=cls, error_message=f"{type(reason).__name__}: {reason}"[:300])
 
     def _attempt(self, url: str, deadline: float) -> tuple[Fetched, float | None]:
         """One request, redirects followed, finished by `deadline`; with a refusal's Retry-After in seconds."""
