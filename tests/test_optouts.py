@@ -135,6 +135,25 @@ def test_a_slow_robots_txt_counts_within_the_rows_deadline(site):
     assert site.hits == {"/robots.txt": 1}
 
 
+def test_a_row_waiting_for_another_rows_robots_txt_gives_up_at_its_own_deadline(site):
+    site.serve("User-agent: *\nAllow: /\n")
+    site.gate.clear()
+    cache = RobotsCache()
+    patient, hurried = polite(robots=cache, timeout=5.0), polite(robots=cache, timeout=0.2)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(patient.fetch, site.img("patient"))
+        assert cache.wait_for_waiters(site.origin, 1, timeout=10)  # its request to robots.txt is under way
+        t0 = time.monotonic()
+        got = hurried.fetch(site.img("hurried"))
+        assert time.monotonic() - t0 < hurried.budget + 0.5
+        assert (got.status, got.error_class) == ("failed_to_download", "timeout")
+        assert "was still being fetched at this request's deadline" in got.error_message
+        site.gate.set()
+        assert first.result().status == "success"
+    assert hurried.robots_counts.as_dict() == {"fetches": 0, "hits": 1, "timeouts": 1}
+    assert site.hits == {"/robots.txt": 1, "/img/patient": 1}
+
+
 def test_the_robots_txt_request_obeys_the_address_policy():
     # the image host 127.0.0.2 is allowed; its robots.txt redirects into 127.0.0.3, which is denied
     policy = AddressPolicy.from_cidrs(["127.0.0.0/8"], ["127.0.0.3/32"])

@@ -157,8 +157,8 @@ class RobotsCache:
             if not pending.done.wait(wait) or pending.rules is None:
                 if counts is not None:
                     counts.add("timeouts")
-                raise RobotsTimeout(f"{url} was still being fetched at this request's deadline" if pending.rules is None
-                                    and not pending.done.is_set() else f"the fetch of {url} gave no answer")
+                raise RobotsTimeout(f"{url} was still being fetched at this request's deadline"
+                                    if not pending.done.is_set() else f"the fetch of {url} gave no answer")
             return pending.rules
         rules: Rules | None = None
         try:
