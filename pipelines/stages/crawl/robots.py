@@ -32,10 +32,11 @@ import math
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from urllib.robotparser import RobotFileParser
+
+from pipelines.stages.crawl.resolver import Counts
 
 MAX_ROBOTS_BYTES = 512 * 1024  # read and parsed per robots.txt (RFC 9309: at least 500 KiB)
 MAX_ENTRIES = 20_000  # origins kept per process; past it the oldest go first
@@ -86,21 +87,11 @@ def rules_from(answer: RobotsAnswer, tokens: tuple[str, ...]) -> Rules:
     return Rules("unavailable", answer=answer)  # 4xx, or 3xx: redirects not followed to an answer
 
 
-class RobotsCounts:
-    """What one fetcher's (shard task's) robots lookups did; thread-safe. `fetches`: robots.txt requests it sent;
-    `hits`: answered by the cache or by a fetch another request had started; `timeouts`: gave up waiting."""
+class RobotsCounts(Counts):
+    """What one fetcher's robots lookups did. `fetches`: robots.txt requests it sent; `hits`: answered by the
+    cache or by a fetch another request had started; `timeouts`: gave up waiting."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, what: str) -> None:
-        with self._lock:
-            self._counts[what] += 1
-
-    def as_dict(self) -> dict[str, int]:
-        with self._lock:
-            return {k: self._counts[k] for k in ("fetches", "hits", "timeouts")}
+    KEYS = ("fetches", "hits", "timeouts")
 
 
 class RobotsTimeout(TimeoutError):
