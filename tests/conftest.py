@@ -161,10 +161,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """With `--dist loadfile` (the Makefile's): whole units to a process, in collection order (longest first)."""
+    """With `--dist loadfile` (the Makefile's): whole units to a process, in collection order (longest first;
+    xdist would otherwise hand out the units with the most tests first, and the demo, one long test, came last)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class ByUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
