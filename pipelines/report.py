@@ -362,6 +362,79 @@ def section_eval(client: Any, s: StageRun) -> str:
                if avg is not None else ""))
 
 
+def _availability(client: Any, s: StageRun, top: int) -> dict[str, Any]:
+    """The crawl's availability table: the JSON its run logged (if it has the same number of top hosts), else
+    (an output from before it was logged, or the run gone) computed from its shards."""
+    import json
+
+    from pipelines import availability
+
+    run = _source_run(client, s)
+    if run is not None:
+        name = f"{s.name}_availability.json"
+        if name in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(client.download_artifacts(run.info.run_id, name, tmp)) as f:
+                    logged = dict(json.load(f))
+            if logged.get("hosts", {}).get("top_n") == top:
+                return logged
+    return availability.of_manifest(s.output, top=top)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def section_availability(client: Any, s: StageRun, top: int = 20) -> str:
+    """A crawl stage's availability: status, error class and top-host tables, versions, link rot, the plot."""
+    from pipelines import availability
+
+    rep = _availability(client, s, top)
+    cell = lambda v: f"<td class=n>{v}</td>"  # noqa: E731
+
+    def shares(kind: str, table: dict[str, dict[str, Any]]) -> str:
+        return "".join(f"<tr data-{kind}='{_e(k)}'><td>{_e(k)}</td>{cell(_num(v['rows']))}{cell(_pct(v['share']))}"
+                       "</tr>" for k, v in table.items())
+
+    outcome, errors = shares("status", rep["by_status"]), shares("error", rep["by_error_class"])
+    h = rep["hosts"]
+    hosts = []
+    for x in [*h["top"], *([h["other"]] if h["other"]["hosts"] else [])]:
+        name = _e(x["host"]) + (f" ({_num(x['hosts'])} hosts)" if "hosts" in x else "")
+        main = _e(x["main_error_class"] or "-") + (f" ({_num(x['main_error_rows'])})" if x["main_error_class"] else "")
+        hosts.append(f"<tr data-host='{_e(x['host'])}'><td>{name}</td>{cell(_num(x['rows']))}"
+                     f"{cell(_pct(x['success_rate']))}<td>{main}</td></tr>")
+    versions = "".join(
+        f"<tr><td>{_e(v['version'])}</td><td><code>{_e(v['location'])}</code></td>"
+        + (f"{cell(_num(v['rows']))}{cell(_pct(v['success_rate']))}" if v["present"] else "<td colspan=2>gone</td>")
+        + "</tr>" for v in rep["versions"])
+    rot = "".join(
+        f"<tr data-rot='{_e(r['from_version'])}-{_e(r['to_version'])}'><td>v{_e(r['from_version'])} &rarr; "
+        f"v{_e(r['to_version'])}</td>{cell(_num(r['succeeded_before']))}{cell(_num(r['rows_reused']))}"
+        f"{cell(_num(r['rows_refetched']))}{cell(_num(r['refetched_now_failing']))}{cell(_pct(r['link_rot_rate']))}"
+        f"<td>{_e(', '.join(f'{k} {v}' for k, v in r['now_failing_by_error_class'].items()) or '-')}</td>"
+        f"{cell(_num(r['dropped_from_list']))}</tr>" for r in rep["link_rot"])
+    rot_table = (f"<table class=rot><tr><th>versions</th><th>earlier successes</th><th>reused (copied, not "
+                 f"re-checked)</th><th>re-fetched</th><th>re-fetched, now failing</th><th>link rot</th><th>now "
+                 f"failing by error class</th><th>dropped from the list</th></tr>{rot}</table>"
+                 "<p class=note>A refresh copies earlier successes instead of fetching them again, so only rows "
+                 "with a new fetch time are re-checked; link rot is the share of those that now fail.</p>"
+                 if rot else "")
+    src = "data:image/png;base64," + base64.b64encode(
+        availability.png(rep, f"{s.name}: availability of version {rep['version']}")).decode()
+    error_table = (f"<table class=avail><tr><th>error class</th><th>rows</th><th>share</th></tr>{errors}</table>"
+                   if errors else "<p>No row failed.</p>")
+    note = f"<p class=note>{_e(rep['note'])}</p>" if rep.get("note") else ""
+    return (f"<p>Version {_e(rep['version'])}: {_num(rep['rows'])} rows, "
+            f"<b data-success-rate='{rep['success_rate']!r}'>{_pct(rep['success_rate'])}</b> success; "
+            f"{_num(h['distinct'])} hosts.</p>{note}"
+            f"<table class=avail><tr><th>status</th><th>rows</th><th>share</th></tr>{outcome}</table>{error_table}"
+            f"<table class=hosts><tr><th>host (top {_e(h['top_n'])} by rows)</th><th>rows</th><th>success rate</th>"
+            f"<th>main error class</th></tr>{''.join(hosts)}</table>"
+            f"<table class=versions><tr><th>version</th><th>output</th><th>rows</th><th>success rate</th></tr>"
+            f"{versions}</table>{rot_table}<img class=curves alt='availability' src='{src}'>")
+
+
 # ---- the page -----------------------------------------------------------------------------------------------
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -393,6 +466,9 @@ def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], image
         parts.append(f"<p class=err>{_e(t['clipline.error'])}</p>")
     parts += ["<h2 id=stages>Stages</h2>", section_stages(stages)]
 
+    crawled, missing = _absent(stages, "crawl", "availability report")
+    parts.append("<h2 id=availability>Availability</h2>")
+    parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_availability(client, s)}" for s in crawled]
     curated, missing = _absent(stages, "curate", "curate funnel or image grid")
     parts.append("<h2 id=funnel>Curate funnel</h2>")
     parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_funnel(s)}" for s in curated]
