@@ -139,6 +139,7 @@ def test_link_rot_counts_only_re_fetched_successes(tmp_path):
     assert [r["from_version"] for r in rep["link_rot"]] == [2] and rep["note"].startswith("version 1 (")
 
 
+@pytest.mark.slow  # Ray and the loopback web
 def test_the_crawl_logs_availability_to_mlflow_and_the_report_shows_it(tmp_path, web, ray_local):
     urls = tmp_path / "urls.parquet"
     first = url_list(web.base_url, 20, seed=0, faults={"missing": 0.1, "error": 0.1})
