@@ -102,7 +102,8 @@ def test_one_version_by_status_error_class_and_top_hosts_with_an_other_line(tmp_
     page = section_availability(None, StageRun("crawl", "crawl", None, m), top=2)
     assert f"data-success-rate='{8 / 19!r}'" in page and "<tr data-error='timeout'><td>timeout</td>" in page
     assert re.search(r"<tr data-host='\(other hosts\)'><td>\(other hosts\) \(4 hosts\)</td><td class=n>5</td>", page)
-    assert "only one version" in page and "src='data:image/png;base64," in page
+    assert "only one version" in page and "<img class=availability alt='availability' src='data:image/png;base64," in page
+    assert "(mlfoundations/datacomp#3)" in page  # the note on healthy rates names its sources
 
 
 def test_link_rot_counts_only_re_fetched_successes(tmp_path):
