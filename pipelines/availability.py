@@ -272,22 +272,30 @@ def figure(rep: dict[str, Any], title: str) -> Any:
     ax = axes[0][0]
     ax.bar([k for k, _ in outcome], [v for _, v in outcome],
            color=["#55a868"] + ["#c44e52"] * (len(outcome) - 1))
-    ax.set_ylim(0, 1)
+    for i, (_, v) in enumerate(outcome):
+        ax.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of rows")
     ax.set_title(f"{rep['rows']:,} rows: success and error classes", fontsize=10)
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax = axes[0][1]
     # hosts come from the web: a "$" would start matplotlib's math mode (and a parse error)
     names = [f"{h['host'][:40]} ({h['rows']:,})".replace("$", r"\$") for h in hosts][::-1]
-    ax.barh(names, [h["success_rate"] or 0.0 for h in hosts][::-1], color="#4c72b0")
-    ax.set_xlim(0, 1)
+    rates = [h["success_rate"] or 0.0 for h in hosts][::-1]
+    ax.barh(names, rates, color="#4c72b0")
+    for i, v in enumerate(rates):
+        ax.text(v, i, f" {v:.0%}", va="center", fontsize=7)
+    ax.set_xlim(0, 1.12)
     ax.set_xlabel("success rate")
     ax.set_title(f"top {len(rep['hosts']['top'])} of {rep['hosts']['distinct']:,} hosts by rows", fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
     if panels == 3:
         ax = axes[0][2]
-        ax.plot([v["version"] for v in versions], [v["success_rate"] or 0.0 for v in versions], marker="o")
-        ax.set_ylim(0, 1)
+        xs, ys = [v["version"] for v in versions], [v["success_rate"] or 0.0 for v in versions]
+        ax.plot(xs, ys, marker="o")
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        ax.set_ylim(0, 1.08)
         ax.set_xticks([v["version"] for v in versions])
         ax.set_xlabel("dataset version")
         ax.set_ylabel("success rate")
