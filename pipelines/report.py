@@ -463,7 +463,7 @@ figure img,.noimg{width:128px;height:128px;object-fit:contain;display:block;marg
 img.curves,img.availability{max-width:100%}"""
 
 
-def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], images: int = 48) -> str:
+def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], images: int = 48, hosts: int = 20) -> str:
     """The page for one job run."""
     info, t = parent.info, parent.data.tags
     meta = [("job", job.name), ("job run", info.run_id), ("status", info.status),
@@ -478,7 +478,7 @@ def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], image
 
     crawled, missing = _absent(stages, "crawl", "availability report")
     parts.append("<h2 id=availability>Availability</h2>")
-    parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_availability(client, s)}" for s in crawled]
+    parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_availability(client, s, hosts)}" for s in crawled]
     curated, missing = _absent(stages, "curate", "curate funnel or image grid")
     parts.append("<h2 id=funnel>Curate funnel</h2>")
     parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_funnel(s)}" for s in curated]
@@ -497,16 +497,18 @@ def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], image
 
 
 def build_report(job: JobSpec, run_id: str | None = None, out_dir: str | None = None,
-                 images: int = 48) -> tuple[str, str]:
+                 images: int = 48, hosts: int = 20) -> tuple[str, str]:
     """Write the report of a job run (default: the latest) and log it on that run; (where it went, run id)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow import MlflowClient
 
     if images < 0:
         raise ReportError(f"--images {images}: expected 0 or more")
+    if hosts < 1:
+        raise ReportError(f"--hosts {hosts}: expected 1 or more")
     client = MlflowClient(tracking_uri=resolve_uri(job.tracking_uri, job.storage))
     parent = find_job_run(client, job, run_id)
-    page = render(client, job, parent, stage_runs(client, job, parent), images).encode()
+    page = render(client, job, parent, stage_runs(client, job, parent), images, hosts).encode()
     out = storage.join(out_dir or storage.join(job.storage, job.name, "_reports"), f"report-{parent.info.run_id}.html")
     storage.atomic_write(out, page)
     with tempfile.TemporaryDirectory() as tmp:

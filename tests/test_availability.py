@@ -180,3 +180,11 @@ def test_the_crawl_logs_availability_to_mlflow_and_the_report_shows_it(tmp_path,
     section = page[page.index("<h2 id=availability>"):page.index("<h2 id=funnel>")]
     assert f"data-success-rate='{ok / 24!r}'" in section and "<tr data-host='127.0.0.1'>" in section
     assert "<tr data-rot='1-2'>" in section and "src='data:image/png;base64," in section
+    assert "host (top 20 by rows)" in section
+
+    # another number of hosts than the run logged: computed again from the shards, the same numbers
+    out, _ = build_report(spec.load(path), out_dir=str(tmp_path / "reports"), hosts=5)
+    again = Path(out).read_text()
+    again = again[again.index("<h2 id=availability>"):again.index("<h2 id=funnel>")]
+    assert "host (top 5 by rows)" in again and f"data-success-rate='{ok / 24!r}'" in again
+    assert "<tr data-rot='1-2'>" in again
