@@ -15,6 +15,9 @@ import pyarrow as pa
 # ---- crawled shards (stages crawl and ingest) ----------------------------------------------------------------
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "opted_out", "blocked", "invalid", "duplicate")
+# the error classes of rows a site opted out (status opted_out), by how it said so; a crawl's manifest counts each
+# as opted_out_<kind>. Rows crawled before the kinds were told apart have error_class opted_out (X-Robots-Tag).
+OPTOUT_KINDS = ("robots_txt", "x_robots_tag", "tdm_reservation")
 
 CRAWLED = pa.schema(
     [
@@ -24,8 +27,10 @@ CRAWLED = pa.schema(
         pa.field("status", pa.string(), nullable=False, metadata={"doc": " | ".join(STATUSES)}),
         pa.field("error_class", pa.string(), metadata={
             "doc": "invalid_url, missing_caption, ssrf, dns, connection, timeout, tls, redirect, protocol, "
-                   "http_4xx, http_429, http_5xx, http_other, too_large, too_many_pixels, decode, opted_out, duplicate, "
-                   "shard_failed, takedown (a row `clipline takedown` emptied: status opted_out)"}),
+                   "http_4xx, http_429, http_5xx, http_other, too_large, too_many_pixels, decode, duplicate, shard_failed, "
+                   "robots_unavailable (the host's robots.txt answered 5xx or 429: not fetched, retried by a refresh); "
+                   "with status opted_out: robots_txt, x_robots_tag, tdm_reservation, opted_out (X-Robots-Tag, in "
+                   "crawls made before these were told apart), takedown (a row `clipline takedown` emptied)"}),
         pa.field("error_message", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("image", pa.binary(), metadata={"doc": "encoded image bytes"}),

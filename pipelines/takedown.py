@@ -312,6 +312,11 @@ def _new_source(old: Manifest, out: str, uids: Any, tl: TakedownList, dry_run: b
         for cls in gone.column("error_class").to_pylist():
             if cls is not None and f"error_{cls}" in counts:
                 counts[f"error_{cls}"] -= 1
+            kind = "x_robots_tag" if cls == "opted_out" else cls  # a crawl's opted_out_<kind> counts (stage.py)
+            if kind is not None and f"opted_out_{kind}" in counts:
+                counts[f"opted_out_{kind}"] -= 1
+            if cls == "robots_unavailable" and "robots_unavailable" in counts:
+                counts["robots_unavailable"] -= 1
         counts[STATUS] = counts.get(STATUS, 0) + gone.num_rows
         counts[f"error_{REASON}"] = counts.get(f"error_{REASON}", 0) + gone.num_rows
         taken += gone.num_rows

@@ -135,10 +135,13 @@ def mlflow_server(s3, postgres, tmp_path_factory):
         yield server
 
 
-# `make test` runs the suite on two pytest-xdist processes (`-n 2 --dist loadgroup`): each test file is one unit
+# `make test` runs the suite on two pytest-xdist processes (`-n 2 --dist loadfile`): each test file is one unit
 # of work, so its module fixtures (a job run that several tests read) run once; the files that start
 # cluster/local.sh on its fixed ports are one unit between them; and the longest units are handed out first,
 # so that the two processes finish near together. The order is from the fresh-clone run's durations.
+# The units are made here (pytest_xdist_make_scheduler), not with xdist_group marks: pytest 9.2 keeps a node's id
+# in `_id`, and xdist 3.8 still writes the group into `_nodeid`, so `--dist loadgroup` silently handed out single
+# tests, each process set the shared job runs up again, and the cluster files ran side by side.
 SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster"}
 LONGEST_FIRST = ["test_train", "test_node_loss", "cluster", "test_submit", "test_demo", "test_s3",
                  "test_shared_tracking", "test_prometheus", "test_outages", "test_runner", "test_report",
@@ -146,9 +149,25 @@ LONGEST_FIRST = ["test_train", "test_node_loss", "cluster", "test_submit", "test
                  "test_codedigest", "test_head_rule", "test_evaluate", "test_tracking", "test_ui"]
 
 
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the unit SAME_UNIT names for the file."""
+    stem = Path(nodeid.split("::", 1)[0]).stem
+    return SAME_UNIT.get(stem, stem)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
-    unit = {item.nodeid: SAME_UNIT.get(item.path.stem, item.path.stem) for item in items}
-    items.sort(key=lambda item: rank.get(unit[item.nodeid], len(rank)))  # stable: a file keeps its order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit[item.nodeid]))
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: a file keeps its order
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With `--dist loadfile` (the Makefile's): whole units to a process, in collection order (longest first)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ByUnit(config, log)

@@ -24,7 +24,7 @@ EXPECTED = {  # route kind -> (status, error_class)
     "missing": ("failed_to_download", "http_4xx"),
     "error": ("failed_to_download", "http_5xx"),
     "html": ("failed_to_resize", "decode"),
-    "optout": ("opted_out", "opted_out"),
+    "optout": ("opted_out", "x_robots_tag"),
     "slow": ("failed_to_download", "timeout"),
     "ftp": ("invalid", "invalid_url"),
     "nourl": ("invalid", "invalid_url"),
@@ -65,6 +65,8 @@ def test_crawl_accounts_for_every_input_row(tmp_path, web, ray_local):
     counts = out["status"].value_counts().to_dict()
     assert {k: m.counts[k] for k in counts} == counts
     assert m.counts["input_rows"] == len(rows) == m.rows
+    assert m.counts["opted_out_x_robots_tag"] == counts["opted_out"] > 0  # the only opt-out kind this web serves
+    assert m.counts["opted_out_robots_txt"] == m.counts["opted_out_tdm_reservation"] == 0
     for shard in m.shards:
         assert storage.sha256_file(storage.join(m.location, shard["path"])) == shard["sha256"]
         assert pq.ParquetFile(storage.join(m.location, shard["path"])).metadata.num_rows == shard["rows"]

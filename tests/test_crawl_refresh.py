@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pipelines.demo.server import DemoServer
 from pipelines.runner import StageFailed, plan, run_job
 from tests.conftest import crawl_stage, read_output, write_job
 from tests.support.net import wait_until
+from tests.support.optoutweb import OptoutWeb
 
 pytestmark = pytest.mark.slow
 
@@ -235,3 +237,43 @@ def test_refresh_starts_from_the_newest_version_when_outputs_finish_in_the_same_
             finished_at="2026-01-01T00:00:01.000+00:00", extra={"version": version}))
     prior = find_prior(cfg, str(stage_dir / "d000000000000000"), logging.getLogger("test"))
     assert prior is not None and prior.location == str(stage_dir / "b000000000000000") and prior.version == 2
+
+
+def test_the_crawl_counts_each_opt_out_kind_and_a_refresh_retries_only_an_unreadable_robots_txt(tmp_path, ray_local,
+                                                                                                 capsys):
+    with OptoutWeb("127.0.0.1") as site, OptoutWeb("127.0.0.2") as down:
+        site.serve("User-agent: CCBot\nDisallow: /img/ccbot\n")
+        down.serve("", status=503)
+        urls = [site.img("ok-1"), site.img("ok-2"), site.img("ccbot-1"), site.img("tdm", tdm_reservation="1"),
+                site.img("xrt", X_Robots_Tag="noml"), down.img("later-1"), down.img("later-2")]
+        rows = pd.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(len(urls))]})
+        rows.to_csv(tmp_path / "urls.csv", index=False)
+        # no error TTL: the second run's worker process must ask the recovered host again
+        stage = crawl_stage(str(tmp_path / "urls.csv"), robots_error_ttl=0, samples_per_shard=10)
+        path = write_job(tmp_path, {"crawl": stage})
+        (first,) = run_job(spec.load(path), progress=False)
+        m = first.manifest
+        assert {k: m.counts[k] for k in ("success", "opted_out", "failed_to_download", "opted_out_robots_txt",
+                                         "opted_out_tdm_reservation", "opted_out_x_robots_tag", "robots_unavailable",
+                                         "error_robots_txt", "error_tdm_reservation", "error_x_robots_tag")} == {
+            "success": 2, "opted_out": 3, "failed_to_download": 2, "opted_out_robots_txt": 1,
+            "opted_out_tdm_reservation": 1, "opted_out_x_robots_tag": 1, "robots_unavailable": 2,
+            "error_robots_txt": 1, "error_tdm_reservation": 1, "error_x_robots_tag": 1}
+        assert m.metrics["robots_fetches"] >= 2 and site.hits["/robots.txt"] == m.metrics["robots_fetches"] - (
+            down.hits["/robots.txt"])
+        assert "/img/ccbot-1" not in site.hits and down.hits.keys() == {"/robots.txt"}
+        assert main(["status", str(path)]) == 0
+        shown = capsys.readouterr().out
+        assert all(f"{k}={m.counts[k]}" in shown for k in ("opted_out_robots_txt", "opted_out_tdm_reservation",
+                                                         "opted_out_x_robots_tag", "robots_unavailable"))
+
+        # a refresh: the host whose robots.txt answered 503 is asked again; opt-outs are final, not fetched again
+        down.serve("User-agent: *\nAllow: /\n")
+        hits_before = Counter(site.hits)
+        stage["with"]["refresh_from"] = m.location
+        (second,) = run_job(spec.load(write_job(tmp_path, {"crawl": stage}, name="t2")), progress=False)
+        out = read_output(second.manifest).set_index("url")
+        assert (out.loc[[down.img("later-1"), down.img("later-2")], "status"] == "success").all()
+        assert second.manifest.counts["rows_retried"] == 2 and second.manifest.counts["rows_reused"] == 5
+        assert second.manifest.counts["opted_out_robots_txt"] == 1 and second.manifest.counts["robots_unavailable"] == 0
+        assert Counter(site.hits) == hits_before  # nothing of the opted-out (or successful) rows asked again

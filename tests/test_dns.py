@@ -217,7 +217,9 @@ def test_a_shard_reports_its_lookups_in_its_record(tmp_path, web, monkeypatch):
                          storage.read_parquet(staged["plan"]), [])
     assert record["status"] == {"success": 5}
     assert sorted(answers.calls) == ["other.test", "shard.test"]
-    assert (record["dns_misses"], record["dns_hits"], record["dns_timeouts"]) == (2, 3, 0)
+    # each host's robots.txt request resolves it (a miss); its image requests are answered by the cache
+    assert (record["dns_misses"], record["dns_hits"], record["dns_timeouts"]) == (2, 5, 0)
+    assert (record["robots_fetches"], record["robots_hits"]) == (2, 3)
     assert pq.read_table(tmp_path / "part-00000.parquet").num_rows == 5
 
 

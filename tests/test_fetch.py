@@ -26,7 +26,7 @@ def test_image_is_fetched(web):
 @pytest.mark.parametrize(("kind", "status", "error_class", "http_status"), [
     ("missing", "failed_to_download", "http_4xx", 404),
     ("error", "failed_to_download", "http_5xx", 500),
-    ("optout", "opted_out", "opted_out", 200),
+    ("optout", "opted_out", "x_robots_tag", 200),
     ("busy", "failed_to_download", "http_429", 429),  # not retried: http_retries defaults to 0
     ("unavailable", "failed_to_download", "http_5xx", 503),
 ])

@@ -222,9 +222,19 @@ def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint_in_the_same_r
     store = tmp_path / "store"
     log = tmp_path / "driver.log"
     driver = start_driver(job, log)
-    # mid-training: the checkpoint of step 10 is written (so the one of step 5 is surely registered)
-    lose_a_node_running(nodes, "RayTrainWorker", driver, log, timeout=400,
-                        ready=lambda: bool(list(store.glob("t/train/*/ray/train/checkpoint-00000010/state.json"))))
+    def registered(step: int) -> bool:
+        """Ray Train's checkpoint manager has taken the checkpoint of `step`: its snapshot names it. (The file
+        alone is not enough: on a loaded machine the controller registered it after the node was gone, and the
+        restarted workers found no checkpoint to restore.)"""
+        for snapshot in store.glob("t/train/*/ray/train/checkpoint_manager_snapshot.json"):
+            try:
+                if f"checkpoint-{step:08d}" in snapshot.read_text():
+                    return True
+            except OSError:
+                continue  # being rewritten
+        return False
+
+    lose_a_node_running(nodes, "RayTrainWorker", driver, log, timeout=400, ready=lambda: registered(10))
     finish(driver, log)
 
     m = output_of(job, "train")

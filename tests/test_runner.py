@@ -166,8 +166,14 @@ def test_a_driver_killed_mid_curate_reruns_it_whole_and_keeps_the_crawl(tmp_path
     def curate_dir() -> str | None:  # known once the crawl is complete: its digest is part of the fingerprint
         return {r["stage"]: r["path"] for r in plan(job)}["curate"]
 
+    known: list[str] = []
+
     def writing_ledger() -> bool:
-        return (d := curate_dir()) is not None and bool(list(Path(d).glob("ledger/part-*.parquet")))
+        # the plan (code digests, input files) only until it names the directory: a poll is then one glob, so a
+        # loaded machine does not let curate finish between two polls
+        if not known and (d := curate_dir()) is not None:
+            known.append(d)
+        return bool(known) and bool(list(Path(known[0]).glob("ledger/part-*.parquet")))
 
     _run_killed_when(path, writing_ledger, "curate ledger file")
     crawl_dir, curate_dir = {r["stage"]: r["path"] for r in plan(job)}["crawl"], curate_dir()

@@ -41,11 +41,23 @@ class CrawlConfig:
     max_bytes: int = field(20 * 2**20, "largest response body read; larger ones are cut off", minimum=1)
     max_pixels: int = field(89_478_485, "largest width*height, checked from the header before decoding", minimum=1)
     max_redirects: int = field(5, "redirect hops followed", minimum=0)
-    user_agent_token: str = field("clipline", "crawler name sent in the User-Agent and matched in X-Robots-Tag")
+    user_agent_token: str = field("clipline", "crawler name sent in the User-Agent and matched in robots.txt and "
+                                  "X-Robots-Tag")
     contact: str | None = field(None, "contact URL or e-mail added to the User-Agent")
     disallowed_header_directives: list[str] = field(
-        ["noai", "noimageai", "noindex", "noimageindex"], "X-Robots-Tag directives that opt an image out"
+        ["noai", "noimageai", "noml", "noindex", "noimageindex"], "X-Robots-Tag directives that opt an image out"
     )
+    robots_txt: bool = field(True, "honour each host's robots.txt (fetched once per origin and worker process, "
+                             "through the same address policy, byte cap and deadline as an image)")
+    optout_user_agents: list[str] = field(
+        ["GPTBot", "CCBot", "Google-Extended", "anthropic-ai", "ClaudeBot", "img2dataset"],
+        "user-agent tokens besides user_agent_token whose robots.txt rules and X-Robots-Tag directives also opt an "
+        "image out: a URL disallowed for any of them is not fetched")
+    robots_ttl: float = field(3600.0, "seconds a host's robots.txt (or its 4xx: everything allowed) is kept per "
+                              "worker process", minimum=0)
+    robots_error_ttl: float = field(300.0, "seconds a robots.txt that answered 5xx or 429 or could not be fetched "
+                                    "keeps the host disallowed (RFC 9309) before it is asked again", minimum=0)
+    tdm_reservation: bool = field(True, "a TDMRep `tdm-reservation: 1` response header opts the image out")
     per_host_connections: int = field(4, "concurrent requests to one host per shard task; 0: no cap", minimum=0)
     per_host_rate: float = field(0.0, "requests per second to one host per shard task; 0: no limit", minimum=0)
     http_retries: int = field(2, "retries, within the run, of a 429 or 503 answer after its Retry-After (or a "
@@ -64,7 +76,7 @@ class CrawlConfig:
         "transient", "on refresh, fetch again: rows that failed transiently (retry_errors, below max_attempts), "
         "every failed row, or every row")
     retry_errors: list[str] = field(
-        ["timeout", "dns", "connection", "protocol", "http_429", "http_5xx", "shard_failed"],
+        ["timeout", "dns", "connection", "protocol", "http_429", "http_5xx", "robots_unavailable", "shard_failed"],
         "error classes a refresh fetches again")
     max_attempts: int = field(3, "fetches of one row across refreshes before a transient failure is final", minimum=1)
     shard_retries: int = field(3, "times a shard task is rerun after its worker dies or it raises", minimum=0)

@@ -61,12 +61,11 @@ class _Entry:
     error: OSError | None
 
 
-class DNSCounts:
-    """What the lookups of one fetcher (one shard task) did; thread-safe.
+class Counts:
+    """Counters of one fetcher's (one shard task's) events, added from its fetch threads; `as_dict` gives the
+    class's KEYS, in order, those never added as 0."""
 
-    `hits`: answered from the cache or by a resolution another request had started; `misses`: resolutions
-    started; `timeouts`: lookups that gave up at their request's deadline (counted besides their hit or miss).
-    """
+    KEYS: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -78,7 +77,17 @@ class DNSCounts:
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
-            return {k: self._counts[k] for k in ("hits", "misses", "timeouts")}
+            return {k: self._counts[k] for k in self.KEYS}
+
+
+class DNSCounts(Counts):
+    """What the lookups of one fetcher did.
+
+    `hits`: answered from the cache or by a resolution another request had started; `misses`: resolutions
+    started; `timeouts`: lookups that gave up at their request's deadline (counted besides their hit or miss).
+    """
+
+    KEYS = ("hits", "misses", "timeouts")
 
 
 class Resolver:

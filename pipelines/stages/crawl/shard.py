@@ -55,6 +55,8 @@ class ShardCrawler:
             per_host_connections=cfg.per_host_connections, per_host_rate=cfg.per_host_rate,
             http_retries=cfg.http_retries, max_retry_wait=cfg.max_retry_wait,
             dns_ttl=cfg.dns_ttl, dns_negative_ttl=cfg.dns_negative_ttl, dns_threads=cfg.dns_threads,
+            robots_txt=cfg.robots_txt, optout_user_agents=cfg.optout_user_agents, robots_ttl=cfg.robots_ttl,
+            robots_error_ttl=cfg.robots_error_ttl, tdm_reservation=cfg.tdm_reservation,
         )
         self.resizer = Resizer(
             image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -116,6 +118,7 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
     record["fetched_success"] = sum(results[i].get("status") == "success" for i in todo)
     record["http_retries"] = sum(results[i].get("retries", 0) for i in todo)
     record |= {f"dns_{k}": v for k, v in crawler.fetcher.dns.as_dict().items()}  # the lookups of this shard's rows
+    record |= {f"robots_{k}": v for k, v in crawler.fetcher.robots_counts.as_dict().items()}  # robots.txt lookups
     return record
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipelines import availability, layout, storage
-from pipelines.contracts import STATUSES
+from pipelines.contracts import OPTOUT_KINDS, STATUSES
 from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import inputs, plan
@@ -46,6 +46,7 @@ class _Tally:
     fetched_ok: int = 0
     http_retries: int = 0
     dns: Counter[str] = field(default_factory=Counter)  # resolver cache hits, misses, timeouts
+    robots: Counter[str] = field(default_factory=Counter)  # robots.txt fetches, cache hits, timeouts
 
     def add(self, rec: dict[str, Any]) -> None:
         self.status.update(rec["status"])
@@ -53,6 +54,7 @@ class _Tally:
         self.fetched_ok += rec.get("fetched_success", 0)  # only a shard task's record has these
         self.http_retries += rec.get("http_retries", 0)
         self.dns.update({k: rec.get(f"dns_{k}", 0) for k in ("hits", "misses", "timeouts")})
+        self.robots.update({k: rec.get(f"robots_{k}", 0) for k in ("fetches", "hits", "timeouts")})
 
 
 @register
@@ -218,6 +220,11 @@ class CrawlStage(Stage):
         status, prior, total = tally.status, staged.prior, staged.total
         counts = {k: status.get(k, 0) for k in STATUSES} | {k: v for k, v in status.items() if k not in STATUSES}
         counts |= {f"error_{k}": v for k, v in tally.errors.items()}
+        # rows opted out per kind (robots_txt, x_robots_tag, tdm_reservation, takedown, ...) and rows not fetched
+        # because their host's robots.txt could not be read: apart from error_*, so that `clipline status` shows them
+        counts |= {f"opted_out_{k}": tally.errors.get(k, 0) for k in OPTOUT_KINDS}
+        counts["opted_out_x_robots_tag"] += tally.errors.get("opted_out", 0)  # reused rows of older crawls
+        counts |= {"robots_unavailable": tally.errors.get("robots_unavailable", 0)}
         counts |= staged.counts | {"shards_failed": len(failed)}
         metrics = {
             "success_rate": status["success"] / total if total else 0.0,
@@ -227,8 +234,12 @@ class CrawlStage(Stage):
             # host lookups answered by the worker's resolver cache (or a resolution in flight), resolved, given up
             "dns_cache_hits": tally.dns["hits"], "dns_cache_misses": tally.dns["misses"],
             "dns_timeouts": tally.dns["timeouts"],
+            # robots.txt requests sent, lookups answered by the worker's robots cache (or a fetch in flight), given up
+            "robots_fetches": tally.robots["fetches"], "robots_cache_hits": tally.robots["hits"],
+            "robots_timeouts": tally.robots["timeouts"],
         }
-        self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_"))})
+        self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_", "opted_out_"))
+                                  and k != "robots_unavailable"})
         out_shards = [layout.shard_entry(layout.shard_name(i, failed=i in failed), r) for i, r in sorted(records.items())]
         version = {"version": prior["version"] + 1 if prior else 1,
                    "refreshed_from": {k: prior[k] for k in ("location", "digest", "version")} if prior else None,

@@ -170,6 +170,7 @@ class QuerySubsetRule(Rule):
         """The embed stage's output: embeddings of the modality compared, of the crawl this stage curates, one shard
         per crawled shard; and the model that made them, which embeds the queries."""
         from pipelines.models import ModelRef
+        from pipelines.stages.curate.rules.semantic_dedup import embedding_shards
 
         name = self.config.embeddings
         m = upstream[name]
@@ -180,13 +181,7 @@ class QuerySubsetRule(Rule):
                              f"embeddings include {self.config.modality}, or change {NAME}.modality")
         if not isinstance(m.params.get("model"), dict):
             raise ValueError(f"{what} names no model in its params; the rule reads an embed stage's output")
-        if not any(isinstance(i, dict) and i.get("digest") == crawl.digest for i in m.inputs.values()):
-            read = ", ".join(str(i.get("path")) for i in m.inputs.values() if isinstance(i, dict))
-            raise ValueError(f"{what} embedded {read}, not the crawl this stage curates ({crawl.location}); its "
-                             "needs must be the same crawl stage")
-        if len(m.shards) != len(crawl.shards):
-            raise ValueError(f"{what} has {len(m.shards)} shards for the crawl's {len(crawl.shards)}")
-        self.embedding_shards = m.shard_urls()
+        self.embedding_shards = embedding_shards(what, m, crawl)
         self.model = ModelRef(**m.params["model"])
         self.dim = m.extra.get("dim")
 

@@ -131,13 +131,7 @@ class SemanticDedupRule(Rule):
         what = f"semantic_dedup.embeddings: stage {name!r} (uses: {m.uses})"
         if "image_embedding" not in m.extra.get("columns", []):
             raise ValueError(f"{what} wrote no image embeddings; name an embed stage whose embeddings include image")
-        if not any(isinstance(i, dict) and i.get("digest") == crawl.digest for i in m.inputs.values()):
-            read = ", ".join(str(i.get("path")) for i in m.inputs.values() if isinstance(i, dict))
-            raise ValueError(f"{what} embedded {read}, not the crawl this stage curates ({crawl.location}); its "
-                             "needs must be the same crawl stage")
-        if len(m.shards) != len(crawl.shards):
-            raise ValueError(f"{what} has {len(m.shards)} shards for the crawl's {len(crawl.shards)}")
-        self.embedding_shards = m.shard_urls()
+        self.embedding_shards = embedding_shards(what, m, crawl)
 
     def score(self, crawled: pa.Table, work: pd.DataFrame) -> dict[str, Any]:
         """With `embeddings`: the crawled shard's image embeddings read from the embed stage's shard of the same
@@ -185,6 +179,18 @@ class ImageEmbedder:
             vectors[todo] = self.embeddings(list(batch["image"].iloc[todo]))
         batch = batch.assign(**{EMBEDDING: vectors})
         return self.work.table(batch) if self.work is not None else batch
+
+
+def embedding_shards(what: str, embed: Manifest, crawl: Manifest) -> list[str]:
+    """The embed stage's shard per crawled shard (its rows the crawled shard's, by uid): it must have embedded the
+    crawl the curate stage curates, one shard for each of its shards. `what` names the setting in errors."""
+    if not any(isinstance(i, dict) and i.get("digest") == crawl.digest for i in embed.inputs.values()):
+        read = ", ".join(str(i.get("path")) for i in embed.inputs.values() if isinstance(i, dict))
+        raise ValueError(f"{what} embedded {read}, not the crawl this stage curates ({crawl.location}); its "
+                         "needs must be the same crawl stage")
+    if len(embed.shards) != len(crawl.shards):
+        raise ValueError(f"{what} has {len(embed.shards)} shards for the crawl's {len(crawl.shards)}")
+    return embed.shard_urls()
 
 
 def stored_embeddings(url: str, uids: Any, column_name: str = "image_embedding") -> np.ndarray:
