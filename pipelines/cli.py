@@ -91,13 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (MLflow's default of 4 takes ~30 s to start on 2 cores)")
 
-    p = sub.add_parser("report", help="write a job run's HTML report (funnel, images, curves, evaluation) and log "
+    p = sub.add_parser("report", help="write a job run's HTML report (availability, funnel, images, curves, "
+                                      "evaluation) and log "
                                       "it to MLflow")
     _job_args(p)
     p.add_argument("--run-id", help="the job run (MLflow parent run) to report on; default: the latest")
     p.add_argument("-o", "--output", metavar="DIR", help="directory (any fsspec URL) for report-<run id>.html; "
                                                         "default: {storage}/{job}/_reports")
     p.add_argument("--images", type=int, default=48, help="at most this many kept and dropped images in the grid")
+    p.add_argument("--hosts", type=int, default=20, help="hosts listed by name in each crawl's availability table "
+                                                         "(the most rows first; the rest on one line)")
 
     p = sub.add_parser("replay", help="send the MLflow records a job wrote to its local spool while the tracking "
                                       "server was down")
@@ -346,7 +349,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     job = spec.load(args.job, args.overrides, args.storage)
     try:
-        out, _ = build_report(job, args.run_id, args.output, args.images)
+        out, _ = build_report(job, args.run_id, args.output, args.images, args.hosts)
     except ReportError as exc:
         print(f"clipline: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC

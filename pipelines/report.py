@@ -362,6 +362,89 @@ def section_eval(client: Any, s: StageRun) -> str:
                if avg is not None else ""))
 
 
+# What users of the public lists report, with where; no threshold of our own (the issues are dated: rates fall
+# as a list ages).
+HEALTHY = ("What success rate is healthy? There is no fixed number: links die as a list ages. Users report about "
+           "91-94% of DataComp's small pool downloaded in May 2023 (mlfoundations/datacomp#3) and about 86% in "
+           "August 2023 (datacomp#39). A rate that falls during one crawl (datacomp#68: from 0.8 to 0.2) points "
+           "at the crawler rather than the list - img2dataset's author first asks about the DNS resolver there: "
+           "look for dns, timeout, http_429 and http_5xx rows concentrated on a few hosts.")
+
+
+def _availability(client: Any, s: StageRun, top: int) -> dict[str, Any]:
+    """The crawl's availability table: the JSON its run logged (if it has the same number of top hosts), else
+    (an output from before it was logged, or the run gone) computed from its shards."""
+    import json
+
+    from pipelines import availability
+
+    run = _source_run(client, s)
+    if run is not None:
+        name = f"{s.name}_availability.json"
+        if name in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(client.download_artifacts(run.info.run_id, name, tmp)) as f:
+                    logged = dict(json.load(f))
+            if logged.get("hosts", {}).get("top_n") == top:
+                return logged
+    return availability.of_manifest(s.output, top=top)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def section_availability(client: Any, s: StageRun, top: int = 20) -> str:
+    """A crawl stage's availability: status, error class and top-host tables, versions, link rot, the plot."""
+    from pipelines import availability
+
+    rep = _availability(client, s, top)
+    cell = lambda v: f"<td class=n>{v}</td>"  # noqa: E731
+
+    def shares(kind: str, table: dict[str, dict[str, Any]]) -> str:
+        return "".join(f"<tr data-{kind}='{_e(k)}'><td>{_e(k)}</td>{cell(_num(v['rows']))}{cell(_pct(v['share']))}"
+                       "</tr>" for k, v in table.items())
+
+    outcome, errors = shares("status", rep["by_status"]), shares("error", rep["by_error_class"])
+    h = rep["hosts"]
+    hosts = []
+    for x in [*h["top"], *([h["other"]] if h["other"]["hosts"] else [])]:
+        name = _e(x["host"]) + (f" ({_num(x['hosts'])} hosts)" if "hosts" in x else "")
+        main = _e(x["main_error_class"] or "-") + (f" ({_num(x['main_error_rows'])})" if x["main_error_class"] else "")
+        hosts.append(f"<tr data-host='{_e(x['host'])}'><td>{name}</td>{cell(_num(x['rows']))}"
+                     f"{cell(_pct(x['success_rate']))}<td>{main}</td></tr>")
+    versions = "".join(
+        f"<tr><td>{_e(v['version'])}</td><td><code>{_e(v['location'])}</code></td>"
+        + (f"{cell(_num(v['rows']))}{cell(_pct(v['success_rate']))}" if v["present"] else "<td colspan=2>gone</td>")
+        + "</tr>" for v in rep["versions"])
+    rot = "".join(
+        f"<tr data-rot='{_e(r['from_version'])}-{_e(r['to_version'])}'><td>v{_e(r['from_version'])} &rarr; "
+        f"v{_e(r['to_version'])}</td>{cell(_num(r['succeeded_before']))}{cell(_num(r['rows_reused']))}"
+        f"{cell(_num(r['rows_refetched']))}{cell(_num(r['refetched_now_failing']))}{cell(_pct(r['link_rot_rate']))}"
+        f"<td>{_e(', '.join(f'{k} {v}' for k, v in r['now_failing_by_error_class'].items()) or '-')}</td>"
+        f"{cell(_num(r['dropped_from_list']))}</tr>" for r in rep["link_rot"])
+    rot_table = (f"<table class=rot><tr><th>versions</th><th>earlier successes</th><th>reused (copied, not "
+                 f"re-checked)</th><th>re-fetched</th><th>re-fetched, now failing</th><th>link rot</th><th>now "
+                 f"failing by error class</th><th>dropped from the list</th></tr>{rot}</table>"
+                 "<p class=note>A refresh copies earlier successes instead of fetching them again, so only rows "
+                 "with a new fetch time are re-checked; link rot is the share of those that now fail.</p>"
+                 if rot else "")
+    src = "data:image/png;base64," + base64.b64encode(
+        availability.png(rep, f"{s.name}: availability of version {rep['version']}")).decode()
+    error_table = (f"<table class=avail><tr><th>error class</th><th>rows</th><th>share</th></tr>{errors}</table>"
+                   if errors else "<p>No row failed.</p>")
+    note = f"<p class=note>{_e(rep['note'])}</p>" if rep.get("note") else ""
+    return (f"<p>Version {_e(rep['version'])}: {_num(rep['rows'])} rows, "
+            f"<b data-success-rate='{rep['success_rate']!r}'>{_pct(rep['success_rate'])}</b> success; "
+            f"{_num(h['distinct'])} hosts.</p>{note}"
+            f"<table class=avail><tr><th>status</th><th>rows</th><th>share</th></tr>{outcome}</table>{error_table}"
+            f"<table class=hosts><tr><th>host (top {_e(h['top_n'])} by rows)</th><th>rows</th><th>success rate</th>"
+            f"<th>main error class</th></tr>{''.join(hosts)}</table>"
+            f"<table class=versions><tr><th>version</th><th>output</th><th>rows</th><th>success rate</th></tr>"
+            f"{versions}</table>{rot_table}<img class=availability alt='availability' src='{src}'>"
+            f"<p class=note>{_e(HEALTHY)}</p>")
+
+
 # ---- the page -----------------------------------------------------------------------------------------------
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -377,10 +460,10 @@ figure{margin:0;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:11
 figure.kept{border-color:#55a868}figure.dropped{border-color:#c44e52}
 figure img,.noimg{width:128px;height:128px;object-fit:contain;display:block;margin:auto;background:#f4f4f4}
 .noimg{display:flex;align-items:center;justify-content:center;color:#888}figcaption a{margin-left:.3em}
-img.curves{max-width:100%}"""
+img.curves,img.availability{max-width:100%}"""
 
 
-def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], images: int = 48) -> str:
+def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], images: int = 48, hosts: int = 20) -> str:
     """The page for one job run."""
     info, t = parent.info, parent.data.tags
     meta = [("job", job.name), ("job run", info.run_id), ("status", info.status),
@@ -393,6 +476,9 @@ def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], image
         parts.append(f"<p class=err>{_e(t['clipline.error'])}</p>")
     parts += ["<h2 id=stages>Stages</h2>", section_stages(stages)]
 
+    crawled, missing = _absent(stages, "crawl", "availability report")
+    parts.append("<h2 id=availability>Availability</h2>")
+    parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_availability(client, s, hosts)}" for s in crawled]
     curated, missing = _absent(stages, "curate", "curate funnel or image grid")
     parts.append("<h2 id=funnel>Curate funnel</h2>")
     parts += [missing] if missing else [f"<h3>{_e(s.name)}</h3>{section_funnel(s)}" for s in curated]
@@ -411,16 +497,18 @@ def render(client: Any, job: JobSpec, parent: Any, stages: list[StageRun], image
 
 
 def build_report(job: JobSpec, run_id: str | None = None, out_dir: str | None = None,
-                 images: int = 48) -> tuple[str, str]:
+                 images: int = 48, hosts: int = 20) -> tuple[str, str]:
     """Write the report of a job run (default: the latest) and log it on that run; (where it went, run id)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow import MlflowClient
 
     if images < 0:
         raise ReportError(f"--images {images}: expected 0 or more")
+    if hosts < 1:
+        raise ReportError(f"--hosts {hosts}: expected 1 or more")
     client = MlflowClient(tracking_uri=resolve_uri(job.tracking_uri, job.storage))
     parent = find_job_run(client, job, run_id)
-    page = render(client, job, parent, stage_runs(client, job, parent), images).encode()
+    page = render(client, job, parent, stage_runs(client, job, parent), images, hosts).encode()
     out = storage.join(out_dir or storage.join(job.storage, job.name, "_reports"), f"report-{parent.info.run_id}.html")
     storage.atomic_write(out, page)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipelines import layout, storage
+from pipelines import availability, layout, storage
 from pipelines.contracts import OPTOUT_KINDS, STATUSES
 from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
@@ -243,6 +244,10 @@ class CrawlStage(Stage):
         version = {"version": prior["version"] + 1 if prior else 1,
                    "refreshed_from": {k: prior[k] for k in ("location", "digest", "version")} if prior else None,
                    "failed_shards": sorted(failed)}
+        try:
+            metrics |= self._availability(ctx, out_shards, version)
+        except Exception as exc:  # noqa: BLE001 - a report on the rows must not undo a crawl that wrote them all
+            ctx.log.warning("availability report not made: %s: %s", type(exc).__name__, exc)
         return StageResult(shards=out_shards, counts={"input_rows": total, **counts}, metrics=metrics, extra=version)
 
     @staticmethod
@@ -251,6 +256,34 @@ class CrawlStage(Stage):
         import ray
 
         return max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+
+    @staticmethod
+    def _availability(ctx: StageContext, out_shards: list[dict[str, Any]], version: dict[str, Any]) -> dict[str, float]:
+        """The version's availability table (pipelines/availability.py) as `{stage}_availability.json` and
+        `.png` in the stage's run, and its headline numbers as metrics. It reads the url, status and error_class
+        columns of the shards just written, and for link rot uid and fetched_at of this and the previous version."""
+        t0 = time.perf_counter()
+        rep = availability.report([storage.join(ctx.output, s["path"]) for s in out_shards],
+                                  version=version["version"], location=ctx.output,
+                                  refreshed_from=version["refreshed_from"])
+        ctx.tracker.log_text(json.dumps(rep, indent=1), f"{ctx.stage}_availability.json")
+        fig = availability.figure(rep, f"{ctx.stage}: availability of version {version['version']}")
+        ctx.tracker.log_figure(fig, f"{ctx.stage}_availability.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        out = {"hosts": rep["hosts"]["distinct"], "availability_seconds": round(time.perf_counter() - t0, 3)}
+        if rep["link_rot"]:
+            rot = rep["link_rot"][0]
+            out |= {"link_rot_rows_refetched": rot["rows_refetched"],
+                    "link_rot_rows_now_failing": rot["refetched_now_failing"],
+                    "link_rot_rows_reused": rot["rows_reused"]}
+        ctx.log.info("availability: %d hosts; %s (%.1fs)", rep["hosts"]["distinct"],
+                     "; ".join(f"v{r['from_version']}->v{r['to_version']}: {r['refetched_now_failing']} of "
+                               f"{r['rows_refetched']} earlier successes re-fetched now fail, {r['rows_reused']} "
+                               "reused (not re-checked)" for r in rep["link_rot"]) or rep.get("note", ""),
+                     out["availability_seconds"])
+        return out
 
     @staticmethod
     def _plot(ctx: StageContext, counts: dict[str, int]) -> None:
