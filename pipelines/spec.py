@@ -211,10 +211,17 @@ class JobSpec:
 
 
 def dotted(path: Any) -> str:
-    """`stages.crawl.with.image_size`, with list indices as `[i]`."""
+    """`stages.crawl.with.image_size`, with list indices as `[i]`; a key that would not read as one (empty, with a
+    dot, spaces at its ends or a control character such as a carriage return, which would end the error's line)
+    is quoted: `stages['\\r']`."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part or not part.isprintable() or part.strip() != part or "." in part:
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
