@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.stages.curate.features import hamming
+from pipelines.stages.curate.near import near_in_group
 from pipelines.stages.curate.rules import Rule, Work, mark
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ def drop_all_but_first(df: pd.DataFrame, key: str, pos: int, reason: str) -> pd.
 
 def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int) -> pd.DataFrame:
     """Greedy near dedup within one block: in input order, a row within max_distance of a kept row of its
-    band group is dropped.  Groups of mutually near images therefore keep exactly their first row."""
+    band group is dropped.  Groups of mutually near images therefore keep exactly their first row.  Each
+    group is decided by `near.near_in_group` (multi-index hashing), not by comparing every pair."""
     df = df.sort_values([key, *ORDER], kind="stable")
     keys = df[key].to_numpy()
     hashes = df["phash"].to_numpy(dtype=np.int64)
@@ -123,14 +124,8 @@ def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: i
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     ends = np.r_[starts[1:], len(df)]
     for s, e in zip(starts, ends, strict=True):
-        if e - s < 2:
-            continue
-        kept = [int(s)]
-        for i in range(s + 1, e):
-            if hamming(hashes[kept], hashes[i]).min() <= max_distance:
-                dup[i] = True
-            else:
-                kept.append(i)
+        if e - s > 1:
+            dup[s:e] = near_in_group(hashes[s:e], max_distance)
     return mark(df, dup, pos, reason)
 
 
