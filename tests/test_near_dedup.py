@@ -216,7 +216,8 @@ def test_drop_near_marks_the_rows_of_each_group_in_input_order():
         (2, 0, flip(b, [60, 61])),  # group 2: dropped
         (0, 2, flip(a, [22]) ^ g1 ^ 0x1),  # its own group (band bits 0x1): kept
     ]
-    df = pd.DataFrame({"shard": [r[0] for r in rows], "row": [r[1] for r in rows], "phash": signed([r[2] for r in rows]),
+    df = pd.DataFrame({"shard": [r[0] for r in rows], "row": [r[1] for r in rows],
+                       "phash": signed([r[2] for r in rows]),
                        "phash_ok": True, "drop_at": KEPT, "reason": None})
     shift, bits = select.bands(2)[0]
     out = select.drop_near(select.with_band(df, shift, bits), "_key", POS, "near_duplicate", 2)

@@ -80,7 +80,8 @@ def main() -> None:
             old_s, want = timed(lambda h=hashes: anchor(h, d), args.rounds if n <= 4000 else 1)
             if not np.array_equal(want, dup):
                 raise SystemExit(f"{n} rows ({kind}): multi-index hashing decided differently from the anchor")
-            line += f"{old_s:>8.3f} s {n / old_s:>7,.0f} r/s {new_s:>8.3f} s {n / new_s:>7,.0f} r/s {old_s / new_s:>8.1f}x"
+            line += (f"{old_s:>8.3f} s {n / old_s:>7,.0f} r/s {new_s:>8.3f} s {n / new_s:>7,.0f} r/s "
+                     f"{old_s / new_s:>8.1f}x")
         else:
             line += f"{'(not run)':>20} {new_s:>8.3f} s {n / new_s:>7,.0f} r/s"
         print(line, flush=True)
