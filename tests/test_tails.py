@@ -49,6 +49,8 @@ def test_no_copy_before_the_tail_nor_beyond_the_limits():
     assert pick(100.0, running, [5.0], copies=1) == ([8], None)
     assert pick(100.0, running, [5.0], copied=frozenset({8, 9})) == ([], None)  # a shard is copied once
     assert pick(100.0, running, [5.0], policy=None) == ([], None)  # speculate: false
+    seventy = Speculation(after=0.7, factor=2.0, min_seconds=10.0, max_copies=2)
+    assert pick(100.0, running, [5.0], finished=7, policy=seventy) == ([8, 9], None)  # 7 of 10 is 0.7, in floats too
 
 
 class Clock:

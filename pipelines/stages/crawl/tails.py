@@ -67,7 +67,8 @@ def stragglers(policy: Speculation | None, now: float, running: Mapping[int, flo
 
     `durations` are the finished shards' times, sorted; `finished` counts the shard tasks done (failed ones
     too) of `shards`; `queued` the shards not yet started; `copied` the shards that have had a copy."""
-    if policy is None or queued or not durations or finished < policy.after * shards:
+    # (a hair under the product: 0.7 * 10 is 7.000000000000001, and 7 of 10 shards finished is 0.7 of them)
+    if policy is None or queued or not durations or finished < policy.after * shards - 1e-9:
         return [], None
     free = policy.max_copies - copies_running
     if free <= 0:
