@@ -2,7 +2,9 @@
 
 `/img/<i>`, `/gate/<i>` and `/stall/<i>` answer the demo web's image i; `/robots.txt` is 404 (no rules). A
 `/gate/` request is held until a `/stall/` request has arrived, so that its shard cannot finish before the
-shard that stalls has sent its request (a test's way to order the shard tasks without timing). The first request
+shard that stalls has sent its request (a test's way to order the shard tasks without timing; after
+`GATE_LIMIT` seconds it is answered anyway, so that a cluster too busy to run both shards fails the test
+instead of hanging it). The first request
 for a `/stall/` path is held: with `hold="until_closed"` until the server closes (later requests for the path are
 answered at once), with `hold="until_asked_again"` until a second request for the path arrives (that one is
 then held until the server closes). A held request whose client goes away (its socket closed: the task was
@@ -12,13 +14,17 @@ request, so a test waits for what it needs to see, never for a time.
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
 from pipelines.demo import web
+
+GATE_LIMIT = 60.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -36,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.changed:
             n = srv.hits[path] = srv.hits.get(path, 0) + 1
             srv.changed.notify_all()
-        if kind == "gate" and not self._held(lambda: any(p.startswith("/stall/") for p in srv.hits)):
+        if kind == "gate" and not self._held(lambda: any(p.startswith("/stall/") for p in srv.hits), GATE_LIMIT):
             return None
         if kind == "stall" and (n == 1 or srv.hold == "until_asked_again"):
             again = srv.hold == "until_asked_again" and n == 1
@@ -45,14 +51,15 @@ class _Handler(BaseHTTPRequestHandler):
         body, ctype = web.encoded(0, int(index), 96)
         return self._send(200, body, ctype)
 
-    def _held(self, done) -> bool:
-        """Hold this request until done() (under the lock) or the server closes: True if it is to be answered."""
-        srv = self.server
+    def _held(self, done, limit: float = math.inf) -> bool:
+        """Hold this request until done() (under the lock), `limit` seconds pass or the server closes: True if it
+        is to be answered."""
+        srv, give_up = self.server, time.monotonic() + limit
         while True:
             with srv.changed:
                 if srv.closing:
                     return False
-                if done():
+                if done() or time.monotonic() > give_up:
                     return True
                 srv.changed.wait(0.05)  # woken by a request; the timeout only to look at the socket below
             readable, _, _ = select.select([self.connection], [], [], 0)
