@@ -117,6 +117,17 @@ def test_discard_removes_a_losers_file_and_its_temporary_files(tmp_path):
     discard(str(tmp_path / "part-00009.parquet"))  # nothing written: nothing to do
 
 
+def test_discard_on_an_object_store_removes_the_losers_object_only():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("part-00003.parquet", "part-00003-copy.parquet"):
+        fs.pipe_file(f"/tails-test/{name}", b"x")
+    discard("memory://tails-test/part-00003-copy.parquet")  # one PUT made it whole; no temporary to look for
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/tails-test", detail=False)) == ["part-00003.parquet"]
+    fs.rm("/tails-test", recursive=True)
+
+
 def test_resume_takes_a_shard_its_copy_wrote(tmp_path):
     done = pa.table({"status": ["success"] * 3, "error_class": pa.array([None] * 3, pa.string())})
     pq.write_table(done, tmp_path / "part-00000.parquet")
