@@ -45,10 +45,10 @@ class _Tally:
     status: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     fetched_ok: int = 0
+    copies: Counter[str] = field(default_factory=Counter)  # speculative copies started, won, cancelled, failed
     http_retries: int = 0
     dns: Counter[str] = field(default_factory=Counter)  # resolver cache hits, misses, timeouts
     robots: Counter[str] = field(default_factory=Counter)  # robots.txt fetches, cache hits, timeouts
-    copies: Counter[str] = field(default_factory=Counter)  # speculative copies started, won, cancelled, failed
 
     def add(self, rec: dict[str, Any]) -> None:
         self.status.update(rec["status"])
@@ -284,6 +284,9 @@ class CrawlStage(Stage):
             "success_rate": status["success"] / total if total else 0.0,
             "images_per_sec": images_per_sec,
             "shards_resumed": resumed,
+            # speculative copies of stragglers (tails.py): started; won (finished first, the original cancelled);
+            # cancelled (the original finished first); failed
+            **{f"speculative_copies_{k}": tally.copies[k] for k in ("started", "won", "cancelled", "failed")},
             "http_retries": tally.http_retries,  # 429/503 answers retried after their Retry-After or a backoff
             # host lookups answered by the worker's resolver cache (or a resolution in flight), resolved, given up
             "dns_cache_hits": tally.dns["hits"], "dns_cache_misses": tally.dns["misses"],
@@ -291,9 +294,6 @@ class CrawlStage(Stage):
             # robots.txt requests sent, lookups answered by the worker's robots cache (or a fetch in flight), given up
             "robots_fetches": tally.robots["fetches"], "robots_cache_hits": tally.robots["hits"],
             "robots_timeouts": tally.robots["timeouts"],
-            # speculative copies of stragglers (tails.py): started; won (finished first, the original cancelled);
-            # cancelled (the original finished first); failed
-            **{f"speculative_copies_{k}": tally.copies[k] for k in ("started", "won", "cancelled", "failed")},
         }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_", "opted_out_"))
                                   and k != "robots_unavailable"})
