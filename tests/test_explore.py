@@ -348,3 +348,25 @@ def test_chromium_searches_filters_and_opens_a_row(job, explorer, request, tmp_p
         assert page.locator(".cap", has_text="<script>alert('owned')</script>").count() == 1
     assert dialogs == []
     assert (shots / "explore-query.png").stat().st_size > 20_000
+
+
+def test_past_the_exact_size_the_index_is_hnsw_and_finds_what_exact_search_finds(monkeypatch):
+    import faiss
+
+    import pipelines.explore as explore
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = explore._faiss_index(x)
+    monkeypatch.setattr(explore, "EXACT_ROWS", 1000)
+    approx = explore._faiss_index(x)
+    assert isinstance(exact, faiss.IndexFlatIP) and isinstance(approx, faiss.IndexHNSWFlat)
+    queries = x[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
+    _, want = exact.search(queries, 10)
+    _, got = approx.search(queries, 10)
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall > 0.95, recall
+    # it survives the cache's serialisation
+    again = faiss.deserialize_index(faiss.serialize_index(approx))
+    assert np.array_equal(again.search(queries, 10)[1], got)
