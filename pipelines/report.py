@@ -233,20 +233,29 @@ def _sample(m: Manifest, cap: int) -> list[dict[str, Any]]:
     return picked
 
 
-def _thumb(data: bytes | None) -> str | None:
+def jpeg_thumbnail(data: bytes | None, size: int = 128, max_pixels: int = 64_000_000) -> bytes | None:
+    """A JPEG of at most `size` pixels a side re-encoded from image bytes (never the bytes as served), or None
+    for no bytes, bytes PIL cannot read, or an image of more than `max_pixels` pixels."""
     if not data:
         return None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                return None
             im = im.convert("RGB")
-            im.thumbnail((128, 128))
+            im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=85)
     except Exception:  # noqa: BLE001 - a row the curate stage kept may still hold bytes this PIL cannot read
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _thumb(data: bytes | None) -> str | None:
+    jpeg = jpeg_thumbnail(data)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() if jpeg else None
 
 
 def _link(url: str | None) -> str:

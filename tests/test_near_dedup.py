@@ -38,15 +38,7 @@ def pairwise_group(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
 
 def pairwise_drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int) -> pd.DataFrame:
-    df = df.sort_values([key, *select.ORDER], kind="stable")
-    keys = df[key].to_numpy()
-    hashes = df["phash"].to_numpy(dtype=np.int64)
-    dup = np.zeros(len(df), dtype=bool)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(df)]
-    for s, e in zip(starts, ends, strict=True):
-        dup[s:e] = pairwise_group(hashes[s:e], max_distance)
-    return select.mark(df, dup, pos, reason)
+    return select.drop_near(df, key, pos, reason, max_distance, decide=pairwise_group)
 
 
 # ---- crafted hash sets ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ process: sized for versions of up to a few million rows; a larger version is ref
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -573,8 +572,10 @@ class Explorer:
                 self._thumbs.move_to_end(uid)
                 return self._thumbs[uid]
         r = self.rows.iloc[pos]
+        from pipelines.report import jpeg_thumbnail
+
         data = self._image(int(r["shard"]), int(r["row"]), uid)
-        thumb = _thumb(data)
+        thumb = jpeg_thumbnail(data, THUMB)
         with self._io_lock:
             self._thumbs[uid] = thumb
             while len(self._thumbs) > 4096:
@@ -596,24 +597,6 @@ class Explorer:
             raise RuntimeError(f"explore: ledger row {uid} is not row {row} of shard {shard}")
         data: bytes | None = table.column("image")[row].as_py()
         return data
-
-
-def _thumb(data: bytes | None) -> bytes | None:
-    if not data:
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > 64_000_000:
-                return None
-            im = im.convert("RGB")
-            im.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=88)
-    except Exception:  # noqa: BLE001 - bytes PIL cannot read: the card shows the status instead
-        return None
-    return buf.getvalue()
 
 
 def _text(value: Any) -> str | None:

@@ -20,6 +20,7 @@ a 200k-row block of 8,192 ~24-row groups 3-6x.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -123,10 +124,12 @@ def drop_all_but_first(df: pd.DataFrame, key: str, pos: int, reason: str) -> pd.
     return mark(df, dup, pos, reason)
 
 
-def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int) -> pd.DataFrame:
+def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: int,
+              decide: Callable[[np.ndarray, int], np.ndarray] = near_in_group) -> pd.DataFrame:
     """Greedy near dedup within one block: in input order, a row within max_distance of a kept row of its
     band group is dropped.  Groups of mutually near images therefore keep exactly their first row.  Each
-    group is decided by `near.near_in_group` (multi-index hashing), not by comparing every pair."""
+    group is decided by `decide`: `near.near_in_group` (multi-index hashing), not by comparing every pair (the
+    tests pass the pairwise reference)."""
     df = df.sort_values([key, *ORDER], kind="stable")
     keys = df[key].to_numpy()
     hashes = df["phash"].to_numpy(dtype=np.int64)
@@ -135,7 +138,7 @@ def drop_near(df: pd.DataFrame, key: str, pos: int, reason: str, max_distance: i
     ends = np.r_[starts[1:], len(df)]
     for s, e in zip(starts, ends, strict=True):
         if e - s > 1:
-            dup[s:e] = near_in_group(hashes[s:e], max_distance)
+            dup[s:e] = decide(hashes[s:e], max_distance)
     return mark(df, dup, pos, reason)
 
 
