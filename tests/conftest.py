@@ -45,8 +45,12 @@ def ray_local() -> Iterator[None]:
 
 
 def crawl_stage(input_path: str | list[str], **with_: Any) -> dict[str, Any]:
+    # per_host_scope: task - the loopback web is one host standing for the whole web, so a job-wide cap of 4 would
+    # run these crawls four requests at a time (and start a host token service each); the tests that are about
+    # the job-wide limits (test_hosttokens, test_polite_cluster) say so themselves
     return {"uses": "crawl", "with": {"input": input_path, "allow_networks": ["127.0.0.0/8"], "image_size": 32,
-                                      "samples_per_shard": 50, "threads": 8, "timeout": 2, **with_}}
+                                      "samples_per_shard": 50, "threads": 8, "timeout": 2, "per_host_scope": "task",
+                                      **with_}}
 
 
 def write_job(tmp_path: Path, stages: dict[str, Any], name: str = "t", **top: Any) -> Path:

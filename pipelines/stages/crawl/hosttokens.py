@@ -461,16 +461,17 @@ def running(cfg: Any, output: str) -> Iterator[Service | None]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
-    actor = ray.remote(HostTokenService).options(
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
+    actor = ray.remote(HostTokenService)
+    options = dict(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000,
+                   scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                      soft=True))
     names = service_names(output, cfg.host_token_actors)
     for name in names:  # an actor of an earlier attempt of this stage in this driver, if it was not stopped
         try:
             ray.kill(ray.get_actor(name))
         except ValueError:
             pass
-    service = Service([actor.options(name=name).remote(cfg.per_host_connections, cfg.per_host_rate, token)
+    service = Service([actor.options(name=name, **options).remote(cfg.per_host_connections, cfg.per_host_rate, token)
                        for name in names])
     try:
         yield service
