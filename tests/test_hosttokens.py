@@ -181,6 +181,20 @@ def test_a_process_batches_its_threads_requests_and_releases_into_few_calls():
     assert client.calls <= 10, client.calls  # 50 requests and 50 releases: a handful of calls, not 100
 
 
+def test_the_rate_holds_across_processes_and_a_start_past_the_deadline_is_a_timeout():
+    service = Local(connections=0, rate=5.0)
+    a, b = (JobLimiter([TokenClient(service.call(p))], hold=30, rate=5.0) for p in "ab")
+    with a.slot("h:80", time.monotonic() + 5) as first:
+        pass
+    with b.slot("h:80", time.monotonic() + 5) as second:  # another process: the same schedule
+        pass
+    assert second - first >= 0.2 - 0.02
+    start = time.monotonic()
+    with pytest.raises(NoSlot, match="per_host_rate 5/s across the whole crawl"), a.slot("h:80", start + 0.05):
+        pass
+    assert time.monotonic() - start < 0.5 and a.counts.timeouts == 1
+
+
 def test_a_request_that_raises_releases_its_slot():
     service = Local(connections=1)
     limiter = JobLimiter([TokenClient(service.call("p"))], hold=30, rate=0)

@@ -405,8 +405,16 @@ class JobLimiter:
             self.counts.add("granted")
             if grant.waited:
                 self.counts.add("waited")
-            if grant.delay > 0:
-                time.sleep(grant.delay)  # its start in the host's schedule; the service checked it is before the deadline
+            try:
+                if time.monotonic() + grant.delay > deadline:  # the service's clock saw a little more time left
+                    self.counts.add("timeouts")
+                    raise NoSlot(f"{host} allows its next request in {grant.delay:.3g} s (per_host_rate "
+                                 f"{self.rate:g}/s across the whole crawl), after this request's deadline")
+                if grant.delay > 0:
+                    time.sleep(grant.delay)  # the request's start in the host's schedule
+            except BaseException:
+                client.release(grant.lease)
+                raise
             if self.local.paused_for(host) <= 0:
                 break
             client.release(grant.lease)  # a 429 paused the host meanwhile: wait that out, then ask again
@@ -505,8 +513,9 @@ _clients_lock = threading.Lock()
 
 
 def attach(cfg: Any, out_url: str) -> JobLimiter | None:
-    """In a shard task: a JobLimiter on the service of the crawl writing `out_url`; None when the limits hold
-    per task. Raises if the service is not running (the shard task was started outside its crawl stage)."""
+    """In a shard task: a JobLimiter on the service of the crawl writing `out_url` (named after the directory it is
+    in, the stage's output: any copy of a shard task must write there too); None when the limits hold per task.
+    Raises if the service is not running (the shard task was started outside its crawl stage)."""
     if not enabled(cfg):
         return None
     import ray
@@ -524,6 +533,8 @@ def attach(cfg: Any, out_url: str) -> JobLimiter | None:
         with _clients_lock:
             client = _clients.get((name, token))
             if client is None:
+                for key in [k for k in _clients if k[0] == name]:  # an earlier run's service of the same name
+                    del _clients[key]
                 me = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
                 client = _clients[(name, token)] = TokenClient(_actor_call(handle, me))
         clients.append(client)
