@@ -115,7 +115,7 @@ class Local:
             with self.cond:
                 grants = self.table.exchange(client, acquires, releases, renews)
                 self.cond.notify_all()
-                if not grants and wait > 0 and self.table.waiting(client):
+                if not grants and wait > 0:
                     self.cond.wait_for(lambda: client in self.table.woken, wait)
                     self.table.tick()
                     grants = self.table.collect(client)

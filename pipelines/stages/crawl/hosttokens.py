@@ -131,7 +131,7 @@ class TokenTable:
         return grants
 
     def waiting(self, client: str) -> bool:
-        """Whether the client has requests queued (worth a long-poll)."""
+        """Whether the client has requests in the hosts' queues."""
         return self._queued[client] > 0
 
     def tick(self, now: float | None = None) -> None:
@@ -206,6 +206,7 @@ class HostTokenService:
         self.table = TokenTable(connections, rate)
         self.token = token
         self._events: dict[str, asyncio.Event] = {}
+        self._closing = False
 
     def incarnation(self) -> str:
         return self.token
@@ -214,7 +215,10 @@ class HostTokenService:
                        renews: list[int], wait: float) -> list[Grant]:
         grants = self.table.exchange(client, acquires, releases, renews)
         self._wake()
-        if not grants and wait > 0 and self.table.waiting(client):
+        # a long-poll waits even when none of the client's requests is queued yet: the call that carries them may
+        # arrive after this one (calls of one process run out of order); after an actor restart forgot them, this
+        # keeps a client that still waits for them to one call a `wait` until their deadlines, not a busy loop
+        if not grants and wait > 0 and not self._closing:
             event = self._events.setdefault(client, asyncio.Event())
             event.clear()
             try:
@@ -229,6 +233,13 @@ class HostTokenService:
     def stats(self) -> dict[str, Any]:
         self.table.tick()
         return self.table.stats()
+
+    def close(self) -> dict[str, Any]:
+        """The stats, and no more waiting: open long-polls return now (so none is cut off by the kill that follows)."""
+        self._closing = True
+        for event in self._events.values():
+            event.set()
+        return self.stats()
 
     def _wake(self) -> None:
         for client in self.table.woken:
@@ -485,7 +496,7 @@ def running(cfg: Any, output: str) -> Iterator[Service | None]:
         yield service
     finally:
         try:
-            stats = ray.get([h.stats.remote() for h in service.handles], timeout=30)
+            stats = ray.get([h.close.remote() for h in service.handles], timeout=30)
             service.stats = _sum_stats(stats)
         except Exception as exc:  # noqa: BLE001 - stats are a report; the crawl's rows are what matter
             log.warning("host token service stats not read: %s: %s", type(exc).__name__, exc)
