@@ -253,3 +253,25 @@ def test_the_actor_answers_a_long_poll_as_soon_as_a_slot_is_granted():
 
     grants, took = asyncio.run(scenario())
     assert [(g.req, g.waited) for g in grants] == [(1, True)] and took < 1
+
+
+def test_a_long_poll_that_comes_before_its_request_still_gets_the_grant_and_close_ends_polls():
+    async def scenario() -> tuple[list, list]:
+        actor = HostTokenService(connections=1, rate=0, token="t")
+        early = asyncio.create_task(actor.exchange("a", [], [], [], 10))  # calls of one process run out of order
+        await asyncio.sleep(0)
+        await actor.exchange("a", [], [], [], 0)  # nothing yet: the poll goes on waiting
+        assert not early.done()
+        sent = await actor.exchange("b", [(1, "h:80", 10, 30)], [], [], 0)
+        (held,) = sent
+        await actor.exchange("a", [(1, "h:80", 10, 30)], [], [], 0)  # queued behind b
+        await actor.exchange("b", [], [held.lease], [], 0)
+        got = await asyncio.wait_for(early, 1)
+        lingering = asyncio.create_task(actor.exchange("c", [], [], [], 10))
+        await asyncio.sleep(0)
+        stats = actor.close()
+        assert stats["granted"] == 2
+        return got, await asyncio.wait_for(lingering, 1)
+
+    got, lingering = asyncio.run(scenario())
+    assert [(g.req, g.waited) for g in got] == [(1, True)] and lingering == []
