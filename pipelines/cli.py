@@ -1,4 +1,4 @@
-"""`clipline`: validate, run, status, submit, logs, demo, ui, report, replay, takedown, schemas and render."""
+"""`clipline`: validate, run, status, submit, logs, demo, ui, report, explore, replay, takedown, schemas and render."""
 
 from __future__ import annotations
 
@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=48, help="at most this many kept and dropped images in the grid")
     p.add_argument("--hosts", type=int, default=20, help="hosts listed by name in each crawl's availability table "
                                                          "(the most rows first; the rest on one line)")
+
+    p = sub.add_parser("explore", help="serve a page on 127.0.0.1 to search a curated dataset version by text and "
+                                       "see why each row was kept or dropped")
+    _job_args(p)
+    p.add_argument("--stage", help="the curate stage whose current output to explore (default: the job's last)")
+    p.add_argument("--model", help="what embeds queries and images: a train or embed stage of the job, an MLflow "
+                                   "models:/ or runs:/ URI, or an open_clip architecture (with --checkpoint); "
+                                   "default: the dataset's scoring model, else the model trained on it")
+    p.add_argument("--checkpoint", help="weights for --model ARCH (.safetensors or a state dict)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8737)
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="refuse a version of more rows (everything is held in memory; default 5,000,000)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("replay", help="send the MLflow records a job wrote to its local spool while the tracking "
                                       "server was down")
@@ -357,6 +371,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    import signal
+
+    from pipelines import spec
+    from pipelines.explore import MAX_ROWS, ExploreError, Explorer, open_version, resolve_model
+    from pipelines.explore.server import make_server
+    from pipelines.tracking import resolve_uri
+
+    job = spec.load(args.job, args.overrides, args.storage)
+    if (busy := _port_taken(args.host, args.port)) is not None:
+        print(f"clipline: cannot serve the explorer on {args.host}:{args.port}: {busy}; pick another --port",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    # a models:/ or runs:/ model is looked up where the job logs
+    os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_uri(job.tracking_uri, job.storage))
+    try:
+        version = open_version(job, args.stage)
+        ref, why = resolve_model(version, args.model, args.checkpoint)
+        print(f"clipline: explore {job.name}/{version.stage}@{version.curate.fingerprint[:12]}: queries and images "
+              f"embedded by {why}", file=sys.stderr)
+        explorer = Explorer(version, ref, why, progress=not args.no_progress, max_rows=args.max_rows or MAX_ROWS)
+    except ExploreError as exc:
+        print(f"clipline: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    server = make_server(explorer, args.host, args.port)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    info = explorer.info()
+    print(f"clipline: exploring {info['rows']:,} rows ({info['kept']:,} kept, {info['embedded']:,} embedded) at "
+          f"http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipelines import spec, spool
     from pipelines.tracking import resolve_uri
@@ -442,7 +498,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "submit": cmd_submit, "logs": cmd_logs,
-             "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "replay": cmd_replay,
+             "demo": cmd_demo, "ui": cmd_ui, "report": cmd_report, "explore": cmd_explore, "replay": cmd_replay,
              "takedown": cmd_takedown, "schemas": cmd_schemas, "render": cmd_render}
 
 if __name__ == "__main__":  # `python -m pipelines.cli`: how a submitted job starts on a cluster

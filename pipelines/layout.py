@@ -2,7 +2,8 @@
 
 A stage's output is `{storage}/{job}/{stage}/{fingerprint}/`. Its data files are shards named
 `part-NNNNN.parquet` by their index (a crawl shard written by the driver after its task failed is
-`part-NNNNN-failed.parquet`); curate's ledger keeps one `ledger/part-NNNNN.parquet` per crawled shard;
+`part-NNNNN-failed.parquet`, one written by a speculative copy of its task that finished first
+`part-NNNNN-copy.parquet`); curate's ledger keeps one `ledger/part-NNNNN.parquet` per crawled shard;
 export's webdataset shards are `part-NNNNN.tar`, with open_clip's `sizes.json` (shard name -> samples) beside them.
 The manifest lists each shard as a record `{"path", "rows", "bytes", "sha256"}`: its path within the stage
 directory, its rows, and the size and sha256 of the bytes written.
@@ -24,9 +25,9 @@ def stage_dir(root: str, job: str, stage: str, fingerprint: str) -> str:
     return "/".join([root.rstrip("/"), job, stage, fingerprint])  # names match spec's pattern: no "/"
 
 
-def shard_name(index: int, failed: bool = False) -> str:
-    """A data shard's file name (and path within the stage directory)."""
-    return f"part-{index:05d}{'-failed' if failed else ''}.parquet"
+def shard_name(index: int, failed: bool = False, copy: bool = False) -> str:
+    """A data shard's file name (and path within the stage directory); `copy`: a crawl shard's speculative copy."""
+    return f"part-{index:05d}{'-failed' if failed else ''}{'-copy' if copy else ''}.parquet"
 
 
 def tar_name(index: int) -> str:

@@ -140,7 +140,7 @@ class Result:
 # ---- matching ------------------------------------------------------------------------------------------------
 
 
-def _current(job: JobSpec) -> dict[str, Manifest | None]:
+def current_outputs(job: JobSpec) -> dict[str, Manifest | None]:
     """Each stage's output that `clipline run` of the job reads now (None: it has none yet)."""
     from pipelines.runner import StageFailed, _external, fingerprint, read_current, stage_dir
 
@@ -413,7 +413,7 @@ def _rewrite(job: JobSpec, versions: dict[str, list[Manifest]], uids_: set[str],
     from pipelines.runner import _external, fingerprint, read_current
 
     uids = pa.array(sorted(uids_), pa.string())
-    current = _current(job)
+    current = current_outputs(job)
     affected: dict[str, int] = {}  # old digest -> rows taken down in it or in what it was made from
     replaced: dict[str, Manifest] = {}  # old digest -> its new version
     done: list[Version] = []
@@ -460,7 +460,7 @@ def _rewrite(job: JobSpec, versions: dict[str, list[Manifest]], uids_: set[str],
 # ---- lineage -------------------------------------------------------------------------------------------------
 
 
-def _consumers(client: Any, affected: dict[str, int]) -> list[Consumer]:
+def consumers(client: Any, affected: dict[str, int]) -> list[Consumer]:
     """Every run that read an affected digest (a stage's input), and those that read what such a run made."""
     exps = {e.experiment_id: e.name for e in client.search_experiments()}
     runs, token = [], None
@@ -528,15 +528,15 @@ def takedown(job: JobSpec, tl: TakedownList, max_distance: int = 0, dry_run: boo
     uids, matched = _match(found, kinds, tl, max_distance)
     versions = _rewrite(job, found, uids, tl, dry_run) if uids else []
     affected = {v.old.digest[:36]: v.rows for v in versions}  # MLflow keeps a dataset digest's first 36
-    consumers: list[Consumer] = []
+    used_by: list[Consumer] = []
     if affected:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        consumers = _consumers(client, affected)
+        used_by = consumers(client, affected)
         if not dry_run:
-            _tag(client, consumers, tl.sha256)
-    return Result(tl, versions, consumers, len(uids), matched, dry_run)
+            _tag(client, used_by, tl.sha256)
+    return Result(tl, versions, used_by, len(uids), matched, dry_run)
 
 
 def report_lines(r: Result) -> list[str]:

@@ -44,6 +44,15 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def report_job(tmp_path_factory: pytest.TempPathFactory, web: DemoServer, ray_local: None) -> dict[str, Any]:
+    """The job run tests/test_report.py and tests/test_explore.py read (tests/support/report_job.py): once per
+    test process, as the two files are one unit of work."""
+    from tests.support import report_job as job
+
+    return job.run(tmp_path_factory.mktemp("report"), web.base_url)
+
+
 def crawl_stage(input_path: str | list[str], **with_: Any) -> dict[str, Any]:
     # per_host_scope: task - the loopback web is one host standing for the whole web, so a job-wide cap of 4 would
     # run these crawls four requests at a time (and start a host token service each); the tests that are about
@@ -142,16 +151,17 @@ def mlflow_server(s3, postgres, tmp_path_factory):
 # `make test` runs the suite on two pytest-xdist processes (`-n 2 --dist loadfile`): each test file is one unit
 # of work, so its module fixtures (a job run that several tests read) run once; the files that start
 # cluster/local.sh on its fixed ports are one unit between them; and the longest units are handed out first,
-# so that the two processes finish near together. The order is from the fresh-clone run's durations
+# so that the two processes finish near together. test_report and test_explore read one job run (a session
+# fixture, `report_job`), so they are one unit too. The order is from the fresh-clone run's durations
 # (2026-12-07, two processes: per file, the seconds of its tests, setup and teardown included).
 # The units are made here (pytest_xdist_make_scheduler), not with xdist_group marks: pytest 9.2 keeps a node's id
 # in `_id`, and xdist 3.8 still writes the group into `_nodeid`, so `--dist loadgroup` silently handed out single
 # tests, each process set the shared job runs up again, and the cluster files ran side by side.
-SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster"}
+SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster", "test_report": "report", "test_explore": "report"}
 LONGEST_FIRST = ["test_train", "cluster", "test_node_loss", "test_demo", "test_s3", "test_runner", "test_outages",
-                 "test_shared_tracking", "test_prometheus", "test_report", "test_curate", "test_gpu_bench", "test_ui",
+                 "test_shared_tracking", "test_prometheus", "report", "test_curate", "test_gpu_bench", "test_ui",
                  "test_head_rule", "test_takedown", "test_semantic_dedup", "test_plugins", "test_export",
-                 "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_availability",
+                 "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_tails", "test_availability",
                  "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset", "test_optouts"]
 
 

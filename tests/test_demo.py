@@ -18,7 +18,7 @@ from pipelines.demo.server import url_list
 from tests.conftest import mlflow_runs, run_label
 from tests.support.cli import run_cli
 from tests.support.net import free_port
-from tests.support.watched import assert_nothing_left_the_machine, ui_step, user_env, watched
+from tests.support.watched import assert_nothing_left_the_machine, explore_step, ui_step, user_env, watched
 
 
 def test_generator_is_deterministic_and_covers_the_classes():
@@ -37,7 +37,7 @@ def test_generator_is_deterministic_and_covers_the_classes():
 @pytest.mark.slow
 @pytest.mark.timeout(1000)  # the first run took 4 min on the 2-core machine beside another test process
 def test_demo_runs_offline_then_is_a_cache_hit(tmp_path):
-    """The first run, then `clipline ui` on its store, run as a user runs them (a user's environment, without the
+    """The first run, then `clipline ui` and `clipline explore` on its store, run as a user runs them (a user's environment, without the
     offline switches the suite sets) in a network namespace of their own, watched: nothing leaves the machine
     (tests/support/watched.py; tests/test_loopback.py checks the watch). The second run is a cache hit."""
     store, ui_port = tmp_path / "data", free_port()
@@ -50,14 +50,22 @@ def test_demo_runs_offline_then_is_a_cache_hit(tmp_path):
     # the UI on the demo's store, asked for its page, the runs and its telemetry config, as a browser does; its
     # output (the MLflow server's) is not the demo's console
     ui = f"{ui_step(store, ui_port, tmp_path / 'ui.json')} > {tmp_path / 'ui.log'} 2>&1"
+    # and the explorer on the curated rows, asked for a query, a row and the clusters (faiss is watched here too)
+    sets = [a for i, a in enumerate(cmd) if a == "--set" or (i and cmd[i - 1] == "--set")]
+    explore = f"{explore_step(store, free_port(), tmp_path / 'explore.json', sets)} > {tmp_path / 'explore.log'} 2>&1"
     started = time.monotonic()
-    rc, watcher, out = watched(f"sh -c {shlex.quote(f'{demo} && {ui}')}", tmp_path, 900,
+    rc, watcher, out = watched(f"sh -c {shlex.quote(f'{demo} && {ui} && {explore}')}", tmp_path, 900,
                                env=user_env(tmp_path, CLIPLINE_LOG_DIR=str(logs)))
-    assert rc == 0, out[-4000:] + (tmp_path / "ui.log").read_text(errors="replace")[-2000:]
+    logs_of = "".join((tmp_path / f).read_text(errors="replace")[-2000:] for f in ("ui.log", "explore.log")
+                      if (tmp_path / f).exists())
+    assert rc == 0, out[-4000:] + logs_of
     assert_nothing_left_the_machine(tmp_path, watcher, time.monotonic() - started,
-                                    ("pipelines.cli demo", "dashboard/dashboard.py", "default_worker.py", "mlflow"))
+                                    ("pipelines.cli demo", "dashboard/dashboard.py", "default_worker.py", "mlflow",
+                                     "pipelines.cli explore"))
     ui_seen = json.loads((tmp_path / "ui.json").read_text())
     assert ui_seen["page"] == 200 and ui_seen["experiments"] >= 1, ui_seen
+    explored = json.loads((tmp_path / "explore.json").read_text())
+    assert explored["rows"] == 5 and explored["runs"] == ["evaluate", "train"] and explored["clusters"] >= 2, explored
     # clipline wrote Ray's bootstrap config in the run's home: what keeps Ray's dashboard from asking
     assert "provider:\n  type: local" in (tmp_path / "home" / "ray_bootstrap_config.yaml").read_text()
 

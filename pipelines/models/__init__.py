@@ -47,6 +47,14 @@ class ModelRef:
             raise ValueError("model: give either model_uri or checkpoint, not both")
 
 
+def trained(m: Any) -> ModelRef:
+    """The model a train stage's output (its Manifest) holds: the architecture and the weights file beside it."""
+    from pipelines import storage
+
+    info = m.extra["model"]
+    return ModelRef(arch=info["arch"], checkpoint=storage.join(m.location, info["weights"]))
+
+
 def register_configs() -> None:
     """Register clipline's JSON model configs with open_clip (idempotent)."""
     import open_clip

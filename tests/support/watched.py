@@ -6,13 +6,16 @@ nowhere, so even a regression sends nothing out; it is watched twice: /proc/net 
 thread (every socket of every process, C++ ones too), and an audit hook in each of its Python processes that
 records every connect, send and name lookup aimed off the machine, however short.
 
-`python -m tests.support.watched ui STORE PORT OUT` is the MLflow UI step a watched run ends with.
+`python -m tests.support.watched ui STORE PORT OUT` is the MLflow UI step a watched run ends with, and
+`python -m tests.support.watched explore STORE PORT OUT` the explorer step (faiss and the explorer's server are
+dependencies no other step runs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -152,5 +155,43 @@ def _ui(store: str, port: str, out: str) -> int:
     return 0
 
 
+def explore_step(store: Path, port: int, out: Path, overrides: list[str]) -> str:
+    """The shell command of the `explore` step: `clipline explore` on the demo job in `store` (with the demo run's
+    `--set` overrides, so its train stage's output is the current one), asked for a query, a row page and the
+    clusters (what it answered goes to `out` as JSON), then stopped."""
+    return shlex.join([sys.executable, "-m", "tests.support.watched", "explore", str(store), str(port), str(out),
+                       *overrides])
+
+
+def _explore(store: str, port: str, out: str, *overrides: str) -> int:
+    cmd = [sys.executable, "-m", "pipelines.cli", "explore", str(REPO / "jobs" / "demo.yaml"), "--storage", store,
+           "--port", port, "--no-progress", *overrides]
+    explorer = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(base + path, timeout=30) as r:
+                return bytes(r.read())
+
+        def up() -> bool:
+            try:
+                return get("/health") == b"ok"
+            except OSError:
+                return False
+
+        wait_until(up, 180, "clipline explore", alive=lambda: explorer.poll() is None)
+        found = json.loads(get("/api/search?q=a+red+circle&k=5"))
+        row = json.loads(get(f"/api/row/{found['rows'][0]['uid']}"))
+        Path(out).write_text(json.dumps({"rows": len(found["rows"]), "runs": [r["stage"] for r in row["runs"]],
+                                         "clusters": len(json.loads(get("/api/clusters")))}))
+    finally:
+        os.killpg(explorer.pid, signal.SIGTERM)
+        explorer.wait(timeout=30)
+    return 0
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["ui"]:
     raise SystemExit(_ui(*sys.argv[2:5]))
+if __name__ == "__main__" and sys.argv[1:2] == ["explore"]:
+    raise SystemExit(_explore(*sys.argv[2:]))

@@ -89,6 +89,16 @@ class CrawlConfig:
     shard_retries: int = field(3, "times a shard task is rerun after its worker dies or it raises", minimum=0)
     max_failed_shards: int = field(0, "shards allowed to fail after their retries; their rows are written with "
                                    "error_class shard_failed. More fail the stage, naming them", minimum=0)
+    speculate: bool = field(True, "near the end of the crawl, start one speculative copy of a shard task that runs far "
+                            "longer than the others (speculate_*); the first copy to finish is kept, the other "
+                            "cancelled. A copy sends the shard's requests again, to the same hosts")
+    speculate_after: float = field(0.9, "fraction of the shard tasks finished, none waiting to start, before a copy "
+                                   "may start", minimum=0, maximum=1)
+    speculate_factor: float = field(3.0, "a running shard is copied once it has run this many times the median "
+                                    "finished shard's time", minimum=1)
+    speculate_min_seconds: float = field(60.0, "seconds a running shard has run, at least, before it is copied",
+                                         minimum=0)
+    speculate_max_copies: int = field(2, "copies running at once; a shard is copied at most once", minimum=1)
     allow_networks: list[str] = field([], "CIDRs allowed although non-public (e.g. 127.0.0.0/8 for a loopback demo)")
     deny_networks: list[str] = field([], "CIDRs refused in addition to all non-public addresses")
 

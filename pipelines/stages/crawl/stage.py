@@ -17,6 +17,7 @@ from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
 from pipelines.stages.crawl import hosttokens, inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig
+from pipelines.stages.crawl.tails import Speculation, Tails, discard
 from pipelines.tracking import log_bar_chart
 
 
@@ -44,6 +45,7 @@ class _Tally:
     status: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     fetched_ok: int = 0
+    copies: Counter[str] = field(default_factory=Counter)  # speculative copies started, won, cancelled, failed
     http_retries: int = 0
     dns: Counter[str] = field(default_factory=Counter)  # resolver cache hits, misses, timeouts
     robots: Counter[str] = field(default_factory=Counter)  # robots.txt fetches, cache hits, timeouts
@@ -128,8 +130,11 @@ class CrawlStage(Stage):
         todo = []
         for s in staged.shards:
             out_url = storage.join(ctx.output, layout.shard_name(s["id"]))
+            copy_url = storage.join(ctx.output, layout.shard_name(s["id"], copy=True))
             if storage.is_file(out_url):
                 records[s["id"]] = describe_shard(out_url)
+            elif storage.is_file(copy_url):  # its speculative copy finished first (tails.py)
+                records[s["id"]] = describe_shard(copy_url) | {"path": layout.shard_name(s["id"], copy=True)}
             else:
                 todo.append((s, out_url))
         if records:
@@ -139,22 +144,27 @@ class CrawlStage(Stage):
     def _crawl(self, ctx: StageContext, staged: _Staged, todo: list[tuple[dict[str, Any], str]], width: int,
                records: dict[int, dict[str, Any]], tally: _Tally, prom: StageMetrics) -> tuple[dict[int, str], float]:
         """Run a shard task per shard in `todo`, at most `width` at once, adding each one's record as it
-        finishes; the error of each shard whose task still failed after its retries, and the seconds it took."""
+        finishes; near the end, a speculative copy of a straggler (tails.py). The error of each shard whose
+        tasks still failed after their retries, and the seconds it took."""
         import ray
 
         from pipelines.stages.crawl.shard import crawl_shard
 
         cfg: CrawlConfig = self.config
-        remote = ray.remote(crawl_shard).options(
-            num_cpus=ctx.resources.get("num_cpus", 1), num_gpus=ctx.resources.get("num_gpus", 0),
-            memory=ctx.resources.get("memory"), max_retries=cfg.shard_retries, retry_exceptions=True,
-            name="crawl_shard",
-        )
+        resources = {"num_cpus": ctx.resources.get("num_cpus", 1), "num_gpus": ctx.resources.get("num_gpus", 0),
+                     "memory": ctx.resources.get("memory")}
+        remote = ray.remote(crawl_shard).options(**resources, max_retries=cfg.shard_retries, retry_exceptions=True,
+                                                 name="crawl_shard")
+        # a copy is not retried: the original still runs, with its own retries
+        copy_remote = ray.remote(crawl_shard).options(**resources, max_retries=0, name="crawl_shard_copy")
+        tails = Tails(Speculation.of(cfg), shards=len(todo))
         prior_urls = staged.prior["shard_urls"] if staged.prior else []
         bar = tqdm(total=staged.total, initial=sum(r["rows"] for r in records.values()), unit="img", desc=ctx.stage,
                    disable=not ctx.progress, smoothing=0.1)
         crawl_t0 = time.perf_counter()
         pending: dict[Any, tuple[dict[str, Any], str]] = {}  # in-flight task -> (shard, output URL)
+        losers: dict[Any, str] = {}  # cancelled copies (originals too) -> the file each would write
+        errors: dict[int, str] = {}  # a shard's first task error, while its other copy still runs
         queue = list(todo)
         failed: dict[int, str] = {}
         try:
@@ -163,15 +173,43 @@ class CrawlStage(Stage):
                     s, out_url = queue.pop(0)
                     ref = remote.remote(cfg, s["url"], out_url, staged.shard_plan(s), prior_urls, prom)
                     pending[ref] = (s, out_url)
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                    tails.started(ref, s["id"])
+                due, wait = tails.due(len(queue))
+                for straggler in due:
+                    s = staged.shards[straggler.shard]
+                    copy_url = storage.join(ctx.output, layout.shard_name(s["id"], copy=True))
+                    ref = copy_remote.remote(cfg, s["url"], copy_url, staged.shard_plan(s), prior_urls, prom)
+                    pending[ref] = (s, copy_url)
+                    tails.copy_started(ref, s["id"])
+                    ctx.log.info("shard %d: starting a speculative copy: %s", s["id"], straggler.why())
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+                if not ready:
+                    continue
                 s, out_url = pending.pop(ready[0])
                 try:
                     rec = ray.get(ready[0])
                 except Exception as exc:  # noqa: BLE001 - the task's own error, after shard_retries reruns
                     lines = str(exc).strip().splitlines() or [""]
-                    failed[s["id"]] = f"{type(exc).__name__}: {lines[-1]}"[:500]
+                    error = f"{type(exc).__name__}: {lines[-1]}"[:500]
+                    settled = tails.done(ready[0], ok=False)
+                    if not settled.final:
+                        errors.setdefault(s["id"], error)
+                        ctx.log.warning("shard %d: its %s failed (%s); its %s goes on", s["id"],
+                                        "speculative copy" if settled.copy else "task", error,
+                                        "task" if settled.copy else "speculative copy")
+                        continue
+                    failed[s["id"]] = errors.pop(s["id"], error)
                     ctx.log.warning("shard %d failed after %d retries: %s", s["id"], cfg.shard_retries, failed[s["id"]])
                     continue
+                settled = tails.done(ready[0], ok=True)
+                errors.pop(s["id"], None)
+                if settled.copy:
+                    rec["path"] = layout.shard_name(s["id"], copy=True)  # the manifest names the copy's file
+                if settled.loser is not None:
+                    ray.cancel(settled.loser, force=True)
+                    losers[settled.loser] = pending.pop(settled.loser)[1]
+                    ctx.log.info("shard %d: the %s finished first; the %s is cancelled", s["id"],
+                                 *(("speculative copy", "original") if settled.copy else ("original", "copy")))
                 records[s["id"]] = rec
                 tally.add(rec)
                 prom.inc_each(CRAWL_ROWS, rec["status"], "status")
@@ -186,10 +224,26 @@ class CrawlStage(Stage):
             # a failing stage must not leave shard tasks running: they would write part files behind a retry
             for ref in pending:
                 ray.cancel(ref, force=True)
-            if pending:
-                ray.wait(list(pending), num_returns=len(pending), timeout=60)
+            self._settle_losers(ctx, pending, losers)
         bar.close()
+        tally.copies.update(tails.counts)
         return failed, time.perf_counter() - crawl_t0
+
+    @staticmethod
+    def _settle_losers(ctx: StageContext, pending: dict[Any, tuple[dict[str, Any], str]], losers: dict[Any, str]) -> None:
+        """Wait for the cancelled tasks to end, then remove what the losing copies wrote: the winner's file is the
+        shard, and a loser that finished as it was cancelled may have written its own."""
+        import ray
+
+        waiting = [*pending, *losers]
+        if waiting:
+            ray.wait(waiting, num_returns=len(waiting), timeout=60)
+        for ref, url in losers.items():
+            if not ray.wait([ref], timeout=0)[0]:
+                ctx.log.warning("a cancelled copy is still running after 60 s; it may yet write %s, which the "
+                                "manifest does not list", url)
+                continue
+            discard(url)
 
     def _write_failed(self, ctx: StageContext, staged: _Staged, failed: dict[int, str],
                       records: dict[int, dict[str, Any]], tally: _Tally, prom: StageMetrics) -> None:
@@ -241,6 +295,9 @@ class CrawlStage(Stage):
             "success_rate": status["success"] / total if total else 0.0,
             "images_per_sec": images_per_sec,
             "shards_resumed": resumed,
+            # speculative copies of stragglers (tails.py): started; won (finished first, the original cancelled);
+            # cancelled (the original finished first); failed
+            **{f"speculative_copies_{k}": tally.copies[k] for k in ("started", "won", "cancelled", "failed")},
             "http_retries": tally.http_retries,  # 429/503 answers retried after their Retry-After or a backoff
             # host lookups answered by the worker's resolver cache (or a resolution in flight), resolved, given up
             "dns_cache_hits": tally.dns["hits"], "dns_cache_misses": tally.dns["misses"],
@@ -264,7 +321,8 @@ class CrawlStage(Stage):
             }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_", "opted_out_"))
                                   and k != "robots_unavailable"})
-        out_shards = [layout.shard_entry(layout.shard_name(i, failed=i in failed), r) for i, r in sorted(records.items())]
+        out_shards = [layout.shard_entry(r.get("path") or layout.shard_name(i, failed=i in failed), r)
+                      for i, r in sorted(records.items())]
         version = {"version": prior["version"] + 1 if prior else 1,
                    "refreshed_from": {k: prior[k] for k in ("location", "digest", "version")} if prior else None,
                    "failed_shards": sorted(failed)}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import layout, storage
+from pipelines import layout, models, storage
 from pipelines.evaluation import datasets
 from pipelines.evaluation.datasets import load
 from pipelines.evaluation.embed import EmbedPool
@@ -119,8 +119,7 @@ class EvaluateStage(Stage):
         if len(trained) != 1:
             raise ValueError("evaluate: give with.model, or make the stage need exactly one train stage "
                              f"(its needs: {', '.join(upstream) or 'none'})")
-        info = trained[0].extra["model"]
-        return ModelRef(arch=info["arch"], checkpoint=storage.join(trained[0].location, info["weights"]))
+        return models.trained(trained[0])
 
     @staticmethod
     def _confusion(ctx: StageContext, data: datasets.EvalData, pred: torch.Tensor, target: torch.Tensor) -> None:
