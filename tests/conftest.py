@@ -162,8 +162,8 @@ LONGEST_FIRST = ["test_train", "cluster", "test_node_loss", "test_demo", "test_s
                  "test_shared_tracking", "test_prometheus", "report", "test_curate", "test_gpu_bench", "test_ui",
                  "test_head_rule", "test_takedown", "test_semantic_dedup", "test_plugins", "test_export",
                  "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_polite_cluster", "test_tails",
-                 "test_availability",
-                 "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset", "test_optouts"]
+                 "test_availability", "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset",
+                 "test_optouts"]
 
 
 def unit_of(nodeid: str) -> str:
