@@ -97,7 +97,8 @@ class TokenTable:
         self._ids = itertools.count(1)
         self.woken: set[str] = set()  # clients with new grants since the caller last looked
         self.counts: Counter[str] = Counter()
-        self.max_leases: dict[str, int] = {}  # host -> most leases out at once
+        self.max_leases = 0  # the most leases one host had out at once
+        self._idle: list[tuple[float, str]] = []  # heap of (next start, host) of hosts kept only for their next start
         self.clients: set[str] = set()
 
     def exchange(self, client: str, acquires: list[tuple[int, str, float, float]], releases: list[int],
@@ -147,10 +148,15 @@ class TokenTable:
             if (client := self._uncollected.get(lease)) is not None:
                 self._mailbox[client] = [g for g in self._mailbox.get(client, []) if g.lease != lease]
                 self._end(lease, "revoked")
+        while self._idle and self._idle[0][0] <= now:  # forget hosts whose next start has come and gone
+            _, host = heapq.heappop(self._idle)
+            st = self._hosts.get(host)
+            if st is not None and not st.queue and not st.leases and st.next_start <= now:
+                del self._hosts[host]
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "max_leases": dict(self.max_leases), "clients": sorted(self.clients),
-                "leases_out": len(self._lease_host)}
+        return {**self.counts, "max_leases": self.max_leases, "clients": sorted(self.clients),
+                "leases_out": len(self._lease_host), "hosts": len(self._hosts)}
 
     def _end(self, lease: int, why: str) -> None:
         host = self._lease_host.pop(lease, None)
@@ -185,14 +191,15 @@ class TokenTable:
             heapq.heappush(self._collect_by, (now + self.collect_within, lease))
             if self.rate:
                 st.next_start = now + delay + 1.0 / self.rate
-            self.max_leases[host] = max(self.max_leases.get(host, 0), len(st.leases))
+            self.max_leases = max(self.max_leases, len(st.leases))
             self.counts["granted"] += 1
             self.counts["waited"] += r.queued
             self._deliver(r.client, Grant(r.req, lease, delay, r.queued))
-        if not st.queue and not st.leases:
-            del self._hosts[host]  # a host is state only while it has leases or waiters; next_start with it
+        if not st.queue and not st.leases:  # a host is state only while it has leases, waiters or a start ahead
             if self.rate and st.next_start > now:
-                self._hosts[host] = st  # ... unless its next start is still ahead
+                heapq.heappush(self._idle, (st.next_start, host))
+            else:
+                del self._hosts[host]
 
     def _deliver(self, client: str, grant: Grant) -> None:
         self._mailbox.setdefault(client, []).append(grant)
@@ -513,7 +520,7 @@ def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
             if k == "clients":
                 clients.update(v)
             elif k == "max_leases":
-                most = max([most, *v.values()])
+                most = max(most, v)
             elif isinstance(v, int):
                 out[k] += v
     return {**out, "max_leases": most, "clients": len(clients), "nodes": len({c.split(":")[0] for c in clients})}
