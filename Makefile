@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.crawl_photos
 	$(BIN)/python -m tests.benchmarks.crawl_soak
 	$(BIN)/python -m tests.benchmarks.availability
+	$(BIN)/python -m tests.benchmarks.host_tokens
 	$(BIN)/python -m tests.benchmarks.near_dedup
 	$(BIN)/python -m tests.benchmarks.storage_s3_vs_local
 	$(BIN)/python -m tests.benchmarks.resize_vs_img2dataset

@@ -54,8 +54,12 @@ def report_job(tmp_path_factory: pytest.TempPathFactory, web: DemoServer, ray_lo
 
 
 def crawl_stage(input_path: str | list[str], **with_: Any) -> dict[str, Any]:
+    # per_host_scope: task - the loopback web is one host standing for the whole web, so a job-wide cap of 4 would
+    # run these crawls four requests at a time (and start a host token service each); the tests that are about
+    # the job-wide limits (test_hosttokens, test_polite_cluster) say so themselves
     return {"uses": "crawl", "with": {"input": input_path, "allow_networks": ["127.0.0.0/8"], "image_size": 32,
-                                      "samples_per_shard": 50, "threads": 8, "timeout": 2, **with_}}
+                                      "samples_per_shard": 50, "threads": 8, "timeout": 2, "per_host_scope": "task",
+                                      **with_}}
 
 
 def write_job(tmp_path: Path, stages: dict[str, Any], name: str = "t", **top: Any) -> Path:
@@ -157,8 +161,9 @@ SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster", "test_
 LONGEST_FIRST = ["test_train", "cluster", "test_node_loss", "test_demo", "test_s3", "test_runner", "test_outages",
                  "test_shared_tracking", "test_prometheus", "report", "test_curate", "test_gpu_bench", "test_ui",
                  "test_head_rule", "test_takedown", "test_semantic_dedup", "test_plugins", "test_export",
-                 "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_tails", "test_availability",
-                 "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset", "test_optouts"]
+                 "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_polite_cluster", "test_tails",
+                 "test_availability", "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset",
+                 "test_optouts"]
 
 
 def unit_of(nodeid: str) -> str:

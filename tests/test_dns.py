@@ -204,7 +204,8 @@ def test_an_ip_literal_needs_no_resolver(web):
 
 def test_a_shard_reports_its_lookups_in_its_record(tmp_path, web, monkeypatch):
     cfg = CrawlConfig(input=str(tmp_path / "urls.csv"), allow_networks=["127.0.0.0/8"], image_size=32,
-                      samples_per_shard=10, threads=4, timeout=2, dns_ttl=120, dns_negative_ttl=5, dns_threads=2)
+                      samples_per_shard=10, threads=4, timeout=2, dns_ttl=120, dns_negative_ttl=5, dns_threads=2,
+                      per_host_scope="task")  # called outside a crawl stage: no host token service
     urls = [named(web, "shard.test", index=40 + i) for i in range(4)] + [named(web, "other.test", index=50)]
     (tmp_path / "urls.csv").write_text("url,caption\n" + "".join(f"{u},a picture\n" for u in urls))
     answers = Answers()

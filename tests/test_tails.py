@@ -226,3 +226,16 @@ def test_the_original_finishing_first_cancels_the_copy(tmp_path, ray_local, log_
         assert web.hits["/stall/7"] == 2
         assert abandoned(web, 1) == ["/stall/7"]  # the copy's held request: its task was cancelled
     assert "shard 1: the original finished first; the copy is cancelled" in log_lines
+
+
+@pytest.mark.slow
+def test_a_copy_takes_its_hosts_slots_from_the_same_host_token_service(tmp_path, ray_local, log_lines):
+    # per_host_scope: job, 2 connections: /gate/0 and /stall/7 hold both at first; the original keeps /stall/7's
+    # slot until it is cancelled, so the copy crawls through the one left, and no more than 2 are ever out
+    with StallServer(hold="until_closed") as web:
+        m, out, copies = crawl(tmp_path, web, timeout=60, per_host_scope="job", per_host_connections=2, **SPECULATE)
+        assert copies == {"started": 1, "won": 1, "cancelled": 0, "failed": 0}
+        assert set(out["status"]) == {"success"} and web.hits["/stall/7"] == 2
+    assert m.metrics["host_max_connections"] == 2  # the service's count, the copy's time included
+    assert m.metrics["host_slots_granted"] >= 8  # shard 0's rows and the copy's: both leased their slots
+    assert m.metrics["host_slots_timeouts"] == 0

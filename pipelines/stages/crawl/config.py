@@ -58,8 +58,15 @@ class CrawlConfig:
     robots_error_ttl: float = field(300.0, "seconds a robots.txt that answered 5xx or 429 or could not be fetched "
                                     "keeps the host disallowed (RFC 9309) before it is asked again", minimum=0)
     tdm_reservation: bool = field(True, "a TDMRep `tdm-reservation: 1` response header opts the image out")
-    per_host_connections: int = field(4, "concurrent requests to one host per shard task; 0: no cap", minimum=0)
-    per_host_rate: float = field(0.0, "requests per second to one host per shard task; 0: no limit", minimum=0)
+    per_host_connections: int = field(4, "concurrent requests to one host across the whole crawl (per shard task "
+                                      "with per_host_scope: task); 0: no cap", minimum=0)
+    per_host_rate: float = field(0.0, "request starts per second to one host across the whole crawl (per shard task "
+                                 "with per_host_scope: task); 0: no limit", minimum=0)
+    per_host_scope: Literal["job", "task"] = field(
+        "job", "where the per-host limits hold: job (every shard task on every node, through the crawl's host token "
+        "service) or task (within each shard task, so N tasks may reach a host N times the limit)")
+    host_token_actors: int = field(1, "Ray actors of the host token service (per_host_scope: job); hosts are spread "
+                                   "over them by hash", minimum=1)
     http_retries: int = field(2, "retries, within the run, of a 429 or 503 answer after its Retry-After (or a "
                               "backoff) during which the host gets no request", minimum=0)
     max_retry_wait: float = field(60.0, "longest wait for one retry, seconds; a longer Retry-After gives up the row "

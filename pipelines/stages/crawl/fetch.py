@@ -32,6 +32,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag opt-out parser
 
 from pipelines import __version__
+from pipelines.stages.crawl.hosttokens import JobLimiter
 from pipelines.stages.crawl.netpolicy import AddressPolicy, BlockedAddress
 from pipelines.stages.crawl.polite import HostLimiter, HostPaused, NoSlot, host_key, retry_after
 from pipelines.stages.crawl.resolver import DNSCounts, Resolver, ResolveTimeout, shared
@@ -127,7 +128,9 @@ class Fetcher:
 
     Politeness, per host (lowercased host:port of the requested URL) and per Fetcher, i.e. per shard
     task: at most `per_host_connections` requests in flight (0: no cap), starts at least
-    1/`per_host_rate` s apart (0: no limit). A 429 or 503 pauses the host for every thread for its
+    1/`per_host_rate` s apart (0: no limit); given a `limiter` from the crawl's host token service
+    (hosttokens.JobLimiter), the cap and rate hold for the whole crawl instead. A 429 or 503 pauses the host
+    for every thread of the Fetcher for its
     Retry-After, or without one for a backoff of 1, 2, 4 ... s per consecutive refusal; the request is
     retried after the pause up to `http_retries` times, unless the wait is longer than `max_retry_wait`
     or than the request has left, in which case it gives up at once (a refresh retries such rows).
@@ -155,11 +158,12 @@ class Fetcher:
                  dns_ttl: float = 300.0, dns_negative_ttl: float = 30.0, dns_threads: int = 8,
                  resolver: Resolver | None = None, robots_txt: bool = False, optout_user_agents: list[str] | None = None,
                  robots_ttl: float = 3600.0, robots_error_ttl: float = 300.0, robots: RobotsCache | None = None,
-                 tdm_reservation: bool = True) -> None:
+                 tdm_reservation: bool = True, limiter: HostLimiter | JobLimiter | None = None) -> None:
         self.timeout, self.max_bytes = timeout, max_bytes
         self.http_retries, self.max_retry_wait = http_retries, max_retry_wait
         self.budget = 3 * timeout * (1 + http_retries) + max_retry_wait * http_retries
-        self.limiter = HostLimiter(per_host_connections, per_host_rate)
+        # per shard task, unless the crawl's host token service holds the limits for the whole job (hosttokens.py)
+        self.limiter = limiter if limiter is not None else HostLimiter(per_host_connections, per_host_rate)
         # img2dataset's parser lowercases the header's token before comparing it with ours
         self.tokens = tuple(dict.fromkeys(t.lower() for t in [user_agent_token, *(optout_user_agents or [])]))
         self.disallowed, self.tdm_reservation = [d.lower() for d in disallowed], tdm_reservation

@@ -25,6 +25,7 @@ from pipelines.contracts import CRAWLED
 from pipelines.prometheus import CRAWL_FETCHED, StageMetrics
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.fetch import Fetcher
+from pipelines.stages.crawl.hosttokens import JobLimiter, attach
 from pipelines.stages.crawl.netpolicy import AddressPolicy
 from pipelines.stages.crawl.plan import DUPLICATE, FETCH, REUSE
 
@@ -44,7 +45,7 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 
 class ShardCrawler:
-    def __init__(self, cfg: CrawlConfig) -> None:
+    def __init__(self, cfg: CrawlConfig, limiter: JobLimiter | None = None) -> None:
         from pipelines.stages.crawl.resize import Resizer  # cv2: imported in workers only
 
         self.cfg = cfg
@@ -56,7 +57,7 @@ class ShardCrawler:
             http_retries=cfg.http_retries, max_retry_wait=cfg.max_retry_wait,
             dns_ttl=cfg.dns_ttl, dns_negative_ttl=cfg.dns_negative_ttl, dns_threads=cfg.dns_threads,
             robots_txt=cfg.robots_txt, optout_user_agents=cfg.optout_user_agents, robots_ttl=cfg.robots_ttl,
-            robots_error_ttl=cfg.robots_error_ttl, tdm_reservation=cfg.tdm_reservation,
+            robots_error_ttl=cfg.robots_error_ttl, tdm_reservation=cfg.tdm_reservation, limiter=limiter,
         )
         self.resizer = Resizer(
             image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -103,7 +104,9 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
     attempts = plan.column("attempts").to_pylist()
     results: list[dict[str, Any]] = [{} for _ in action]
     todo = [i for i, a in enumerate(action) if a == FETCH]
-    crawler = ShardCrawler(cfg)
+    # with per_host_scope: job, slots of the crawl's host token service, found from where the shard is written
+    limiter = attach(cfg, out_url)
+    crawler = ShardCrawler(cfg, limiter)
     with ThreadPoolExecutor(max_workers=cfg.threads) as pool:
         for i, row in zip(todo, pool.map(lambda i: crawler.one(urls[i], caps[i]), todo), strict=True):
             row["attempts"] = attempts[i] + (row.get("fetched_at") is not None)
@@ -119,6 +122,8 @@ def crawl_shard(cfg: CrawlConfig, in_url: str, out_url: str, plan: pa.Table,
     record["http_retries"] = sum(results[i].get("retries", 0) for i in todo)
     record |= {f"dns_{k}": v for k, v in crawler.fetcher.dns.as_dict().items()}  # the lookups of this shard's rows
     record |= {f"robots_{k}": v for k, v in crawler.fetcher.robots_counts.as_dict().items()}  # robots.txt lookups
+    if limiter is not None:  # what its requests got from the host token service
+        record |= {f"host_slots_{k}": v for k, v in limiter.counts.as_dict().items()}
     return record
 
 

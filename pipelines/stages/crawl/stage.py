@@ -15,7 +15,7 @@ from pipelines import availability, layout, storage
 from pipelines.contracts import OPTOUT_KINDS, STATUSES
 from pipelines.prometheus import CRAWL_ROWS, StageMetrics
 from pipelines.stage import Stage, StageContext, StageResult, register
-from pipelines.stages.crawl import inputs, plan
+from pipelines.stages.crawl import hosttokens, inputs, plan
 from pipelines.stages.crawl.config import CrawlConfig
 from pipelines.stages.crawl.tails import Speculation, Tails, discard
 from pipelines.tracking import log_bar_chart
@@ -49,6 +49,7 @@ class _Tally:
     http_retries: int = 0
     dns: Counter[str] = field(default_factory=Counter)  # resolver cache hits, misses, timeouts
     robots: Counter[str] = field(default_factory=Counter)  # robots.txt fetches, cache hits, timeouts
+    host_slots: Counter[str] = field(default_factory=Counter)  # host token service: grants, waits, timeouts
 
     def add(self, rec: dict[str, Any]) -> None:
         self.status.update(rec["status"])
@@ -57,6 +58,7 @@ class _Tally:
         self.http_retries += rec.get("http_retries", 0)
         self.dns.update({k: rec.get(f"dns_{k}", 0) for k in ("hits", "misses", "timeouts")})
         self.robots.update({k: rec.get(f"robots_{k}", 0) for k in ("fetches", "hits", "timeouts")})
+        self.host_slots.update({k: rec.get(f"host_slots_{k}", 0) for k in ("granted", "waited", "timeouts")})
 
 
 @register
@@ -81,12 +83,14 @@ class CrawlStage(Stage):
         tally = _Tally()
         for r in records.values():
             tally.add(r)
-        failed, elapsed = self._crawl(ctx, staged, todo, width, records, tally, prom)
+        with hosttokens.running(self.config, ctx.output) as hosts:  # per_host_scope: job - the limits job-wide
+            failed, elapsed = self._crawl(ctx, staged, todo, width, records, tally, prom)
         self._write_failed(ctx, staged, failed, records, tally, prom)
         self._check_accounting(staged, records)
         storage.remove_tree(inputs_dir)
         return self._result(ctx, staged, records, tally, failed, resumed=resumed,
-                            images_per_sec=tally.fetched_ok / elapsed if todo and elapsed > 0 else 0.0)
+                            images_per_sec=tally.fetched_ok / elapsed if todo and elapsed > 0 else 0.0,
+                            hosts=hosts.stats if hosts else None)
 
     def _stage_inputs(self, ctx: StageContext, inputs_dir: str) -> _Staged:
         """The URL lists as input shards with their plan (inputs.py, plan.py), or those a previous attempt staged."""
@@ -106,10 +110,16 @@ class CrawlStage(Stage):
 
     def _note_host_limits(self, ctx: StageContext, width: int) -> None:
         cfg: CrawlConfig = self.config
-        if cfg.per_host_connections or cfg.per_host_rate:
-            ctx.log.info("per-host limits (%s connections, %s requests/s) apply within each shard task; up to %d "
-                         "tasks run at once, so one host may see that many times the limit",
-                         cfg.per_host_connections or "no cap on", cfg.per_host_rate or "no limit on", width)
+        if not (cfg.per_host_connections or cfg.per_host_rate):
+            return
+        limits = (f"per-host limits ({cfg.per_host_connections or 'no cap on'} connections, "
+                  f"{cfg.per_host_rate or 'no limit on'} requests/s)")
+        if cfg.per_host_scope == "job":
+            ctx.log.info("%s hold for the whole crawl: its %d shard tasks at once lease slots from %d host token "
+                         "actor(s)", limits, width, cfg.host_token_actors)
+        else:
+            ctx.log.info("%s apply within each shard task (per_host_scope: task); up to %d tasks run at once, so one "
+                         "host may see that many times the limit", limits, width)
 
     @staticmethod
     def _resume(ctx: StageContext, staged: _Staged) -> tuple[dict[int, dict[str, Any]], list[tuple[dict[str, Any], str]]]:
@@ -269,7 +279,8 @@ class CrawlStage(Stage):
                                f"in {len(records)} of {len(staged.shards)} shards")
 
     def _result(self, ctx: StageContext, staged: _Staged, records: dict[int, dict[str, Any]], tally: _Tally,
-                failed: dict[int, str], resumed: int, images_per_sec: float) -> StageResult:
+                failed: dict[int, str], resumed: int, images_per_sec: float,
+                hosts: dict[str, Any] | None = None) -> StageResult:
         """Counts, metrics, the status chart, the shard list and the dataset version this crawl made."""
         status, prior, total = tally.status, staged.prior, staged.total
         counts = {k: status.get(k, 0) for k in STATUSES} | {k: v for k, v in status.items() if k not in STATUSES}
@@ -295,6 +306,19 @@ class CrawlStage(Stage):
             "robots_fetches": tally.robots["fetches"], "robots_cache_hits": tally.robots["hits"],
             "robots_timeouts": tally.robots["timeouts"],
         }
+        if hosts is not None:  # per_host_scope: job - what the host token service did (hosttokens.py)
+            metrics |= {
+                # requests granted a slot; of those, granted only after waiting behind others; not granted in time
+                "host_slots_granted": tally.host_slots["granted"], "host_slots_waited": tally.host_slots["waited"],
+                "host_slots_timeouts": tally.host_slots["timeouts"],
+                # actor calls (each carries a process's requests and releases of the moment), leases that expired
+                # unreleased (a task that died) or whose grant no one collected, the most one host held at once,
+                # and the worker processes and nodes that asked
+                "host_service_calls": hosts.get("calls", 0),
+                "host_leases_expired": hosts.get("expired", 0) + hosts.get("revoked", 0),
+                "host_max_connections": hosts.get("max_leases", 0),
+                "host_service_processes": hosts.get("clients", 0), "host_service_nodes": hosts.get("nodes", 0),
+            }
         self._plot(ctx, {k: v for k, v in counts.items() if not k.startswith(("rows_", "shards_", "opted_out_"))
                                   and k != "robots_unavailable"})
         out_shards = [layout.shard_entry(r.get("path") or layout.shard_name(i, failed=i in failed), r)
