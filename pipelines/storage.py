@@ -131,13 +131,14 @@ def write_shard(directory: str, path: str, table: Any, compression: str = "zstd"
     return layout.shard_entry(path, write_parquet(join(directory, path), table, compression))
 
 
-def read_parquet(url: str) -> Any:
-    """One Parquet file, whole, from any fsspec URL, as an Arrow table."""
+def read_parquet(url: str, columns: list[str] | None = None) -> Any:
+    """One Parquet file from any fsspec URL, as an Arrow table: whole, or only `columns` (the others' pages are
+    not read)."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 def write_json(url: str, obj: Any) -> None:

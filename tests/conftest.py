@@ -159,7 +159,7 @@ def mlflow_server(s3, postgres, tmp_path_factory):
 # tests, each process set the shared job runs up again, and the cluster files ran side by side.
 SAME_UNIT = {"test_readme_cluster": "cluster", "test_cluster": "cluster", "test_report": "report", "test_explore": "report"}
 LONGEST_FIRST = ["test_train", "cluster", "test_node_loss", "test_demo", "test_s3", "test_runner", "test_outages",
-                 "test_shared_tracking", "test_prometheus", "report", "test_curate", "test_gpu_bench", "test_ui",
+                 "test_shared_tracking", "test_prometheus", "report", "test_polite_cluster", "test_curate", "test_gpu_bench", "test_ui",
                  "test_head_rule", "test_takedown", "test_semantic_dedup", "test_plugins", "test_export",
                  "test_codedigest", "test_submit", "test_embed", "test_train_data", "test_polite_cluster", "test_tails",
                  "test_availability", "test_crawl_refresh", "test_tracking", "test_evaluate", "test_query_subset",
