@@ -395,7 +395,15 @@ def cmd_explore(args: argparse.Namespace) -> int:
     except ExploreError as exc:
         print(f"clipline: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    server = make_server(explorer, args.host, args.port)
+    try:
+        server = make_server(explorer, args.host, args.port)
+    except OSError as exc:  # taken while the index was built, or an address this machine does not have
+        print(f"clipline: cannot serve the explorer on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"clipline: explore listens on {args.host}: anyone who can reach it can read this dataset's rows, "
+              "captions and URLs (it has no authentication)", file=sys.stderr)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

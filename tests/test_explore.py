@@ -8,6 +8,7 @@ evaluate). Its curate rules score with no model, so the explorer embeds with the
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -174,8 +175,18 @@ def test_filters_narrow_search_and_browse_to_what_the_ledger_says(job, explorer)
     assert status == 400 and bad["error"] == "k: expected 1 to 200, got 0"
     status, bad = _get(base, "/api/row/nope")
     assert status == 404 and bad["error"].startswith("no row with uid 'nope' in curate@")
-    status, _ = _get(base, "/thumb/..%2F..%2Fetc%2Fpasswd.jpg")
-    assert status == 404
+    status, page = _get(base, "/row/%3Cscript%3E")
+    assert status == 404 and b"<script>" not in page  # not a uid: refused, and never echoed as markup
+
+    # the headers that keep injected markup inert, and a Host that is not this server's: refused (DNS rebinding)
+    with urllib.request.urlopen(base + "/", timeout=30) as resp:
+        csp, sniff = resp.headers["Content-Security-Policy"], resp.headers["X-Content-Type-Options"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    assert sniff == "nosniff"
+    rebound = urllib.request.Request(base + "/api/info", headers={"Host": f"evil.example:{base.rsplit(':', 1)[1]}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound, timeout=30)
+    assert refused.value.code == 421
 
 
 def test_a_rows_page_has_its_ledger_record_duplicates_and_the_runs_that_trained_on_it(job, explorer):
@@ -209,7 +220,7 @@ def test_a_rows_page_has_its_ledger_record_duplicates_and_the_runs_that_trained_
     assert "<td data-field='reason'>duplicate_image</td>" in text
     # the copy's caption is the web's markup: escaped, never markup
     assert copy.caption == SCRIPT and SCRIPT not in text
-    assert "a red circle &lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt; &amp; friends" in text
+    assert html.escape(SCRIPT, quote=True) in text
     assert f"data-run='{outcomes['train'].manifest.mlflow_run_id}'" in text
     status, page = _get(base, f"/row/{urllib.parse.quote(original.uid)}")
     assert status == 200 and "<p class=decision data-kept='true'>kept</p>" in page.decode()
@@ -227,9 +238,16 @@ def test_clusters_count_every_embedded_row_and_its_drops(job, explorer):
         members[c["cluster"]] = sample
         status, rec = _get(explorer["base"], f"/api/row/{sample[0]}")
         assert rec["cluster"] == c["cluster"]
-    # a cluster's dropped count is its members' ledger drops: read back through each member's row record
-    total_dropped = sum(c["dropped"] for c in clusters)
-    assert total_dropped == int(((ledger["status"] == "success") & ~ledger["kept"]).sum())
+    # each cluster's size and dropped rows are its members' ledger rows: every embedded row's record names its
+    # cluster
+    sizes: dict[int, int] = {}
+    drops: dict[int, int] = {}
+    for uid in ledger.index[ledger["status"] == "success"]:
+        status, rec = _get(explorer["base"], f"/api/row/{uid}")
+        sizes[rec["cluster"]] = sizes.get(rec["cluster"], 0) + 1
+        drops[rec["cluster"]] = drops.get(rec["cluster"], 0) + int(not ledger.loc[uid, "kept"])
+    assert {c["cluster"]: c["size"] for c in clusters} == sizes
+    assert {c["cluster"]: c["dropped"] for c in clusters} == drops
     for c in clusters:
         assert c["drop_rate"] == round(c["dropped"] / c["size"], 4)
     status, page = _get(explorer["base"], "/clusters")
@@ -245,6 +263,15 @@ def test_a_second_start_reads_the_cached_index_and_an_embed_stage_is_reused(job,
     first = Explorer(version, ref, "test", progress=False)
     assert first.index.cached and first.index.computed == len(first.index.positions)
     assert {p.name: p.stat().st_mtime_ns for p in where.iterdir()} == files
+    # had semantic_dedup (with this model) decided with eps 0.5: a neighbour in the row's cluster above 0.5 is
+    # marked, one in another cluster is not; the record stays JSON
+    first.semantic_eps = 0.5
+    uid = first.rows["uid"].iloc[int(first.index.positions[0])]
+    rec = json.loads(json.dumps(first.record(uid)))
+    assert len(rec["neighbours"]) == 8 and uid not in {n["uid"] for n in rec["neighbours"]}
+    cluster_of = dict(zip(first.rows["uid"].iloc[first.index.positions], first.index.clusters.tolist(), strict=True))
+    for n in rec["neighbours"]:
+        assert n["semantic_duplicate"] == (cluster_of[n["uid"]] == rec["cluster"] and n["similarity"] > 0.5), n
 
     # an embed stage over the same crawl with the same model: its embeddings are read, none computed (the job
     # with the stage logs to another experiment, so the report's "latest job run" stays test_report's, and has no
@@ -370,3 +397,15 @@ def test_past_the_exact_size_the_index_is_hnsw_and_finds_what_exact_search_finds
     # it survives the cache's serialisation
     again = faiss.deserialize_index(faiss.serialize_index(approx))
     assert np.array_equal(again.search(queries, 10)[1], got)
+
+
+def test_semantic_dedup_clusters_are_used_where_it_made_them():
+    import pipelines.explore as explore
+
+    rows = pd.DataFrame({"semantic_cluster": pd.array([3, None, 5, 3], dtype="Int32")})
+    x = np.eye(4, dtype=np.float32)
+    clusters, source = explore._clusters(rows, np.arange(4), x)
+    assert clusters.tolist() == [3, explore.UNCLUSTERED, 5, 3] and source.startswith("semantic_dedup's k-means")
+    rows = pd.DataFrame({"semantic_cluster": pd.array([None] * 4, dtype="Int32")})
+    clusters, source = explore._clusters(rows, np.arange(4), x)
+    assert source == "faiss k-means, k=2" and sorted(set(clusters.tolist())) == [0, 1]

@@ -17,12 +17,17 @@ directory without it is rebuilt.
 
 The model that embeds text queries (and the rows): `--model` (a train or embed stage of the job, an MLflow
 `models:/` or `runs:/` URI, or an architecture with `--checkpoint`), else the dataset's scoring model (the model of
-its clip_score or semantic_dedup rule, or of the embed stage a rule reads), else the model of the one train stage
-that trained on the version. Rows and queries must be embedded by the same model, so the cache key includes it.
+its first rule that has one: clip_score, semantic_dedup, head; or of the embed stage a rule reads), else the model
+of the one train stage that trained on the version. Rows and queries must be embedded by the same model, so the
+cache key includes it (for `models:/NAME@ALIAS`, the version the alias names now).
 
-Memory: the ledger (~0.3-0.5 KB a row in pandas), the index (4 x dim bytes a row) and the cluster ids live in the
-process: sized for versions of up to a few million rows; a larger version is refused with the figure unless
-`--max-rows` is raised.
+Memory: the ledger (~0.3-0.5 KB a row in pandas), the embeddings (float16, 2 x dim bytes a row), faiss's copy
+(float32, 4 x dim bytes a row, plus ~270 bytes of links a row for HNSW) and the cluster ids live in the process:
+sized for versions of up to a few million rows; a larger version is refused with the figure unless `--max-rows`
+is raised.
+
+The server answers only requests whose Host header names the address it listens on (127.0.0.1 or localhost by
+default), so a web page that rebinds a DNS name to 127.0.0.1 cannot read it.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ MAX_ROWS = 5_000_000  # refused beyond, unless --max-rows says otherwise (everyt
 MAX_QUERY = 500  # characters of a text query
 NEAR_DISTANCE = 4  # pHash bits for "near duplicate" when the curate stage ran no near_duplicate rule
 THUMB = 160  # pixels, the longer side of a thumbnail
-LEDGER_HIDDEN = {"source"}  # long and the same for every row of a shard: on the row page, not in the grid's scores
+EXACT_FILTERED = 50_000  # a filtered search over at most this many rows is exact (a matrix product), not faiss
+UNCLUSTERED = -1  # semantic_dedup clustered only the rows earlier rules left: the others' cluster
 
 
 class ExploreError(ValueError):
@@ -160,9 +166,20 @@ def resolve_model(v: Version, model: str | None = None, checkpoint: str | None =
 
 
 def model_key(ref: ModelRef) -> str:
+    """The model's part of the cache key: its reference and its files' keys; for `models:/NAME@ALIAS` also the
+    version the alias names now (an alias moved to new weights is a new key)."""
     from pipelines.embedding import model_identity
 
-    return storage.canonical_digest({"model": asdict(ref), "files": model_identity(ref)})[:16]
+    key: dict[str, Any] = {"model": asdict(ref), "files": model_identity(ref)}
+    if ref.model_uri and ref.model_uri.startswith("models:/") and "@" in ref.model_uri:
+        from mlflow import MlflowClient
+
+        name, alias = ref.model_uri.removeprefix("models:/").split("@", 1)
+        try:
+            key["version"] = MlflowClient().get_model_version_by_alias(name, alias).version
+        except Exception as exc:  # noqa: BLE001 - a registry that cannot answer: the model cannot load either
+            raise ExploreError(f"--model {ref.model_uri}: the registry cannot resolve the alias: {exc}") from None
+    return storage.canonical_digest(key)[:16]
 
 
 # ---- the rows ------------------------------------------------------------------------------------------------
@@ -176,7 +193,7 @@ def load_rows(v: Version) -> pd.DataFrame:
     parts = [storage.read_parquet(storage.join(v.curate.location, e["path"])).to_pandas() for e in entries]
     rows = pd.concat(parts, ignore_index=True)
     urls = v.crawl.shard_urls()
-    crawled = pd.concat([storage.read_parquet(u).select(["uid", "url", "caption"]).to_pandas() for u in urls],
+    crawled = pd.concat([storage.read_parquet(u, ["uid", "url", "caption"]).to_pandas() for u in urls],
                         ignore_index=True)
     rows = rows.merge(crawled, on="uid", how="left", validate="one_to_one")
     rows = rows.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
@@ -211,7 +228,7 @@ class Index:
     """Unit image embeddings of the rows that have one (`positions`: their rows in the table), a faiss index
     over them (its ids are positions in these arrays) and each embedded row's cluster."""
 
-    vectors: np.ndarray  # float32, n x dim
+    vectors: np.ndarray  # float16 (as stored), n x dim; faiss holds its own float32 copy
     positions: np.ndarray  # int64, rows of the table
     clusters: np.ndarray  # int32 per vector
     cluster_source: str
@@ -260,7 +277,7 @@ def _compute(v: Version, rows: pd.DataFrame, ref: ModelRef, progress: bool) -> t
     reused = computed = 0
     bar = tqdm(total=len(wanted), desc="explore: embeddings", unit="img", disable=not progress)
     for shard, group in rows.loc[wanted].groupby("shard", sort=True):
-        table = storage.read_parquet(urls[int(shard)]).select(["uid", "image"])
+        table = storage.read_parquet(urls[int(shard)], ["uid", "image"])
         uids = table.column("uid").to_pylist()
         take = group["row"].to_numpy()
         if [uids[r] for r in take] != group["uid"].tolist():
@@ -304,11 +321,14 @@ def _faiss_index(x: np.ndarray) -> Any:
 
 
 def _clusters(rows: pd.DataFrame, positions: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, str]:
-    """The ledger's semantic_dedup clusters, or faiss k-means with about sqrt(n) clusters (2 to 256)."""
+    """The ledger's semantic_dedup clusters (UNCLUSTERED for a row an earlier rule dropped, which semantic_dedup
+    never saw), or, without them, faiss k-means with about sqrt(n) clusters (2 to 256)."""
     import faiss
 
-    if "semantic_cluster" in rows and rows["semantic_cluster"].iloc[positions].notna().all():
-        return rows["semantic_cluster"].iloc[positions].to_numpy(dtype=np.int32), "semantic_dedup's k-means"
+    if "semantic_cluster" in rows and rows["semantic_cluster"].iloc[positions].notna().any():
+        ledger = rows["semantic_cluster"].iloc[positions].to_numpy(dtype=np.float64, na_value=np.nan)
+        return (np.where(np.isnan(ledger), UNCLUSTERED, ledger).astype(np.int32),
+                f"semantic_dedup's k-means (cluster {UNCLUSTERED}: rows an earlier rule dropped)")
     k = int(min(256, max(2, round(math.sqrt(len(x))))))
     k = min(k, len(x))
     km = faiss.Kmeans(x.shape[1], k, niter=20, seed=0, verbose=False, min_points_per_centroid=1,
@@ -332,7 +352,11 @@ def build_index(v: Version, rows: pd.DataFrame, ref: ModelRef, progress: bool = 
         with fs.open(path, "rb") as f:
             index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
         x = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                       dtype=np.float32).reshape(len(table), -1)
+                       dtype=np.float16).reshape(len(table), -1)
+        if index.ntotal != len(x) or index.d != x.shape[1] or meta.get("rows") != len(x):
+            raise ExploreError(f"explore: the cache {where} is inconsistent (index of {index.ntotal} x {index.d}, "
+                               f"{len(x)} x {x.shape[1]} embeddings, meta.json {meta.get('rows')} rows): delete it "
+                               "and start again")
         at = pd.Series(rows.index, index=rows["uid"])
         positions = at.loc[table.column("uid").to_pylist()].to_numpy(dtype=np.int64)
         log.info("explore: index of %s rows read from the cache %s", f"{len(x):,}", where)
@@ -342,19 +366,20 @@ def build_index(v: Version, rows: pd.DataFrame, ref: ModelRef, progress: bool = 
     x = x16.astype(np.float32)
     index = _faiss_index(x)
     clusters, source = _clusters(rows, positions, x)
-    dim = x.shape[1]
+    del x  # faiss holds its own copy; the float16 one is kept
+    dim = x16.shape[1]
     table = pa.table({
         "uid": pa.array(rows["uid"].to_numpy()[positions], pa.string()),
         "cluster": pa.array(clusters, pa.int32()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x16.reshape(-1), pa.float16()), dim)})
     storage.write_parquet(storage.join(where, "vectors.parquet"), table)
     storage.atomic_write(storage.join(where, "index.faiss"), faiss.serialize_index(index).tobytes())
-    storage.write_json(meta_url, {"rows": len(x), "dim": dim, "reused": reused, "computed": computed,
+    storage.write_json(meta_url, {"rows": len(x16), "dim": dim, "reused": reused, "computed": computed,
                                   "cluster_source": source, "index": type(index).__name__,
                                   "version": v.curate.digest, "model": asdict(ref)})
-    log.info("explore: %s embeddings (%s read from an embed stage, %s computed) indexed in %s", f"{len(x):,}",
+    log.info("explore: %s embeddings (%s read from an embed stage, %s computed) indexed in %s", f"{len(x16):,}",
              f"{reused:,}", f"{computed:,}", where)
-    return Index(x, positions, clusters, source, index, reused, computed)
+    return Index(x16, positions, clusters, source, index, reused, computed)
 
 
 # ---- the explorer ----------------------------------------------------------------------------------------------
@@ -381,9 +406,12 @@ class Filters:
             text = q.get(name, "")
             if text:
                 try:
-                    setattr(f, name, float(text))
+                    number = float(text)
                 except ValueError:
-                    raise ValueError(f"{name}: expected a number, got {text!r}") from None
+                    number = math.nan
+                if not math.isfinite(number):
+                    raise ValueError(f"{name}: expected a finite number, got {text!r}")
+                setattr(f, name, number)
         return f
 
     def mask(self, rows: pd.DataFrame) -> np.ndarray:
@@ -411,8 +439,9 @@ class Explorer:
         rows_in = v.curate.counts.get("rows_in", 0)
         if rows_in > max_rows:
             raise ExploreError(f"{v.stage}: {rows_in:,} rows; the explorer holds every row's ledger record and "
-                               f"embedding in memory (~{rows_in * 0.5 / 1e6:,.0f} MB of ledger plus 4 x dim bytes a "
-                               f"row of index): raise --max-rows ({max_rows:,}) if this machine has the memory")
+                               f"embedding in memory (~{rows_in * 500 / 1e6:,.0f} MB of ledger plus 6 x dim bytes a "
+                               f"row of embeddings and index): raise --max-rows ({max_rows:,}) if this machine has "
+                               "the memory")
         self.rows = load_rows(v)
         self.scores = score_columns(self.rows)
         self.index = build_index(v, self.rows, ref, progress)
@@ -425,13 +454,22 @@ class Explorer:
             self.phash, self.has_phash = phash_bits(self.rows["phash"])
         rules = {r.name: r.config for r in _rules(v.curate)}
         self.near_distance = rules["near_duplicate"].max_distance if "near_duplicate" in rules else NEAR_DISTANCE
-        self.semantic_eps = rules["semantic_dedup"].eps if "semantic_dedup" in rules else None
+        # a neighbour is called a semantic duplicate only as semantic_dedup decided it: same model, same cluster
+        self.semantic_eps: float | None = None
+        if "semantic_dedup" in rules:
+            sd = rules["semantic_dedup"]
+            model = _stage_model(v, sd.embeddings, "semantic_dedup.embeddings") if sd.embeddings else sd.model
+            if model == ref:
+                self.semantic_eps = sd.eps
         self._model: tuple[Any, Any] | None = None
         self._model_lock = threading.Lock()
         self._shards: OrderedDict[int, Any] = OrderedDict()
         self._thumbs: OrderedDict[str, bytes | None] = OrderedDict()
         self._io_lock = threading.Lock()
+        self._runs_lock = threading.Lock()
         self._runs: list[Any] | None = None
+        self._runs_failed: tuple[float, str] | None = None  # when and why the last lookup failed
+        self._clusters: list[dict[str, Any]] | None = None
 
     # -- facts the page shows
     def info(self) -> dict[str, Any]:
@@ -478,13 +516,19 @@ class Explorer:
         q = self.embed_text(text)
         allowed = filters.mask(self.rows)[self.index.positions]
         n, want = len(self.index.positions), int(allowed.sum())
-        ask = min(n, max(4 * k, 64))
-        while True:
-            sims, ids = self.index.faiss_index.search(q[None, :], ask)
-            hits = [(float(s), int(i)) for s, i in zip(sims[0], ids[0], strict=True) if i >= 0 and allowed[i]]
-            if len(hits) >= min(k, want) or ask >= n:
-                break
-            ask = min(n, ask * 4)
+        if want < n and want <= EXACT_FILTERED:  # few rows pass: compare with each of them
+            ids = np.flatnonzero(allowed)
+            sims = self.index.vectors[ids].astype(np.float32) @ q
+            hits = [(float(s), int(i)) for s, i in zip(sims, ids, strict=True)]
+        else:
+            ask = min(n, max(4 * k, 64))
+            while True:
+                found_sims, found_ids = self.index.faiss_index.search(q[None, :], ask)
+                hits = [(float(s), int(i)) for s, i in zip(found_sims[0], found_ids[0], strict=True)
+                        if i >= 0 and allowed[i]]
+                if len(hits) >= min(k, want) or ask >= n:
+                    break
+                ask = min(n, ask * 4)
         hits.sort(key=lambda h: (-h[0], self.index.positions[h[1]]))
         cards = [self.card(int(self.index.positions[i]), s) for s, i in hits[:k]]
         return {"query": text, "rows": cards, "matching": want}
@@ -516,13 +560,17 @@ class Explorer:
         out["near"], out["near_distance"] = near, self.near_distance
         neighbours: list[dict[str, Any]] = []
         if (j := self.vector_of[pos]) >= 0:
-            sims, ids = self.index.faiss_index.search(self.index.vectors[j][None, :], min(9, len(self.index.vectors)))
+            mine = int(self.index.clusters[j])
+            query = self.index.vectors[j].astype(np.float32)[None, :]
+            sims, ids = self.index.faiss_index.search(query, min(9, len(self.index.vectors)))
             for s, i in zip(sims[0], ids[0], strict=True):
-                if i >= 0 and i != j:
+                if i >= 0 and i != j and len(neighbours) < 8:
                     c = self.card(int(self.index.positions[i]), float(s))
-                    c["semantic_duplicate"] = self.semantic_eps is not None and s > 1 - self.semantic_eps
+                    c["semantic_duplicate"] = bool(self.semantic_eps is not None and mine != UNCLUSTERED
+                                                   and int(self.index.clusters[i]) == mine
+                                                   and float(s) > 1 - self.semantic_eps)
                     neighbours.append(c)
-            out["cluster"] = int(self.index.clusters[j])
+            out["cluster"] = mine
         out["neighbours"], out["semantic_eps"] = neighbours, self.semantic_eps
         out["runs"] = self.runs()
         return out
@@ -530,8 +578,12 @@ class Explorer:
     def runs(self) -> list[dict[str, Any]]:
         """The MLflow runs whose inputs hold this version's digest, and those downstream of them (looked up once
         per server: a restart sees later runs)."""
-        with self._io_lock:
+        import time
+
+        with self._runs_lock:  # not the thumbnails' lock: a slow tracking server stalls only row pages
             if self._runs is None:
+                if self._runs_failed is not None and time.monotonic() - self._runs_failed[0] < 60:
+                    return [{"error": self._runs_failed[1]}]
                 from mlflow import MlflowClient
 
                 from pipelines.takedown import consumers
@@ -542,26 +594,32 @@ class Explorer:
                     found = consumers(MlflowClient(tracking_uri=uri), {self.v.curate.digest[:36]: 0})
                 except Exception as exc:  # noqa: BLE001 - a tracking server down: the row page says so
                     log.warning("explore: the runs that read %s cannot be listed: %s", self.v.stage, exc)
-                    return [{"error": f"the tracking store cannot be read: {type(exc).__name__}: {exc}"}]
+                    why = f"the tracking store cannot be read (tried again after a minute): {type(exc).__name__}: {exc}"
+                    self._runs_failed = (time.monotonic(), why)
+                    return [{"error": why}]
                 self._runs = [{"run_id": c.run_id, "run_name": c.run_name, "experiment": c.experiment,
                                "stage": c.stage, "models": [f"{n}/{ver}" for n, ver in c.models]} for c in found]
             return self._runs
 
     # -- clusters
     def clusters(self, per_cluster: int = 8) -> list[dict[str, Any]]:
-        """Each cluster: its size, kept and dropped rows, drop rate, and the rows nearest its mean embedding."""
+        """Each cluster: its size, kept and dropped rows, drop rate, and the rows nearest its mean embedding
+        (computed once)."""
+        if self._clusters is not None:
+            return self._clusters
         kept = self.rows["kept"].to_numpy(dtype=bool)[self.index.positions]
         out = []
         for c in np.unique(self.index.clusters):
             members = np.flatnonzero(self.index.clusters == c)
-            x = self.index.vectors[members]
+            x = self.index.vectors[members].astype(np.float32)
             centre = x.mean(axis=0)
             order = members[np.argsort(-(x @ centre), kind="stable")[:per_cluster]]
             dropped = int((~kept[members]).sum())
             out.append({"cluster": int(c), "size": len(members), "dropped": dropped,
                         "drop_rate": round(dropped / len(members), 4),
                         "sample": [self.card(int(self.index.positions[i])) for i in order]})
-        return sorted(out, key=lambda c: (-c["size"], c["cluster"]))
+        self._clusters = sorted(out, key=lambda c: (-c["size"], c["cluster"]))
+        return self._clusters
 
     # -- images
     def thumbnail(self, uid: str) -> bytes | None:
@@ -588,7 +646,7 @@ class Explorer:
             if table is not None:
                 self._shards.move_to_end(shard)
         if table is None:
-            table = storage.read_parquet(self.v.crawl.shard_urls()[shard]).select(["uid", "image"])
+            table = storage.read_parquet(self.v.crawl.shard_urls()[shard], ["uid", "image"])
             with self._io_lock:
                 self._shards[shard] = table
                 while len(self._shards) > 4:  # the last few shards' image columns
@@ -608,7 +666,7 @@ def _number(value: Any) -> float | None:
         f = float(value)
     except (TypeError, ValueError):
         return None
-    return None if math.isnan(f) else round(f, 6)
+    return round(f, 6) if math.isfinite(f) else None
 
 
 def _plain(value: Any) -> Any:
@@ -617,4 +675,6 @@ def _plain(value: Any) -> Any:
         return None
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value if isinstance(value, (str, int, float, bool)) else json.loads(json.dumps(value, default=str))

@@ -1,6 +1,7 @@
 """The explorer's HTTP server: a page, its script, a JSON API, thumbnails, a row page and a cluster page.
 
-Listens on 127.0.0.1 unless told otherwise. Everything from the web (captions, URLs, reasons a plugin rule
+Listens on 127.0.0.1 unless told otherwise, and then answers only requests whose Host header is that address or
+localhost with its port (a page that rebinds a DNS name to 127.0.0.1 cannot read the dataset). Everything from the web (captions, URLs, reasons a plugin rule
 wrote) is escaped: the server-rendered pages through `html.escape`, the grid by the script, which writes text
 with `textContent` only; the Content-Security-Policy allows this server's own script and images and nothing
 inline, so markup that slipped through would not run. A URL becomes a link only when it is http(s).
@@ -12,6 +13,7 @@ import html
 import json
 import logging
 import re
+import socket
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -113,8 +115,10 @@ def clusters_page(ex: Explorer) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    explorer: Explorer  # set on the subclass `serve` makes
+    explorer: Explorer  # set on the subclass `make_server` makes
+    hosts: frozenset[str] | None = None  # Host headers answered (None: any, for a non-loopback --host)
     server_version = "clipline-explore"
+    timeout = 30  # seconds a connection may sit idle or trickle a request
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("explore: %s %s", self.address_string(), format % args)
@@ -130,7 +134,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
+        self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json")
 
     def _error(self, status: int, message: str) -> None:
         if self.path.startswith("/api/"):
@@ -143,6 +147,9 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.hosts is not None and (self.headers.get("Host") or "").lower() not in self.hosts:
+            self._send(421, b"this server answers requests for its own address only", "text/plain")
+            return
         url = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(url.path)
         q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
@@ -200,8 +207,21 @@ def _int(q: dict[str, str], name: str, default: int, low: int, high: int) -> int
     return value
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 8737) -> ThreadingHTTPServer:
-    handler = type("ExploreHandler", (Handler,), {"explorer": explorer})
-    server = ThreadingHTTPServer((host, port), handler)
+    """The server, bound (port 0: any free port). On a loopback address it answers only Host headers naming
+    loopback with its port."""
+    cls = _Server6 if ":" in host.strip("[]") else ThreadingHTTPServer
+    handler: type[Handler] = type("ExploreHandler", (Handler,), {"explorer": explorer})
+    server = cls((host.strip("[]"), port), handler)
     server.daemon_threads = True
+    if host in LOOPBACK:
+        bound = server.server_address[1]
+        handler.hosts = frozenset(f"{h}:{bound}" for h in ("127.0.0.1", "localhost", "[::1]"))
     return server

@@ -14,7 +14,7 @@ from pipelines.demo.server import url_list
 from pipelines.runner import run_job
 from tests.conftest import crawl_stage, mlflow_runs, write_job
 
-SCRIPT = "a red circle <script>alert('owned')</script> & friends"
+SCRIPT = "a red circle <script>alert('owned')</script><img src=x onerror=alert('img')> & friends"
 
 
 def build_job(tmp: Path, base_url: str) -> Path:

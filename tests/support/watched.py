@@ -187,8 +187,8 @@ def _explore(store: str, port: str, out: str, *overrides: str) -> int:
                                          "clusters": len(json.loads(get("/api/clusters")))}))
     finally:
         os.killpg(explorer.pid, signal.SIGTERM)
-        explorer.wait(timeout=30)
-    return 0
+        code = explorer.wait(timeout=30)
+    return code  # SIGTERM is the explorer's clean stop: 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ui"]:

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let offset = 0;
+let latest = 0; // the newest request: an older one answering late is dropped
 
 function el(tag, attrs, text) {
   const node = document.createElement(tag);
@@ -61,8 +62,10 @@ async function search(append) {
   if (append) p.set("offset", String(offset)); else offset = 0;
   $("error").hidden = true;
   $("grid").dataset.loaded = "0";
+  const mine = ++latest;
   const resp = await fetch("/api/search?" + p.toString());
   const body = await resp.json();
+  if (mine !== latest) return;
   if (!resp.ok) {
     $("error").textContent = body.error;
     $("error").hidden = false;
@@ -80,6 +83,7 @@ async function search(append) {
   $("more").hidden = body.query !== "" || offset >= body.matching;
   // every thumbnail decoded (or failed): what a screenshot or a test waits for
   await Promise.all([...$("grid").querySelectorAll("img")].map((i) => i.decode().catch(() => null)));
+  if (mine !== latest) return;
   $("grid").dataset.loaded = "1";
   document.body.dataset.ready = "1";
 }
