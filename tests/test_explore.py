@@ -366,9 +366,19 @@ def test_chromium_searches_filters_and_opens_a_row(job, explorer, request, tmp_p
         page.wait_for_url(f"**/row/{urllib.parse.quote(uid)}")
         assert page.locator("p.decision").text_content() == f"dropped: {reason}"
         page.screenshot(path=shots / "explore-row.png", full_page=True)
-        # the markup caption shows as text in the grid, and ran nothing
+        # "more" pages what the grid shows, not what the form was edited to since
         page.goto(explorer["base"] + "/")
         page.wait_for_selector("body[data-ready='1']")
+        page.fill("#k", "20")
+        page.press("#q", "Enter")
+        page.wait_for_selector("#summary[data-shown='20'] ~ #grid[data-loaded='1']")
+        page.fill("#q", QUERY)  # typed, not submitted
+        page.click("#more")
+        page.wait_for_selector("#summary[data-shown='40'][data-query=''] ~ #grid[data-loaded='1']")
+        assert cards.evaluate_all("cs => cs.map(c => c.dataset.uid)") == ledger["uid"].tolist()[:40]
+        page.fill("#q", "")
+
+        # the markup caption shows as text in the grid, and ran nothing
         page.fill("#k", "200")
         page.press("#q", "Enter")
         page.wait_for_selector("#summary[data-shown='50'] ~ #grid[data-loaded='1']")

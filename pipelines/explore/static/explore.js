@@ -57,9 +57,11 @@ function params() {
   return p;
 }
 
+let shownParams = new URLSearchParams(); // what the grid shows: "more" pages it, whatever the form says now
+
 async function search(append) {
-  const p = params();
-  if (append) p.set("offset", String(offset)); else offset = 0;
+  const p = append ? new URLSearchParams(shownParams) : params();
+  if (append) p.set("offset", String(offset)); else { offset = 0; shownParams = p; }
   $("error").hidden = true;
   $("grid").dataset.loaded = "0";
   const mine = ++latest;
