@@ -390,7 +390,7 @@ def test_chromium_searches_filters_and_opens_a_row(job, explorer, request, tmp_p
 def test_past_the_exact_size_the_index_is_hnsw_and_finds_what_exact_search_finds(monkeypatch):
     import faiss
 
-    import pipelines.explore as explore
+    from pipelines.explore import index as explore
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 32)).astype(np.float32)
@@ -410,7 +410,7 @@ def test_past_the_exact_size_the_index_is_hnsw_and_finds_what_exact_search_finds
 
 
 def test_semantic_dedup_clusters_are_used_where_it_made_them():
-    import pipelines.explore as explore
+    from pipelines.explore import index as explore
 
     rows = pd.DataFrame({"semantic_cluster": pd.array([3, None, 5, 3], dtype="Int32")})
     x = np.eye(4, dtype=np.float32)

@@ -37,352 +37,41 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines import manifest, storage
-from pipelines.manifest import Manifest
+from pipelines import storage
+from pipelines.explore.index import CACHE, EXACT_ROWS, UNCLUSTERED, Index, build_index, cache_dir
+from pipelines.explore.version import (
+    ExploreError,
+    Version,
+    hamming64,
+    load_rows,
+    model_key,
+    open_version,
+    phash_bits,
+    pick_stage,
+    resolve_model,
+    rules_of,
+    score_columns,
+    stage_model,
+)
 from pipelines.models import ModelRef
 
-if TYPE_CHECKING:
-    from pipelines.spec import JobSpec
+__all__ = ["CACHE", "EXACT_ROWS", "MAX_ROWS", "UNCLUSTERED", "Explorer", "ExploreError", "Filters", "Index",
+           "Version", "build_index", "cache_dir", "load_rows", "model_key", "open_version", "pick_stage",
+           "resolve_model", "score_columns"]
 
 log = logging.getLogger("clipline.explore")
 
-CACHE = "_explore"
-EXACT_ROWS = 200_000  # exact search up to here; HNSW (32 links a node) beyond
 MAX_ROWS = 5_000_000  # refused beyond, unless --max-rows says otherwise (everything is held in memory)
 MAX_QUERY = 500  # characters of a text query
 NEAR_DISTANCE = 4  # pHash bits for "near duplicate" when the curate stage ran no near_duplicate rule
 THUMB = 160  # pixels, the longer side of a thumbnail
 EXACT_FILTERED = 50_000  # a filtered search over at most this many rows is exact (a matrix product), not faiss
-UNCLUSTERED = -1  # semantic_dedup clustered only the rows earlier rules left: the others' cluster
-
-
-class ExploreError(ValueError):
-    """A job, stage or model the explorer cannot open: the message says what to run or pass instead."""
-
-
-@dataclass
-class Version:
-    """The curate output to explore, the crawl it curated and every stage's current output."""
-
-    job: JobSpec
-    stage: str
-    curate: Manifest
-    crawl: Manifest
-    current: dict[str, Manifest | None]
-
-
-def pick_stage(job: JobSpec, stage: str | None) -> str:
-    """`stage`, checked to be a curate stage of the job, or the job's last curate stage."""
-    if stage is not None:
-        if stage not in job.stages:
-            raise ExploreError(f"job {job.name!r} has no stage {stage!r} (its stages: {', '.join(job.stages)})")
-        if job.stages[stage].uses != "curate":
-            raise ExploreError(f"--stage {stage}: explore reads a curate stage's ledger (why each row was kept or "
-                               f"dropped); {stage!r} uses {job.stages[stage].uses}")
-        return stage
-    curates = [n for n, s in job.stages.items() if s.uses == "curate"]
-    if not curates:
-        raise ExploreError(f"job {job.name!r} has no curate stage: explore reads a curate stage's ledger")
-    return curates[-1]
-
-
-def open_version(job: JobSpec, stage: str | None = None) -> Version:
-    from pipelines.takedown import current_outputs
-
-    name = pick_stage(job, stage)
-    current = current_outputs(job)
-    m = current[name]
-    if m is None:
-        raise ExploreError(f"stage {name!r} of job {job.name!r} has no output for this spec yet: run "
-                           f"`clipline run {job.source} --until {name}` first")
-    paths = [i["path"] for i in m.inputs.values() if isinstance(i, dict) and "path" in i]
-    read = [manifest.read(p) for p in paths]
-    crawl = next((u for u in read if u is not None and u.uses != "embed"), None)
-    if crawl is None:
-        raise ExploreError(f"{name}: the crawled shards it curated are gone ({', '.join(paths)})")
-    return Version(job, name, m, crawl, current)
-
-
-# ---- the model -----------------------------------------------------------------------------------------------
-
-
-def _rules(m: Manifest) -> list[Any]:
-    from pipelines import configschema
-    from pipelines.stages.curate.config import CurateConfig
-
-    return list(configschema.build(CurateConfig, m.params).instances())
-
-
-def _stage_model(v: Version, name: str, why: str) -> ModelRef:
-    from pipelines.models import trained
-
-    st, out = v.job.stages[name], v.current.get(name)
-    if st.uses not in ("train", "embed"):
-        raise ExploreError(f"{why}: stage {name!r} uses {st.uses}; name a train or embed stage, an MLflow model "
-                           "URI (models:/NAME@ALIAS) or an architecture (with --checkpoint)")
-    if out is None:
-        raise ExploreError(f"{why}: stage {name!r} has no output for this spec yet: run "
-                           f"`clipline run {v.job.source} --until {name}` first")
-    return trained(out) if st.uses == "train" else ModelRef(**out.params["model"])
-
-
-def resolve_model(v: Version, model: str | None = None, checkpoint: str | None = None) -> tuple[ModelRef, str]:
-    """The model that embeds rows and queries, and a line saying which and why."""
-    if checkpoint and not model:
-        raise ExploreError("--checkpoint needs --model ARCH (the architecture the weights are for)")
-    if model:
-        if model in v.job.stages:
-            if checkpoint:
-                raise ExploreError(f"--checkpoint: --model {model} is a stage of the job, which names its weights")
-            return _stage_model(v, model, f"--model {model}"), f"the model of stage {model!r} (--model)"
-        if model.startswith(("models:/", "runs:/")):
-            if checkpoint:
-                raise ExploreError("--checkpoint: an MLflow model URI names its weights")
-            return ModelRef(model_uri=model), f"{model} (--model)"
-        return ModelRef(arch=model, checkpoint=checkpoint), f"{model} {checkpoint or '(random weights)'} (--model)"
-    for rule in _rules(v.curate):
-        embeddings = getattr(rule.config, "embeddings", None)
-        if embeddings:
-            return (_stage_model(v, embeddings, f"{rule.name}.embeddings"),
-                    f"the dataset's scoring model: {rule.name} reads stage {embeddings!r}'s embeddings")
-        ref = getattr(rule.config, "model", None)
-        if isinstance(ref, ModelRef):
-            return ref, f"the dataset's scoring model: {rule.name}'s model"
-    trains = [n for n, s in v.job.stages.items() if s.uses == "train" and v.stage in s.needs]
-    if len(trains) == 1 and v.current.get(trains[0]) is not None:
-        return (_stage_model(v, trains[0], "the model trained on it"),
-                f"the model stage {trains[0]!r} trained on this version (its curate rules score with none)")
-    raise ExploreError(
-        f"{v.stage}: its rules score with no model (no clip_score or semantic_dedup) and "
-        + (f"no train stage trained on it yet (run `clipline run {v.job.source} --until {trains[0]}`)"
-           if len(trains) == 1 else f"{len(trains)} train stages read it")
-        + ": name one with --model TRAIN_STAGE, --model models:/NAME@ALIAS or --model ARCH --checkpoint FILE")
-
-
-def model_key(ref: ModelRef) -> str:
-    """The model's part of the cache key: its reference and its files' keys; for `models:/NAME@ALIAS` also the
-    version the alias names now (an alias moved to new weights is a new key)."""
-    from pipelines.embedding import model_identity
-
-    key: dict[str, Any] = {"model": asdict(ref), "files": model_identity(ref)}
-    if ref.model_uri and ref.model_uri.startswith("models:/") and "@" in ref.model_uri:
-        from mlflow import MlflowClient
-
-        name, alias = ref.model_uri.removeprefix("models:/").split("@", 1)
-        try:
-            key["version"] = MlflowClient().get_model_version_by_alias(name, alias).version
-        except Exception as exc:  # noqa: BLE001 - a registry that cannot answer: the model cannot load either
-            raise ExploreError(f"--model {ref.model_uri}: the registry cannot resolve the alias: {exc}") from None
-    return storage.canonical_digest(key)[:16]
-
-
-# ---- the rows ------------------------------------------------------------------------------------------------
-
-
-def load_rows(v: Version) -> pd.DataFrame:
-    """The ledger, every row, with the crawled url and caption, in ledger order (crawled shard, row)."""
-    entries = v.curate.extra.get("ledger", [])
-    if not entries:
-        raise ExploreError(f"{v.stage}: its manifest lists no ledger ({v.curate.location})")
-    parts = [storage.read_parquet(storage.join(v.curate.location, e["path"])).to_pandas() for e in entries]
-    rows = pd.concat(parts, ignore_index=True)
-    urls = v.crawl.shard_urls()
-    crawled = pd.concat([storage.read_parquet(u, ["uid", "url", "caption"]).to_pandas() for u in urls],
-                        ignore_index=True)
-    rows = rows.merge(crawled, on="uid", how="left", validate="one_to_one")
-    rows = rows.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
-    return rows
-
-
-def score_columns(rows: pd.DataFrame) -> list[str]:
-    """The ledger's numeric columns with at least one value: what the score filter and the cards show."""
-    skip = {"shard", "row", "source_row"}
-    return [c for c in rows.columns if c not in skip and pd.api.types.is_numeric_dtype(rows[c])
-            and not pd.api.types.is_bool_dtype(rows[c]) and rows[c].notna().any()]
-
-
-def phash_bits(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """The ledger's hex pHashes as uint64, and which rows have one."""
-    present = values.notna().to_numpy()
-    out = np.zeros(len(values), dtype=np.uint64)
-    out[present] = [int(h, 16) for h in values[present]]
-    return out, present
-
-
-def hamming64(a: np.ndarray, b: np.uint64) -> np.ndarray:
-    x = np.bitwise_xor(a, b)
-    return np.unpackbits(x.view(np.uint8).reshape(len(x), 8), axis=1).sum(axis=1)
-
-
-# ---- embeddings, index and clusters ----------------------------------------------------------------------------
-
-
-@dataclass
-class Index:
-    """Unit image embeddings of the rows that have one (`positions`: their rows in the table), a faiss index
-    over them (its ids are positions in these arrays) and each embedded row's cluster."""
-
-    vectors: np.ndarray  # float16 (as stored), n x dim; faiss holds its own float32 copy
-    positions: np.ndarray  # int64, rows of the table
-    clusters: np.ndarray  # int32 per vector
-    cluster_source: str
-    faiss_index: Any = field(repr=False)
-    reused: int = 0  # embeddings read from an embed stage
-    computed: int = 0  # embeddings computed here
-    cached: bool = False
-
-
-def cache_dir(v: Version, ref: ModelRef) -> str:
-    return storage.join(v.job.storage, v.job.name, CACHE, f"{v.stage}-{v.curate.digest[:16]}-{model_key(ref)}")
-
-
-def _embed_outputs(v: Version, ref: ModelRef) -> list[str] | None:
-    """The shards of an embed stage of the job that embedded this crawl with this model (image embeddings, one
-    shard per crawled shard), or None."""
-    from pipelines.stages.curate.rules.semantic_dedup import embedding_shards
-
-    for name, st in v.job.stages.items():
-        out = v.current.get(name)
-        if st.uses != "embed" or out is None or "image_embedding" not in out.extra.get("columns", []):
-            continue
-        if ModelRef(**out.params["model"]) != ref:
-            continue
-        try:
-            return embedding_shards(f"embed stage {name!r}", out, v.crawl)
-        except ValueError:  # it embedded another version (or the curated rows): not this crawl's shards
-            continue
-    return None
-
-
-def _compute(v: Version, rows: pd.DataFrame, ref: ModelRef, progress: bool) -> tuple[np.ndarray, np.ndarray,
-                                                                                        int, int]:
-    """Unit embeddings of every crawled row with image bytes: (vectors, their table rows, reused, computed)."""
-    from tqdm import tqdm
-
-    from pipelines.embedding import embed_images, load_model, unit
-    from pipelines.stages.curate.rules.semantic_dedup import stored_embeddings
-
-    wanted = rows.index[(rows["status"] == "success").to_numpy()]
-    stored = _embed_outputs(v, ref)
-    urls = v.crawl.shard_urls()
-    net = None
-    vectors: list[np.ndarray] = []
-    positions: list[np.ndarray] = []
-    reused = computed = 0
-    bar = tqdm(total=len(wanted), desc="explore: embeddings", unit="img", disable=not progress)
-    for shard, group in rows.loc[wanted].groupby("shard", sort=True):
-        table = storage.read_parquet(urls[int(shard)], ["uid", "image"])
-        uids = table.column("uid").to_pylist()
-        take = group["row"].to_numpy()
-        if [uids[r] for r in take] != group["uid"].tolist():
-            raise ExploreError(f"{v.stage}: its ledger's rows of shard {shard} are not {urls[int(shard)]}'s rows")
-        have = stored_embeddings(stored[int(shard)], group["uid"].tolist()) if stored else np.full(len(take), None)
-        missing = [i for i, e in enumerate(have) if e is None]
-        if missing:
-            if net is None:
-                import torch
-
-                net, preprocess, _, device = load_model(ref, threads=torch.get_num_threads())
-            images = table.column("image").take(take[missing]).to_pylist()
-            emb, bad = embed_images(net, preprocess, [b or b"" for b in images], 64, device)
-            unit_vectors, ok = unit(emb, bad, len(missing))
-            for j, i in enumerate(missing):
-                have[i] = unit_vectors[j] if ok[j] else None
-            computed += int(ok.sum())
-        reused += len(take) - len(missing)
-        ok_rows = [i for i, e in enumerate(have) if e is not None]
-        if ok_rows:
-            vectors.append(np.stack([have[i] for i in ok_rows]).astype(np.float16))
-            positions.append(group.index.to_numpy()[ok_rows])
-        bar.update(len(take))
-    bar.close()
-    if not vectors:
-        raise ExploreError(f"{v.stage}: none of its rows has an image that can be embedded")
-    return np.concatenate(vectors), np.concatenate(positions).astype(np.int64), reused, computed
-
-
-def _faiss_index(x: np.ndarray) -> Any:
-    import faiss
-
-    index: Any
-    if len(x) <= EXACT_ROWS:
-        index = faiss.IndexFlatIP(x.shape[1])
-    else:
-        index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
-    index.add(x)
-    return index
-
-
-def _clusters(rows: pd.DataFrame, positions: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, str]:
-    """The ledger's semantic_dedup clusters (UNCLUSTERED for a row an earlier rule dropped, which semantic_dedup
-    never saw), or, without them, faiss k-means with about sqrt(n) clusters (2 to 256)."""
-    import faiss
-
-    if "semantic_cluster" in rows and rows["semantic_cluster"].iloc[positions].notna().any():
-        ledger = rows["semantic_cluster"].iloc[positions].to_numpy(dtype=np.float64, na_value=np.nan)
-        return (np.where(np.isnan(ledger), UNCLUSTERED, ledger).astype(np.int32),
-                f"semantic_dedup's k-means (cluster {UNCLUSTERED}: rows an earlier rule dropped)")
-    k = int(min(256, max(2, round(math.sqrt(len(x))))))
-    k = min(k, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=0, verbose=False, min_points_per_centroid=1,
-                      max_points_per_centroid=10_000)
-    km.train(x)
-    _, assigned = km.index.search(x, 1)
-    return assigned[:, 0].astype(np.int32), f"faiss k-means, k={k}"
-
-
-def build_index(v: Version, rows: pd.DataFrame, ref: ModelRef, progress: bool = True) -> Index:
-    """The cached index of (version, model), or a new one written to the cache."""
-    import faiss
-    import pyarrow as pa
-
-    where = cache_dir(v, ref)
-    meta_url = storage.join(where, "meta.json")
-    if storage.exists(meta_url):
-        meta = storage.read_json(meta_url)
-        table = storage.read_parquet(storage.join(where, "vectors.parquet"))
-        fs, path = storage.filesystem(storage.join(where, "index.faiss"))
-        with fs.open(path, "rb") as f:
-            index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
-        x = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                       dtype=np.float16).reshape(len(table), -1)
-        if index.ntotal != len(x) or index.d != x.shape[1] or meta.get("rows") != len(x):
-            raise ExploreError(f"explore: the cache {where} is inconsistent (index of {index.ntotal} x {index.d}, "
-                               f"{len(x)} x {x.shape[1]} embeddings, meta.json {meta.get('rows')} rows): delete it "
-                               "and start again")
-        at = pd.Series(rows.index, index=rows["uid"])
-        positions = at.loc[table.column("uid").to_pylist()].to_numpy(dtype=np.int64)
-        log.info("explore: index of %s rows read from the cache %s", f"{len(x):,}", where)
-        return Index(x, positions, table.column("cluster").to_numpy().astype(np.int32), meta["cluster_source"],
-                     index, meta["reused"], meta["computed"], cached=True)
-    x16, positions, reused, computed = _compute(v, rows, ref, progress)
-    x = x16.astype(np.float32)
-    index = _faiss_index(x)
-    clusters, source = _clusters(rows, positions, x)
-    del x  # faiss holds its own copy; the float16 one is kept
-    dim = x16.shape[1]
-    table = pa.table({
-        "uid": pa.array(rows["uid"].to_numpy()[positions], pa.string()),
-        "cluster": pa.array(clusters, pa.int32()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x16.reshape(-1), pa.float16()), dim)})
-    storage.write_parquet(storage.join(where, "vectors.parquet"), table)
-    storage.atomic_write(storage.join(where, "index.faiss"), faiss.serialize_index(index).tobytes())
-    storage.write_json(meta_url, {"rows": len(x16), "dim": dim, "reused": reused, "computed": computed,
-                                  "cluster_source": source, "index": type(index).__name__,
-                                  "version": v.curate.digest, "model": asdict(ref)})
-    log.info("explore: %s embeddings (%s read from an embed stage, %s computed) indexed in %s", f"{len(x16):,}",
-             f"{reused:,}", f"{computed:,}", where)
-    return Index(x16, positions, clusters, source, index, reused, computed)
-
-
-# ---- the explorer ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -452,13 +141,13 @@ class Explorer:
         self.has_phash: np.ndarray = np.zeros(len(self.rows), bool)
         if "phash" in self.rows:
             self.phash, self.has_phash = phash_bits(self.rows["phash"])
-        rules = {r.name: r.config for r in _rules(v.curate)}
+        rules = {r.name: r.config for r in rules_of(v.curate)}
         self.near_distance = rules["near_duplicate"].max_distance if "near_duplicate" in rules else NEAR_DISTANCE
         # a neighbour is called a semantic duplicate only as semantic_dedup decided it: same model, same cluster
         self.semantic_eps: float | None = None
         if "semantic_dedup" in rules:
             sd = rules["semantic_dedup"]
-            model = _stage_model(v, sd.embeddings, "semantic_dedup.embeddings") if sd.embeddings else sd.model
+            model = stage_model(v, sd.embeddings, "semantic_dedup.embeddings") if sd.embeddings else sd.model
             if model == ref:
                 self.semantic_eps = sd.eps
         self._model: tuple[Any, Any] | None = None
