@@ -36,9 +36,9 @@ lint: install
 
 # Two pytest-xdist processes by default, one test file each at a time (tests/conftest.py hands the files out,
 # longest first, the cluster files together); PYTEST_WORKERS=0 runs the suite in this process. On the 2-core
-# machine one process leaves the CPUs a third idle (29.0 min on 2026-12-07); two ran 830 tests in 17.8 and 19.3 min, and
-# 946 tests in 19.0-20.4 min the same night
-# once the files really were handed out whole (before, xdist split them test by test: see conftest.py).
+# machine one process leaves the CPUs a third idle (29.0 min on 2026-12-07); two ran 830 tests in 17.8 and 19.3 min
+# once the files really were handed out whole (before, xdist split them test by test: see conftest.py), and 946
+# tests in 19.0-20.4 min later that night.
 PYTEST_WORKERS ?= 2
 
 test: install system-deps
